@@ -1,0 +1,199 @@
+//! Batches under a token budget. Examples are shuffled, sorted by (target, source) length inside
+//! pools (fairseq/Marian style) so a batch holds sentences of similar length, cut so that
+//! `sentences × longest side ≤ max_tokens`, and the batch order is shuffled again. Everything is
+//! a pure function of (lengths, settings, seed, epoch): resuming and re-running give the same batches.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::prepare::Example;
+use crate::tokenizer::{BOS, EOS, PAD};
+
+/// How to cut batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    pub max_tokens: usize,
+    /// 0 = no cap.
+    pub max_sentences: usize,
+    /// Sorting pools hold this many batches' worth of examples (0 = no length sorting).
+    pub pool_batches: usize,
+}
+
+/// Groups example indices into batches. `shuffle = Some(seed)` shuffles examples and batch order
+/// (training); `None` keeps a deterministic length order (evaluation).
+/// `lengths[i]` is (source, target) length *including* the added `</s>` / `<s>`.
+pub fn plan_batches(lengths: &[(usize, usize)], settings: BatchSettings, shuffle: Option<u64>) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    let mut rng = shuffle.map(StdRng::seed_from_u64);
+    let key = |&i: &usize| (lengths[i].1, lengths[i].0);
+    let sort = settings.pool_batches > 0;
+    let pool = match &mut rng {
+        Some(rng) if !sort => {
+            order.shuffle(rng);
+            order.len().max(1)
+        }
+        Some(rng) => {
+            order.shuffle(rng);
+            let mean = lengths.iter().map(|&(s, t)| s.max(t)).sum::<usize>().max(1) / lengths.len().max(1);
+            ((settings.max_tokens / mean.max(1)).max(1) * settings.pool_batches).max(1)
+        }
+        None => order.len().max(1),
+    };
+    let mut batches = Vec::new();
+    for chunk in order.chunks_mut(pool) {
+        if sort {
+            chunk.sort_by_key(key);
+        }
+        let mut current: Vec<usize> = Vec::new();
+        let mut longest = 0;
+        for &i in chunk.iter() {
+            let len = lengths[i].0.max(lengths[i].1);
+            let longer = longest.max(len);
+            let full_tokens = (current.len() + 1) * longer > settings.max_tokens;
+            let full_sents = settings.max_sentences > 0 && current.len() + 1 > settings.max_sentences;
+            if !current.is_empty() && (full_tokens || full_sents) {
+                batches.push(std::mem::take(&mut current));
+                longest = 0;
+            }
+            longest = longest.max(len);
+            current.push(i);
+        }
+        if !current.is_empty() {
+            batches.push(current);
+        }
+    }
+    if let Some(rng) = &mut rng {
+        batches.shuffle(rng);
+    }
+    batches
+}
+
+/// A padded batch on the host, row-major `[size, len]`, ready to become tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostBatch {
+    pub size: usize,
+    pub src_len: usize,
+    pub tgt_len: usize,
+    /// Source ids + `</s>`.
+    pub src: Vec<i32>,
+    /// `<s>` + target ids (decoder input).
+    pub tgt_in: Vec<i32>,
+    /// Target ids + `</s>` (labels).
+    pub tgt_out: Vec<i32>,
+    /// Non-padding label tokens: the loss is summed over these.
+    pub target_tokens: usize,
+    /// Padded tokens (size × longest side), for padding statistics.
+    pub padded_tokens: usize,
+    /// Example indices, in row order.
+    pub indices: Vec<usize>,
+}
+
+impl HostBatch {
+    pub fn build(examples: &[Example], indices: &[usize]) -> HostBatch {
+        let size = indices.len();
+        let src_len = indices.iter().map(|&i| examples[i].src.len() + 1).max().unwrap_or(1);
+        let tgt_len = indices.iter().map(|&i| examples[i].tgt.len() + 1).max().unwrap_or(1);
+        let mut src = vec![PAD as i32; size * src_len];
+        let mut tgt_in = vec![PAD as i32; size * tgt_len];
+        let mut tgt_out = vec![PAD as i32; size * tgt_len];
+        let mut target_tokens = 0;
+        for (row, &i) in indices.iter().enumerate() {
+            let ex = &examples[i];
+            let s = &mut src[row * src_len..];
+            for (j, &t) in ex.src.iter().enumerate() {
+                s[j] = t as i32;
+            }
+            s[ex.src.len()] = EOS as i32;
+            let ti = &mut tgt_in[row * tgt_len..];
+            ti[0] = BOS as i32;
+            for (j, &t) in ex.tgt.iter().enumerate() {
+                ti[j + 1] = t as i32;
+            }
+            let to = &mut tgt_out[row * tgt_len..];
+            for (j, &t) in ex.tgt.iter().enumerate() {
+                to[j] = t as i32;
+            }
+            to[ex.tgt.len()] = EOS as i32;
+            target_tokens += ex.tgt.len() + 1;
+        }
+        HostBatch {
+            size,
+            src_len,
+            tgt_len,
+            src,
+            tgt_in,
+            tgt_out,
+            target_tokens,
+            padded_tokens: size * src_len.max(tgt_len),
+            indices: indices.to_vec(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Source and target lengths that vary together, as in real sentence pairs.
+    fn lengths(n: usize) -> Vec<(usize, usize)> {
+        (0..n)
+            .map(|i| {
+                let t = 2 + (i * 13) % 45;
+                ((t + i % 5).saturating_sub(2).max(1), t)
+            })
+            .collect()
+    }
+
+    const SETTINGS: BatchSettings = BatchSettings { max_tokens: 300, max_sentences: 0, pool_batches: 4 };
+
+    #[test]
+    fn every_example_once_and_budget_respected() {
+        let lens = lengths(1000);
+        let batches = plan_batches(&lens, SETTINGS, Some(3));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        for b in &batches {
+            let longest = b.iter().map(|&i| lens[i].0.max(lens[i].1)).max().unwrap();
+            assert!(b.len() * longest <= 300, "{} × {longest}", b.len());
+        }
+    }
+
+    #[test]
+    fn deterministic_by_seed_and_sentence_cap() {
+        let lens = lengths(500);
+        assert_eq!(plan_batches(&lens, SETTINGS, Some(1)), plan_batches(&lens, SETTINGS, Some(1)));
+        assert_ne!(plan_batches(&lens, SETTINGS, Some(1)), plan_batches(&lens, SETTINGS, Some(2)));
+        let capped = BatchSettings { max_sentences: 5, ..SETTINGS };
+        assert!(plan_batches(&lens, capped, Some(1)).iter().all(|b| b.len() <= 5));
+    }
+
+    #[test]
+    fn bucketing_reduces_padding() {
+        let lens = lengths(2000);
+        let padding = |batches: &[Vec<usize>]| {
+            let (mut real, mut padded) = (0, 0);
+            for b in batches {
+                let longest = b.iter().map(|&i| lens[i].0.max(lens[i].1)).max().unwrap();
+                padded += b.len() * longest;
+                real += b.iter().map(|&i| lens[i].0.max(lens[i].1)).sum::<usize>();
+            }
+            1.0 - real as f64 / padded as f64
+        };
+        let bucketed = padding(&plan_batches(&lens, SETTINGS, Some(1)));
+        let unbucketed = padding(&plan_batches(&lens, BatchSettings { pool_batches: 0, ..SETTINGS }, Some(1)));
+        assert!(bucketed < unbucketed / 2.0, "{bucketed} vs {unbucketed}");
+    }
+
+    #[test]
+    fn host_batch_layout() {
+        let ex = vec![Example { src: vec![10, 11], tgt: vec![20] }, Example { src: vec![12], tgt: vec![21, 22, 23] }];
+        let b = HostBatch::build(&ex, &[0, 1]);
+        assert_eq!((b.size, b.src_len, b.tgt_len), (2, 3, 4));
+        assert_eq!(b.src, vec![10, 11, 3, 12, 3, 0]);
+        assert_eq!(b.tgt_in, vec![2, 20, 0, 0, 2, 21, 22, 23]);
+        assert_eq!(b.tgt_out, vec![20, 3, 0, 0, 21, 22, 23, 3]);
+        assert_eq!(b.target_tokens, 6);
+    }
+}

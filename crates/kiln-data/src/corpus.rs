@@ -1,0 +1,121 @@
+//! Parallel TSV corpora: `source<TAB>target` per line, UTF-8. Bad lines are errors naming
+//! `file:line`, or skipped and counted when the recipe says `data.on_bad_line = "skip"`.
+
+use std::path::Path;
+
+use kiln_recipe::OnBadLine;
+
+use crate::DataError;
+
+/// One sentence pair as read from disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub source: String,
+    pub target: String,
+}
+
+/// Pairs read from a file, with the number of bad lines skipped.
+#[derive(Debug, Clone, Default)]
+pub struct ReadResult {
+    pub pairs: Vec<Pair>,
+    pub skipped: usize,
+}
+
+/// Reads a TSV file of sentence pairs. A UTF-8 BOM and CRLF line ends are accepted;
+/// `limit` > 0 stops after that many good pairs.
+pub fn read_parallel(path: &Path, on_bad_line: OnBadLine, limit: usize) -> Result<ReadResult, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::new(path.display().to_string(), format!("cannot read corpus: {e}")))?;
+    parse_parallel(&bytes, &path.display().to_string(), on_bad_line, limit)
+}
+
+/// Parses TSV bytes; `origin` names the file in errors.
+pub fn parse_parallel(bytes: &[u8], origin: &str, on_bad_line: OnBadLine, limit: usize) -> Result<ReadResult, DataError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    // The final newline ends the last line; it does not start an empty one.
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut out = ReadResult::default();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate().filter(|_| !bytes.is_empty()) {
+        if limit > 0 && out.pairs.len() >= limit {
+            break;
+        }
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        match parse_line(raw) {
+            Ok(pair) => out.pairs.push(pair),
+            Err(why) => match on_bad_line {
+                OnBadLine::Error => return Err(DataError::new(format!("{origin}:{}", i + 1), why)),
+                OnBadLine::Skip => out.skipped += 1,
+            },
+        }
+    }
+    if out.pairs.is_empty() {
+        return Err(DataError::new(origin, "corpus has no sentence pairs"));
+    }
+    Ok(out)
+}
+
+fn parse_line(raw: &[u8]) -> Result<Pair, String> {
+    let line = std::str::from_utf8(raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let Some((source, target)) = line.split_once('\t') else {
+        return Err("expected `source<TAB>target`, found no tab".into());
+    };
+    if target.contains('\t') {
+        return Err("expected one tab, found several".into());
+    }
+    let (source, target) = (source.trim(), target.trim());
+    if source.is_empty() {
+        return Err("empty source side".into());
+    }
+    if target.is_empty() {
+        return Err("empty target side".into());
+    }
+    Ok(Pair { source: source.to_string(), target: target.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &[u8], mode: OnBadLine) -> Result<ReadResult, DataError> {
+        parse_parallel(text, "c.tsv", mode, 0)
+    }
+
+    #[test]
+    fn reads_pairs_with_bom_and_crlf() {
+        let r = parse(b"\xEF\xBB\xBFHallo Welt\tHello world\r\nDanke\tThanks\n", OnBadLine::Error).unwrap();
+        assert_eq!(r.pairs.len(), 2);
+        assert_eq!(r.pairs[0], Pair { source: "Hallo Welt".into(), target: "Hello world".into() });
+        assert_eq!(r.pairs[1].target, "Thanks");
+    }
+
+    #[test]
+    fn bad_lines_name_file_and_line() {
+        let e = parse(b"a\tb\nno tab here\nc\td\n", OnBadLine::Error).unwrap_err();
+        assert_eq!(e.origin, "c.tsv:2");
+        assert!(e.message.contains("no tab"));
+        assert_eq!(parse(b"a\tb\nc\t \n", OnBadLine::Error).unwrap_err().origin, "c.tsv:2");
+        assert!(parse(b"\tb\n", OnBadLine::Error).unwrap_err().message.contains("empty source"));
+        let e = parse(b"a\tb\nc\t\xff\xfe\n", OnBadLine::Error).unwrap_err();
+        assert_eq!(e.origin, "c.tsv:2");
+        assert!(e.message.contains("UTF-8"));
+        assert_eq!(parse(b"a\tb\n\nc\td\n", OnBadLine::Error).unwrap_err().origin, "c.tsv:2");
+    }
+
+    #[test]
+    fn skip_mode_counts_bad_lines() {
+        let r = parse(b"a\tb\nbad\nc\t\xff\ne\tf", OnBadLine::Skip).unwrap();
+        assert_eq!(r.pairs.len(), 2);
+        assert_eq!(r.skipped, 2);
+    }
+
+    #[test]
+    fn empty_corpus_is_an_error() {
+        assert!(parse(b"", OnBadLine::Error).unwrap_err().message.contains("no sentence pairs"));
+        assert!(parse(b"x\n", OnBadLine::Skip).is_err());
+    }
+
+    #[test]
+    fn limit_stops_early() {
+        let r = parse_parallel(b"a\tb\nc\td\ne\tf\n", "c.tsv", OnBadLine::Error, 2).unwrap();
+        assert_eq!(r.pairs.len(), 2);
+    }
+}

@@ -1,0 +1,127 @@
+//! From a recipe to token ids: read the corpus, split it, train or load the tokenizer, encode.
+//! Training pairs longer than `data.max_len` tokens on either side are dropped (and counted);
+//! validation and test pairs are kept whole as references but their ids are truncated.
+
+use std::path::Path;
+use std::time::Instant;
+
+use kiln_recipe::Recipe;
+
+use crate::corpus::{read_parallel, Pair};
+use crate::split::split_indices;
+use crate::tokenizer::SubwordTokenizer;
+use crate::DataError;
+
+/// Token ids of one pair, without specials (batching adds `<s>` / `</s>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    pub src: Vec<u32>,
+    pub tgt: Vec<u32>,
+}
+
+/// An evaluation split: ids plus the raw text for BLEU.
+#[derive(Default)]
+pub struct EvalSet {
+    pub examples: Vec<Example>,
+    pub sources: Vec<String>,
+    pub references: Vec<String>,
+}
+
+/// Everything the trainer needs from the data side.
+pub struct Prepared {
+    pub tokenizer: SubwordTokenizer,
+    pub train: Vec<Example>,
+    pub valid: EvalSet,
+    pub test: EvalSet,
+    pub skipped_lines: usize,
+    pub dropped_long: usize,
+    pub prepare_s: f64,
+}
+
+/// Where the tokenizer comes from: trained (then saved to `save_to`) or loaded.
+pub enum TokenizerSource<'a> {
+    TrainAndSave(&'a Path),
+    Load(&'a Path),
+}
+
+pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<Prepared, DataError> {
+    let started = Instant::now();
+    let d = &recipe.data;
+    let orient = |mut pairs: Vec<Pair>| {
+        if d.swap {
+            for p in &mut pairs {
+                std::mem::swap(&mut p.source, &mut p.target);
+            }
+        }
+        pairs
+    };
+    let main = read_parallel(&d.train, d.on_bad_line, d.limit)?;
+    let mut skipped = main.skipped;
+    let all = orient(main.pairs);
+    let (train_pairs, valid_pairs, test_pairs) = if d.valid.as_os_str().is_empty() {
+        let s = split_indices(all.len(), d.valid_size, d.test_size, d.split_seed);
+        let pick = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
+        (pick(&s.train), pick(&s.valid), pick(&s.test))
+    } else {
+        let valid = read_parallel(&d.valid, d.on_bad_line, d.limit)?;
+        skipped += valid.skipped;
+        let test = if d.test.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            let t = read_parallel(&d.test, d.on_bad_line, d.limit)?;
+            skipped += t.skipped;
+            t.pairs
+        };
+        (all, orient(valid.pairs), orient(test))
+    };
+    if valid_pairs.is_empty() {
+        return Err(DataError::new("data.valid_size", "corpus too small to hold out a validation set"));
+    }
+
+    let tokenizer = match tokenizer {
+        TokenizerSource::Load(path) => SubwordTokenizer::load(path)?,
+        TokenizerSource::TrainAndSave(save_to) => {
+            let tok = if recipe.tokenizer.path.as_os_str().is_empty() {
+                let texts: Vec<&str> = train_pairs.iter().flat_map(|p| [p.source.as_str(), p.target.as_str()]).collect();
+                SubwordTokenizer::train(&recipe.tokenizer, &texts)?
+            } else {
+                SubwordTokenizer::load(&recipe.tokenizer.path)?
+            };
+            tok.save(save_to)?;
+            tok
+        }
+    };
+
+    let encode = |pairs: &[Pair]| -> Result<Vec<Example>, DataError> {
+        let src: Vec<&str> = pairs.iter().map(|p| p.source.as_str()).collect();
+        let tgt: Vec<&str> = pairs.iter().map(|p| p.target.as_str()).collect();
+        let (src, tgt) = (tokenizer.encode_batch(&src)?, tokenizer.encode_batch(&tgt)?);
+        Ok(src.into_iter().zip(tgt).map(|(src, tgt)| Example { src, tgt }).collect())
+    };
+    let max_len = d.max_len;
+    let encoded = encode(&train_pairs)?;
+    let before = encoded.len();
+    let train: Vec<Example> = encoded.into_iter().filter(|e| e.src.len() <= max_len && e.tgt.len() <= max_len).collect();
+    let dropped_long = before - train.len();
+    if train.is_empty() {
+        return Err(DataError::new("data.max_len", format!("every training pair is longer than {max_len} tokens")));
+    }
+    let eval_set = |pairs: Vec<Pair>| -> Result<EvalSet, DataError> {
+        let mut examples = encode(&pairs)?;
+        for e in &mut examples {
+            e.src.truncate(max_len);
+            e.tgt.truncate(max_len);
+        }
+        let (sources, references) = pairs.into_iter().map(|p| (p.source, p.target)).unzip();
+        Ok(EvalSet { examples, sources, references })
+    };
+    Ok(Prepared {
+        valid: eval_set(valid_pairs)?,
+        test: eval_set(test_pairs)?,
+        tokenizer,
+        train,
+        skipped_lines: skipped,
+        dropped_long,
+        prepare_s: started.elapsed().as_secs_f64(),
+    })
+}

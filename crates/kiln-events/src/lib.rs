@@ -1,0 +1,165 @@
+//! The trainer's typed event stream. The trainer emits [`Event`]s to [`EventSink`]s and knows
+//! nothing of terminals or files; progress lines, `metrics.jsonl`, `summary.json` and (later) the
+//! dashboard are sinks. Field names here are the run directory's JSON contract.
+
+use serde::{Deserialize, Serialize};
+
+/// Cumulative device→host synchronisation statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SyncStats {
+    /// Reads of training loss from the device so far.
+    pub count: u64,
+    pub total_ms: f64,
+    pub max_ms: f64,
+}
+
+impl SyncStats {
+    pub fn record(&mut self, ms: f64) {
+        self.count += 1;
+        self.total_ms += ms;
+        self.max_ms = self.max_ms.max(ms);
+    }
+
+    pub fn avg_ms(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.total_ms / self.count as f64 }
+    }
+}
+
+/// One sync window of training steps (a `"kind":"train"` row of `metrics.jsonl`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowRow {
+    pub epoch: usize,
+    /// Optimizer steps done so far.
+    pub step: usize,
+    /// Token-weighted mean training loss over the window's steps.
+    pub loss: f64,
+    /// Target tokens in the window.
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    /// Learning rate of the window's last step.
+    pub lr: f64,
+    /// Cumulative sync statistics at the end of the window.
+    pub sync: SyncStats,
+    /// Milliseconds this window's read waited.
+    pub sync_ms: f64,
+    /// Optimizer steps in this window.
+    pub steps: usize,
+    /// Seconds since the run (or the resumed run) started.
+    pub wall_s: f64,
+}
+
+/// Validation at an epoch end (a `"kind":"valid"` row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidRow {
+    pub epoch: usize,
+    pub step: usize,
+    /// Mean per-token negative log-likelihood.
+    pub loss: f64,
+    pub ppl: f64,
+    /// Corpus BLEU of greedy translations (sacreBLEU 13a); null when disabled.
+    pub bleu: Option<f64>,
+}
+
+/// Final figures (`summary.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub epochs: usize,
+    /// Token-weighted mean training loss over the steps of the last epoch run.
+    pub train_loss: f64,
+    pub valid_loss: Option<f64>,
+    pub bleu: Option<f64>,
+    pub tokens_per_s: f64,
+    pub wall_s: f64,
+    pub sync: SummarySync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SummarySync {
+    pub count: u64,
+    pub total_ms: f64,
+    pub avg_ms: f64,
+    pub max_ms: f64,
+}
+
+impl From<SyncStats> for SummarySync {
+    fn from(s: SyncStats) -> Self {
+        Self { count: s.count, total_ms: s.total_ms, avg_ms: s.avg_ms(), max_ms: s.max_ms }
+    }
+}
+
+/// Facts about a run, sent once at its start.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub recipe: String,
+    pub run_dir: String,
+    pub device: String,
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    /// Steps the run will end at (epochs × steps per epoch, or `max_steps` if smaller).
+    pub total_steps: usize,
+    pub start_step: usize,
+    pub start_epoch: usize,
+    pub parameters: usize,
+    pub vocab_size: usize,
+    pub train_examples: usize,
+    pub valid_examples: usize,
+    pub sync_interval: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    RunStarted(RunInfo),
+    /// Free-form information for humans (data sizes, skipped lines, resume point…).
+    Note(String),
+    Window(WindowRow),
+    EpochEnd { epoch: usize, step: usize, train_loss: f64 },
+    Validation(ValidRow),
+    Checkpoint { epoch: usize, step: usize, path: String },
+    Finished(Summary),
+}
+
+/// A consumer of events. Sinks must be quick: the trainer calls them inline. An error (a log file
+/// that cannot be written, say) is one line naming the path; the trainer stops on it.
+pub trait EventSink {
+    fn emit(&mut self, event: &Event) -> Result<(), String>;
+}
+
+/// Sends every event to several sinks in order.
+#[derive(Default)]
+pub struct Fanout {
+    sinks: Vec<Box<dyn EventSink + Send>>,
+}
+
+impl Fanout {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, sink: impl EventSink + Send + 'static) -> Self {
+        self.sinks.push(Box::new(sink));
+        self
+    }
+}
+
+impl EventSink for Fanout {
+    fn emit(&mut self, event: &Event) -> Result<(), String> {
+        for sink in &mut self.sinks {
+            sink.emit(event)?;
+        }
+        Ok(())
+    }
+}
+
+/// Keeps every event (tests and replay).
+#[derive(Default, Clone)]
+pub struct Recorder {
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<Event>>>,
+}
+
+impl EventSink for Recorder {
+    fn emit(&mut self, event: &Event) -> Result<(), String> {
+        self.events.lock().unwrap().push(event.clone());
+        Ok(())
+    }
+}

@@ -1,0 +1,654 @@
+//! Recipes: the TOML schema of a training run, its defaults, `--set` overrides and validation.
+//!
+//! A recipe has the sections `data`, `tokenizer`, `loader`, `model`, `train`, `backend` and `eval`.
+//! Every user mistake (syntax, unknown key, wrong type, out-of-range value, bad override) becomes a
+//! [`RecipeError`] whose one-line `Display` names the file and line (or the `--set` flag), the key
+//! path and what was expected. `recipes/README.md` documents every key; keep the two in step.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One-line, user-facing error about a recipe or an override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipeError {
+    /// Where: `path:line`, `path`, or `--set key=value`.
+    pub origin: String,
+    /// Dotted key path, e.g. `train.lr`; empty for syntax errors.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for RecipeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.origin, self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for RecipeError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnBadLine {
+    #[default]
+    Error,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    #[default]
+    Unigram,
+    Bpe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// Encoder-decoder Transformer for translation.
+    #[default]
+    Transformer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    #[default]
+    Sinusoidal,
+    Learned,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    #[default]
+    Gelu,
+    Relu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    #[default]
+    InverseSqrt,
+    Cosine,
+    Constant,
+}
+
+/// `[data]`: where the parallel corpus comes from and how it is split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// TSV file of `source<TAB>target` lines; split into train/valid/test unless `valid` is set.
+    pub train: PathBuf,
+    /// Explicit validation file; empty = carve `valid_size` pairs out of `train`.
+    pub valid: PathBuf,
+    /// Explicit test file; empty = carve `test_size` pairs out of `train` (when `valid` is empty).
+    pub test: PathBuf,
+    pub valid_size: usize,
+    pub test_size: usize,
+    /// Seed of the train/valid/test shuffle; independent of `train.seed`.
+    pub split_seed: u64,
+    /// Translate column 2 → column 1 instead of column 1 → column 2.
+    pub swap: bool,
+    pub on_bad_line: OnBadLine,
+    /// Training pairs with more tokens than this on either side are dropped (valid/test are kept).
+    pub max_len: usize,
+    /// Use only the first N pairs of each file (0 = all): for quick experiments and tests.
+    pub limit: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            train: PathBuf::new(),
+            valid: PathBuf::new(),
+            test: PathBuf::new(),
+            valid_size: 500,
+            test_size: 500,
+            split_seed: 1,
+            swap: false,
+            on_bad_line: OnBadLine::Error,
+            max_len: 128,
+            limit: 0,
+        }
+    }
+}
+
+/// `[tokenizer]`: subword model trained on the training split, or loaded from a file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizerSection {
+    pub kind: TokenizerKind,
+    pub vocab_size: usize,
+    /// Load this `tokenizer.json` instead of training one (empty = train).
+    pub path: PathBuf,
+    /// Lowercase before tokenizing (part of the tokenizer's normaliser).
+    pub lowercase: bool,
+    /// BPE only: merges must occur at least this often.
+    pub min_frequency: u64,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        Self {
+            kind: TokenizerKind::Unigram,
+            vocab_size: 8000,
+            path: PathBuf::new(),
+            lowercase: false,
+            min_frequency: 2,
+        }
+    }
+}
+
+/// `[loader]`: how examples become batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderSection {
+    /// Budget of padded tokens per batch: batch size × longest side, source or target.
+    pub max_tokens: usize,
+    /// Cap on sentences per batch (0 = none).
+    pub max_sentences: usize,
+    /// Examples are sorted by length inside pools of this many batches' worth, to limit padding
+    /// (0 = no sorting).
+    pub bucket_pool: usize,
+}
+
+impl Default for LoaderSection {
+    fn default() -> Self {
+        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100 }
+    }
+}
+
+/// `[model]`: architecture.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    pub family: ModelFamily,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub d_ff: usize,
+    pub encoder_layers: usize,
+    pub decoder_layers: usize,
+    pub dropout: f64,
+    /// Pre-LayerNorm blocks (plus a final norm) instead of post-LN.
+    pub pre_ln: bool,
+    /// One embedding matrix for encoder input, decoder input and output projection.
+    pub tie_embeddings: bool,
+    pub positions: Positions,
+    /// Longest sequence the model accepts (size of the learned position table).
+    pub max_positions: usize,
+    pub activation: Activation,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            family: ModelFamily::Transformer,
+            d_model: 256,
+            n_heads: 4,
+            d_ff: 1024,
+            encoder_layers: 3,
+            decoder_layers: 3,
+            dropout: 0.1,
+            pre_ln: true,
+            tie_embeddings: true,
+            positions: Positions::Sinusoidal,
+            max_positions: 256,
+            activation: Activation::Gelu,
+        }
+    }
+}
+
+/// `[train]`: optimisation and the loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Seed of initialisation, dropout and batch order.
+    pub seed: u64,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (0 = no limit); whichever of this and `epochs` comes first.
+    pub max_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: usize,
+    /// Floor of the cosine schedule.
+    pub min_lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global-norm gradient clipping threshold (0 = off).
+    pub clip_norm: f64,
+    /// Batches whose gradients are summed into one optimizer step.
+    pub accumulate: usize,
+    pub label_smoothing: f64,
+    /// Steps between device→host reads of the loss.
+    pub sync_interval: usize,
+    /// Save a checkpoint every N epochs (0 = only at the end); always at the end.
+    pub save_every: usize,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            epochs: 10,
+            max_steps: 0,
+            lr: 5e-4,
+            schedule: Schedule::InverseSqrt,
+            warmup_steps: 400,
+            min_lr: 0.0,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-9,
+            clip_norm: 1.0,
+            accumulate: 1,
+            label_smoothing: 0.1,
+            sync_interval: 10,
+            save_every: 1,
+        }
+    }
+}
+
+/// `[backend]`: where tensors live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendSection {
+    /// `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when built in and present, else CPU).
+    pub device: String,
+    /// CPU threads for tensor kernels (0 = all cores).
+    pub threads: usize,
+}
+
+impl Default for BackendSection {
+    fn default() -> Self {
+        Self { device: "auto".into(), threads: 0 }
+    }
+}
+
+/// `[eval]`: validation at the end of each epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSection {
+    /// Compute BLEU on the validation set with greedy decoding.
+    pub bleu: bool,
+    /// Decode at most this many validation sentences for BLEU (0 = all); loss uses all.
+    pub bleu_sentences: usize,
+    /// Longest hypothesis: `max_len_a × source length + max_len_b` tokens.
+    pub max_len_a: f64,
+    pub max_len_b: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10 }
+    }
+}
+
+/// A whole recipe. `name` defaults to the recipe file's stem.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub data: DataSection,
+    pub tokenizer: TokenizerSection,
+    pub loader: LoaderSection,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    pub backend: BackendSection,
+    pub eval: EvalSection,
+}
+
+/// A `--set section.key=value` override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub key: String,
+    pub raw: String,
+}
+
+impl Override {
+    /// Parses `section.key=value`; the value is TOML (`3`, `1e-4`, `true`, `"x"`) or a bare string.
+    pub fn parse(text: &str) -> Result<Self, RecipeError> {
+        let err = |m: &str| RecipeError {
+            origin: format!("--set {text}"),
+            key: String::new(),
+            message: m.to_string(),
+        };
+        let (key, raw) = text.split_once('=').ok_or_else(|| err("expected section.key=value"))?;
+        let key = key.trim();
+        if key.split('.').count() < 2 || key.split('.').any(|p| p.is_empty()) {
+            return Err(err("expected section.key=value"));
+        }
+        Ok(Override { key: key.to_string(), raw: raw.trim().to_string() })
+    }
+
+    fn origin(&self) -> String {
+        format!("--set {}={}", self.key, self.raw)
+    }
+
+    fn value(&self) -> toml::Value {
+        // A bare word such as `bpe` or `cuda:0` is not TOML; take it as a string.
+        match toml::from_str::<toml::Table>(&format!("v = {}", self.raw)) {
+            Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(self.raw.clone())),
+            Err(_) => toml::Value::String(self.raw.clone()),
+        }
+    }
+}
+
+impl Recipe {
+    /// Reads a recipe file, applies overrides, validates, and resolves data paths relative to the
+    /// recipe's directory.
+    pub fn load(path: &Path, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RecipeError {
+            origin: path.display().to_string(),
+            key: String::new(),
+            message: format!("cannot read recipe: {e}"),
+        })?;
+        let mut recipe = Self::parse(&text, &path.display().to_string(), overrides)?;
+        if recipe.name.is_empty() {
+            recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        recipe.resolve_paths(base);
+        Ok(recipe)
+    }
+
+    /// Parses recipe text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str, overrides: &[Override]) -> Result<Recipe, RecipeError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| RecipeError {
+            origin: match e.span() {
+                Some(span) => format!("{origin}:{}", line_of(text, span.start)),
+                None => origin.to_string(),
+            },
+            key: String::new(),
+            message: first_line(e.message()),
+        })?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let where_is = |key: &str| -> String {
+            if let Some(o) = overrides.iter().find(|o| o.key == key) {
+                return o.origin();
+            }
+            match find_key_line(text, key) {
+                Some(line) => format!("{origin}:{line}"),
+                None => origin.to_string(),
+            }
+        };
+        let recipe: Recipe = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let inner = e.into_inner();
+            let message = first_line(&inner.to_string());
+            // Make sure an unknown field's path names the field itself, not only its section.
+            let key = match unknown_field(&message) {
+                Some(field) if key.is_empty() => field,
+                Some(field) if !key.ends_with(&format!(".{field}")) && key != field => format!("{key}.{field}"),
+                _ => key,
+            };
+            RecipeError { origin: where_is(&key), key, message }
+        })?;
+        recipe.validate().map_err(|(key, message): (String, String)| RecipeError { origin: where_is(&key), key, message })?;
+        Ok(recipe)
+    }
+
+    /// Range and consistency checks; returns the key at fault and what was expected.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn positive(key: &str, v: usize) -> Result<(), (String, String)> {
+            if v == 0 { Err((key.into(), "expected an integer > 0, got 0".into())) } else { Ok(()) }
+        }
+        fn in_range(key: &str, v: f64, lo: f64, hi: f64, lo_open: bool, hi_open: bool) -> Result<(), (String, String)> {
+            let ok_lo = if lo_open { v > lo } else { v >= lo };
+            let ok_hi = if hi_open { v < hi } else { v <= hi };
+            if v.is_finite() && ok_lo && ok_hi {
+                return Ok(());
+            }
+            let l = if lo_open { "(" } else { "[" };
+            let h = if hi_open { ")" } else { "]" };
+            let hi_s = if hi.is_infinite() { "inf".to_string() } else { hi.to_string() };
+            Err((key.into(), format!("expected a number in {l}{lo}, {hi_s}{h}, got {v}")))
+        }
+        let d = &self.data;
+        if d.train.as_os_str().is_empty() {
+            return Err(("data.train".into(), "expected a path to a TSV corpus, got nothing".into()));
+        }
+        positive("data.max_len", d.max_len)?;
+        if d.valid.as_os_str().is_empty() {
+            positive("data.valid_size", d.valid_size)?;
+        }
+        let t = &self.tokenizer;
+        if t.path.as_os_str().is_empty() && t.vocab_size < 16 {
+            return Err(("tokenizer.vocab_size".into(), format!("expected an integer >= 16, got {}", t.vocab_size)));
+        }
+        positive("loader.max_tokens", self.loader.max_tokens)?;
+        if self.loader.max_tokens < d.max_len + 2 {
+            return Err((
+                "loader.max_tokens".into(),
+                format!("expected at least data.max_len + 2 = {} so the longest pair fits a batch, got {}", d.max_len + 2, self.loader.max_tokens),
+            ));
+        }
+        let m = &self.model;
+        positive("model.d_model", m.d_model)?;
+        positive("model.n_heads", m.n_heads)?;
+        if m.d_model % m.n_heads != 0 {
+            return Err(("model.n_heads".into(), format!("expected a divisor of model.d_model = {}, got {}", m.d_model, m.n_heads)));
+        }
+        positive("model.d_ff", m.d_ff)?;
+        positive("model.encoder_layers", m.encoder_layers)?;
+        positive("model.decoder_layers", m.decoder_layers)?;
+        in_range("model.dropout", m.dropout, 0.0, 1.0, false, true)?;
+        if m.max_positions < d.max_len + 2 {
+            return Err((
+                "model.max_positions".into(),
+                format!("expected at least data.max_len + 2 = {}, got {}", d.max_len + 2, m.max_positions),
+            ));
+        }
+        let tr = &self.train;
+        positive("train.epochs", tr.epochs)?;
+        in_range("train.lr", tr.lr, 0.0, f64::INFINITY, true, true)?;
+        in_range("train.min_lr", tr.min_lr, 0.0, tr.lr, false, false)?;
+        in_range("train.weight_decay", tr.weight_decay, 0.0, f64::INFINITY, false, true)?;
+        in_range("train.beta1", tr.beta1, 0.0, 1.0, false, true)?;
+        in_range("train.beta2", tr.beta2, 0.0, 1.0, false, true)?;
+        in_range("train.eps", tr.eps, 0.0, f64::INFINITY, true, true)?;
+        in_range("train.clip_norm", tr.clip_norm, 0.0, f64::INFINITY, false, true)?;
+        positive("train.accumulate", tr.accumulate)?;
+        in_range("train.label_smoothing", tr.label_smoothing, 0.0, 1.0, false, true)?;
+        positive("train.sync_interval", tr.sync_interval)?;
+        let dev = self.backend.device.as_str();
+        let cuda_ok = dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !(dev == "cpu" || dev == "auto" || cuda_ok) {
+            return Err(("backend.device".into(), format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {dev:?}")));
+        }
+        in_range("eval.max_len_a", self.eval.max_len_a, 0.0, f64::INFINITY, false, true)?;
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                let joined = base.join(&*p);
+                *p = std::path::absolute(&joined).unwrap_or(joined);
+            }
+        };
+        abs(&mut self.data.train);
+        abs(&mut self.data.valid);
+        abs(&mut self.data.test);
+        abs(&mut self.tokenizer.path);
+    }
+
+    /// The resolved recipe as TOML, every key written out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a recipe always serialises")
+    }
+}
+
+/// Keys that may change when resuming a run (they do not alter the model, data or tokens).
+pub fn resumable_override(key: &str) -> bool {
+    let section = key.split('.').next().unwrap_or("");
+    matches!(section, "train" | "eval" | "backend")
+        && !matches!(key, "train.seed" | "train.accumulate")
+}
+
+fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), RecipeError> {
+    let parts: Vec<&str> = o.key.split('.').collect();
+    let known = toml::Value::try_from(Recipe::default()).expect("defaults serialise");
+    // Check the key exists in the schema, so a typo is caught before it is silently inserted.
+    let mut cursor = &known;
+    for (i, part) in parts.iter().enumerate() {
+        match cursor.get(part) {
+            Some(next) => cursor = next,
+            None => {
+                let parent = parts[..i].join(".");
+                let expected: Vec<String> = match cursor.as_table() {
+                    Some(t) => t.keys().map(|k| if parent.is_empty() { k.clone() } else { format!("{parent}.{k}") }).collect(),
+                    None => vec![],
+                };
+                return Err(RecipeError {
+                    origin: o.origin(),
+                    key: o.key.clone(),
+                    message: format!("no such recipe key; expected one of {}", expected.join(", ")),
+                });
+            }
+        }
+    }
+    let mut t = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        t = entry.as_table_mut().ok_or_else(|| RecipeError {
+            origin: o.origin(),
+            key: o.key.clone(),
+            message: format!("`{part}` is not a section in the recipe"),
+        })?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), o.value());
+    Ok(())
+}
+
+fn unknown_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_string())
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string()
+}
+
+fn line_of(text: &str, byte: usize) -> usize {
+    text[..byte.min(text.len())].matches('\n').count() + 1
+}
+
+/// 1-based line of `section.key` (or of `[section]` for a one-part key) in simple recipe text.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let mut parts = key.split('.');
+    let section = parts.next()?;
+    let field = parts.next();
+    let mut current = String::new();
+    let mut section_line = None;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            current = l.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if current == section {
+                section_line = Some(i + 1);
+            }
+            continue;
+        }
+        let Some((k, _)) = l.split_once('=') else { continue };
+        let k = k.trim();
+        match field {
+            Some(f) if current == section && k == f => return Some(i + 1),
+            Some(f) if current.is_empty() && k == format!("{section}.{f}") => return Some(i + 1),
+            None if current.is_empty() && k == section => return Some(i + 1),
+            _ => {}
+        }
+    }
+    section_line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "[data]\ntrain = \"c.tsv\"\n\n[train]\nlr = 0.001\nepochs = 2\n";
+
+    #[test]
+    fn defaults_fill_missing_keys() {
+        let r = Recipe::parse(GOOD, "r.toml", &[]).unwrap();
+        assert_eq!(r.train.lr, 0.001);
+        assert_eq!(r.train.sync_interval, 10);
+        assert_eq!(r.model.d_model, 256);
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "[data]\ntrain = \"c.tsv\"\n[train]\nlr = 0.001\nlrr = 3\n";
+        let e = Recipe::parse(text, "r.toml", &[]).unwrap_err();
+        assert_eq!(e.origin, "r.toml:5");
+        assert_eq!(e.key, "train.lrr");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let text = "[data]\ntrain = \"c.tsv\"\n[model]\nd_model = \"big\"\n";
+        let e = Recipe::parse(text, "r.toml", &[]).unwrap_err();
+        assert_eq!(e.key, "model.d_model");
+        assert_eq!(e.origin, "r.toml:4");
+        assert!(e.message.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_value_is_rejected() {
+        let text = "[data]\ntrain = \"c.tsv\"\n[train]\nlabel_smoothing = 1.5\n";
+        let e = Recipe::parse(text, "r.toml", &[]).unwrap_err();
+        assert_eq!(e.key, "train.label_smoothing");
+        assert_eq!(e.origin, "r.toml:4");
+        assert!(e.message.contains("[0, 1)"), "{e}");
+        let text = "[data]\ntrain = \"c.tsv\"\n[model]\nd_model = 100\nn_heads = 3\n";
+        assert_eq!(Recipe::parse(text, "r.toml", &[]).unwrap_err().key, "model.n_heads");
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = Recipe::parse("[data]\ntrain = \n", "r.toml", &[]).unwrap_err();
+        assert_eq!(e.origin, "r.toml:2");
+    }
+
+    #[test]
+    fn overrides_are_validated_like_the_file() {
+        let o = [Override::parse("train.lr=0.01").unwrap(), Override::parse("tokenizer.kind=bpe").unwrap()];
+        let r = Recipe::parse(GOOD, "r.toml", &o).unwrap();
+        assert_eq!(r.train.lr, 0.01);
+        assert_eq!(r.tokenizer.kind, TokenizerKind::Bpe);
+
+        let e = Recipe::parse(GOOD, "r.toml", &[Override::parse("train.sync_interval=0").unwrap()]).unwrap_err();
+        assert_eq!(e.origin, "--set train.sync_interval=0");
+        assert_eq!(e.key, "train.sync_interval");
+
+        let e = Recipe::parse(GOOD, "r.toml", &[Override::parse("train.nope=1").unwrap()]).unwrap_err();
+        assert_eq!(e.key, "train.nope");
+        assert!(e.message.contains("no such recipe key"), "{e}");
+
+        let e = Recipe::parse(GOOD, "r.toml", &[Override::parse("train.epochs=many").unwrap()]).unwrap_err();
+        assert_eq!(e.key, "train.epochs");
+        assert!(Override::parse("train").is_err());
+    }
+
+    #[test]
+    fn resolved_recipe_round_trips() {
+        let r = Recipe::parse(GOOD, "r.toml", &[]).unwrap();
+        let again = Recipe::parse(&r.to_toml(), "recipe.toml", &[]).unwrap();
+        assert_eq!(r, again);
+    }
+}

@@ -1,0 +1,66 @@
+//! Global-norm gradient clipping computed entirely on the device: the norm and the scale stay
+//! tensors, so clipping never forces a device→host read. (Burn's own clipping is per parameter.)
+
+use std::marker::PhantomData;
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+
+struct SquaredNorm<'a, B: AutodiffBackend> {
+    grads: &'a GradientsParams,
+    sum: Option<Tensor<B::InnerBackend, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            let sq = g.powi_scalar(2).sum();
+            self.sum = Some(match self.sum.take() {
+                Some(s) => s + sq,
+                None => sq,
+            });
+        }
+    }
+}
+
+struct Scale<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    factor: Tensor<B::InnerBackend, 1>,
+    _b: PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            let factor = self.factor.clone().reshape([1; D]);
+            self.grads.register::<B::InnerBackend, D>(param.id, g * factor);
+        }
+    }
+}
+
+/// Global L2 norm of all gradients of `module`, as a `[1]` device tensor.
+pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> Option<Tensor<B::InnerBackend, 1>> {
+    let mut v = SquaredNorm::<B> { grads, sum: None };
+    module.visit(&mut v);
+    v.sum.map(|s| s.sqrt())
+}
+
+/// Scales gradients by `min(1, max_norm / norm)`; returns the pre-clip norm (on the device).
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> Option<Tensor<B::InnerBackend, 1>> {
+    let norm = global_norm::<B, M>(module, grads)?;
+    let factor = (norm.clone() + 1e-6).recip().mul_scalar(max_norm).clamp_max(1.0);
+    let mut v = Scale::<B> { grads, factor, _b: PhantomData };
+    module.visit(&mut v);
+    Some(norm)
+}
+
+/// Reads a `[1]` tensor (tests and diagnostics only; the loop never calls it).
+pub fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+}

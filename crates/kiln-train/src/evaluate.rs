@@ -1,0 +1,75 @@
+//! Validation and test evaluation: mean per-token NLL and perplexity over the whole set (one
+//! device read at the end), and corpus BLEU of greedy translations (one read per decoded batch).
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::{EvalSet, HostBatch, SubwordTokenizer, PAD};
+use kiln_metrics::BleuStats;
+use kiln_model::{label_smoothed_loss, Seq2Seq};
+use kiln_recipe::Recipe;
+
+/// Figures of one evaluation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub ppl: f64,
+    pub bleu: Option<f64>,
+    /// Device→host reads the evaluation made.
+    pub reads: usize,
+}
+
+pub fn ids<B: Backend>(data: &[i32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
+}
+
+fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<(usize, usize)> = set.examples[..subset].iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
+    let settings = BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 1 };
+    plan_batches(&lengths, settings, None)
+}
+
+pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalResult {
+    let mut reads = 0;
+    let mut nll: Option<Tensor<B, 1>> = None;
+    let mut tokens = 0usize;
+    for batch in eval_batches(set, recipe, set.examples.len()) {
+        let b = HostBatch::build(&set.examples, &batch);
+        let logits = model.forward(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device));
+        let sums = label_smoothed_loss(logits, ids(&b.tgt_out, b.size, b.tgt_len, device), PAD, 0.0);
+        nll = Some(match nll {
+            Some(acc) => acc + sums.nll,
+            None => sums.nll,
+        });
+        tokens += b.target_tokens;
+    }
+    let loss = match nll {
+        Some(t) => {
+            reads += 1;
+            t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64
+        }
+        None => f64::NAN,
+    };
+    let bleu = if recipe.eval.bleu && !set.examples.is_empty() {
+        let n = if recipe.eval.bleu_sentences == 0 { set.examples.len() } else { recipe.eval.bleu_sentences.min(set.examples.len()) };
+        let mut stats = BleuStats::default();
+        for batch in eval_batches(set, recipe, n) {
+            let b = HostBatch::build(&set.examples, &batch);
+            let max_len = ((recipe.eval.max_len_a * b.src_len as f64) as usize + recipe.eval.max_len_b)
+                .min(recipe.model.max_positions.saturating_sub(1))
+                .max(1);
+            let out = model.greedy(ids(&b.src, b.size, b.src_len, device), max_len, 8);
+            reads += 1 + max_len / 8;
+            let cols = out.dims()[1];
+            let flat: Vec<i64> = out.into_data().iter::<i64>().collect();
+            for (row, &i) in batch.iter().enumerate() {
+                let hyp: Vec<u32> = flat[row * cols..(row + 1) * cols].iter().map(|&t| t as u32).collect();
+                stats.add(&tokenizer.decode(&hyp), &set.references[i]);
+            }
+        }
+        Some(stats.score())
+    } else {
+        None
+    };
+    EvalResult { loss, ppl: loss.exp(), bleu, reads }
+}

@@ -1,0 +1,126 @@
+//! Training: from a resolved recipe and a run directory to a trained model, its checkpoints and
+//! its event stream. [`launch`] picks the backend and device, prepares the run directory and the
+//! data, and hands over to [`trainer::run`], the loop with its sync windows.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod evaluate;
+pub mod rundir;
+pub mod schedule;
+pub mod trainer;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use kiln_data::prepare::TokenizerSource;
+use kiln_events::{Event, EventSink, Summary};
+use kiln_recipe::Recipe;
+
+/// Which device the recipe's `backend.device` resolves to in this build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+/// Resolves `backend.device`. CUDA needs a build with the `cuda` feature; without it, asking for
+/// CUDA is an error and `auto` means CPU.
+pub fn resolve_device(spec: &str) -> Result<DeviceChoice> {
+    let cuda_index = |s: &str| -> Option<usize> {
+        if s == "cuda" {
+            Some(0)
+        } else {
+            s.strip_prefix("cuda:").and_then(|n| n.parse().ok())
+        }
+    };
+    match spec {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "auto" => Ok(if cfg!(feature = "cuda") { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu }),
+        s => match cuda_index(s) {
+            Some(i) if cfg!(feature = "cuda") => Ok(DeviceChoice::Cuda(i)),
+            Some(_) => bail!("backend.device = {s:?}: this kiln was built without CUDA; build with the `cuda` feature (`cargo xtask train --cuda ...`) or use \"cpu\""),
+            None => bail!("backend.device = {s:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
+        },
+    }
+}
+
+/// A run to start or continue.
+pub struct Launch {
+    /// The resolved recipe (for a resume: the run directory's, with allowed overrides applied).
+    pub recipe: Recipe,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+}
+
+/// Prepares the run directory and data, then trains on the recipe's device.
+pub fn launch(launch: &Launch, sink: &mut dyn EventSink) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let choice = resolve_device(&recipe.backend.device)?;
+    if recipe.backend.threads > 0 {
+        // Only the first call in a process can size the global pool; later calls keep it.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(recipe.backend.threads).build_global();
+    }
+    match choice {
+        DeviceChoice::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            train_on::<B>(launch, Default::default(), format!("cpu (flex, {} threads)", rayon::current_num_threads()), sink)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(index) => {
+            type B = burn::backend::Autodiff<burn::backend::Cuda>;
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            train_on::<B>(launch, device, format!("cuda:{index}"), sink)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+    }
+}
+
+fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name: String, sink: &mut dyn EventSink) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let run_dir = &launch.run_dir;
+    let tokenizer_path = run_dir.join("tokenizer.json");
+    let resume_from = if launch.resume {
+        let latest = checkpoint::latest(run_dir).map_err(|m| anyhow!(m))?;
+        Some(latest.ok_or_else(|| anyhow!("{}: no checkpoint to resume from", checkpoint::checkpoints_dir(run_dir).display()))?)
+    } else {
+        None
+    };
+    let source = if launch.resume { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
+    let data = kiln_data::prepare(recipe, source).map_err(|e| anyhow!("{e}"))?;
+    note(
+        sink,
+        format!(
+            "data | {} train, {} valid, {} test pairs | vocab {} | {} long pairs dropped, {} bad lines skipped | prepared in {:.1} s",
+            data.train.len(),
+            data.valid.examples.len(),
+            data.test.examples.len(),
+            data.tokenizer.vocab_size(),
+            data.dropped_long,
+            data.skipped_lines,
+            data.prepare_s
+        ),
+    )?;
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device, device_name, resume_from };
+    trainer::run(job, sink)
+}
+
+fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {
+    sink.emit(&Event::Note(text)).map_err(|m| anyhow!(m))
+}
+
+/// The recipe to continue `run_dir` with: its resolved `recipe.toml` plus overrides that do not
+/// change the model, data or tokens.
+pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Result<Recipe> {
+    let path = run_dir.join("recipe.toml");
+    if !path.is_file() {
+        bail!("{}: not a kiln run directory (no recipe.toml)", run_dir.display());
+    }
+    for o in overrides {
+        if !kiln_recipe::resumable_override(&o.key) {
+            bail!("--set {}={}: cannot change {} when resuming (only train.*, eval.* and backend.* keys, except train.seed and train.accumulate)", o.key, o.raw, o.key);
+        }
+    }
+    Ok(Recipe::load(&path, overrides)?)
+}

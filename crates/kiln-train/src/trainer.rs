@@ -1,0 +1,307 @@
+//! The training loop: ours, not burn-train's Learner (which reads the loss back every step).
+//!
+//! Each optimizer step runs `train.accumulate` batches forward and backward, clips the global
+//! gradient norm on the device and applies AdamW. The step's summed loss stays on the device and
+//! is added into the current sync window; the host reads the window's sum once every
+//! `train.sync_interval` steps and at epoch end. Token counts come from the host batches, so they
+//! need no read. Batch order and dropout are functions of (seed, epoch) and (seed, step), which
+//! makes a resumed run see the same batches and masks as an unbroken one.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use burn::module::{AutodiffModule, Module};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder as _};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::Tensor;
+use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
+use kiln_events::{Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
+use kiln_model::{label_smoothed_loss, Seq2Seq, Seq2SeqConfig};
+use kiln_recipe::Recipe;
+
+use crate::checkpoint::{self, TrainState, STATE_FORMAT};
+use crate::clip::clip_global_norm;
+use crate::evaluate::{evaluate, ids};
+use crate::schedule::LrSchedule;
+
+/// Mixes a seed with counters into an independent 64-bit seed (SplitMix64 finaliser).
+pub fn mix_seed(seed: u64, a: u64, b: u64) -> u64 {
+    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
+pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
+    let settings = BatchSettings {
+        max_tokens: recipe.loader.max_tokens,
+        max_sentences: recipe.loader.max_sentences,
+        pool_batches: recipe.loader.bucket_pool,
+    };
+    plan_batches(&lengths, settings, Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+}
+
+/// Training loss summed on the device over the steps of one sync window.
+struct SyncWindow<B: Backend> {
+    loss_sum: Option<Tensor<B, 1>>,
+    tokens: u64,
+    steps: usize,
+    started: Instant,
+}
+
+impl<B: Backend> SyncWindow<B> {
+    fn new() -> Self {
+        Self { loss_sum: None, tokens: 0, steps: 0, started: Instant::now() }
+    }
+
+    fn add(&mut self, loss_sum: Tensor<B, 1>, tokens: u64) {
+        self.loss_sum = Some(match self.loss_sum.take() {
+            Some(acc) => acc + loss_sum,
+            None => loss_sum,
+        });
+        self.tokens += tokens;
+    }
+
+    /// The one device→host read of the window; returns (Σ loss, milliseconds waited).
+    fn read(&mut self) -> (f64, f64) {
+        let Some(sum) = self.loss_sum.take() else { return (0.0, 0.0) };
+        let t0 = Instant::now();
+        let data = sum.try_into_data().ok();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let value = data.and_then(|d| d.iter::<f64>().next()).unwrap_or(f64::NAN);
+        (value, ms)
+    }
+}
+
+/// Everything a run needs besides the model: recipe, run directory, prepared data, device.
+pub struct TrainJob<'a, B: AutodiffBackend> {
+    pub recipe: &'a Recipe,
+    pub run_dir: &'a Path,
+    pub data: &'a Prepared,
+    pub device: B::Device,
+    pub device_name: String,
+    /// Resume from this checkpoint directory.
+    pub resume_from: Option<std::path::PathBuf>,
+}
+
+type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+pub fn model_config(recipe: &Recipe, vocab_size: usize) -> Seq2SeqConfig {
+    Seq2SeqConfig { vocab_size, pad: PAD, bos: BOS, eos: EOS, model: recipe.model.clone() }
+}
+
+pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -> Result<Summary> {
+    let recipe = job.recipe;
+    let tr = &recipe.train;
+    let device = &job.device;
+    let data = job.data;
+    let emit = |sink: &mut dyn EventSink, e: Event| sink.emit(&e).map_err(|m| anyhow!(m));
+
+    B::seed(device, tr.seed);
+    let config = model_config(recipe, data.tokenizer.vocab_size());
+    let mut model: Seq2Seq<B> = config.init(device);
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(tr.beta1 as f32)
+        .with_beta_2(tr.beta2 as f32)
+        .with_epsilon(tr.eps as f32)
+        .with_weight_decay(tr.weight_decay as f32)
+        .init::<B, Seq2Seq<B>>();
+    let recorder = Recorder::new();
+
+    let mut state = TrainState { format: STATE_FORMAT, ..Default::default() };
+    if let Some(dir) = &job.resume_from {
+        state = checkpoint::read_state(dir).map_err(|m| anyhow!(m))?;
+        let model_path = dir.join("model");
+        model = model.load_file(model_path.clone(), &recorder, device).map_err(|e| {
+            anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", model_path.display(), one_line(&e.to_string()))
+        })?;
+        let optim_path = dir.join("optimizer");
+        let record = recorder
+            .load(optim_path.clone(), device)
+            .map_err(|e| anyhow!("{}.mpk: cannot load optimizer state: {}", optim_path.display(), one_line(&e.to_string())))?;
+        optim = optim.load_record(record);
+    }
+
+    // Batches per epoch, planned up front: the schedule needs the exact total.
+    let plans: Vec<Vec<Vec<usize>>> = (0..tr.epochs).map(|e| epoch_batches(&data.train, recipe, e)).collect();
+    let steps_in = |plan: &Vec<Vec<usize>>| plan.len().div_ceil(tr.accumulate);
+    let mut total_steps: usize = plans.iter().map(steps_in).sum();
+    if tr.max_steps > 0 {
+        total_steps = total_steps.min(tr.max_steps);
+    }
+    let schedule = LrSchedule::new(tr, total_steps);
+
+    emit(
+        sink,
+        Event::RunStarted(RunInfo {
+            recipe: recipe.name.clone(),
+            run_dir: job.run_dir.display().to_string(),
+            device: job.device_name.clone(),
+            epochs: tr.epochs,
+            steps_per_epoch: plans.first().map(steps_in).unwrap_or(0),
+            total_steps,
+            start_step: state.step,
+            start_epoch: state.epoch,
+            parameters: model.num_params(),
+            vocab_size: data.tokenizer.vocab_size(),
+            train_examples: data.train.len(),
+            valid_examples: data.valid.examples.len(),
+            sync_interval: tr.sync_interval,
+        }),
+    )?;
+    if job.resume_from.is_some() {
+        emit(sink, Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch)))?;
+    }
+
+    let started = Instant::now();
+    let wall_before = state.wall_s;
+    let wall = |started: &Instant| wall_before + started.elapsed().as_secs_f64();
+    let mut tokens_this_run: u64 = 0;
+    let mut accumulator = GradientsAccumulator::<Seq2Seq<B>>::new();
+    let mut window = SyncWindow::<B::InnerBackend>::new();
+    let mut last_lr = schedule.at(state.step.max(1));
+    let mut last_valid: Option<ValidRow> = state.last_valid.clone();
+
+    let save = |model: &Seq2Seq<B>, optim: &_, state: &TrainState, name: &str| -> Result<std::path::PathBuf> {
+        checkpoint::save(job.run_dir, name, state, |dir| {
+            recorder
+                .record(model.clone().into_record(), dir.join("model"))
+                .map_err(|e| format!("{}: cannot write model: {e}", dir.display()))?;
+            recorder
+                .record(Optimizer::<Seq2Seq<B>, B>::to_record(optim), dir.join("optimizer"))
+                .map_err(|e| format!("{}: cannot write optimizer: {e}", dir.display()))
+        })
+        .map_err(|m| anyhow!(m))
+    };
+
+    let mut stop = state.finished || (tr.max_steps > 0 && state.step >= tr.max_steps);
+    while !stop && state.epoch < tr.epochs {
+        let epoch = state.epoch;
+        let plan = &plans[epoch];
+        let mut pos = state.batch_in_epoch;
+        while pos < plan.len() {
+            if tr.max_steps > 0 && state.step >= tr.max_steps {
+                stop = true;
+                break;
+            }
+            let group = &plan[pos..(pos + tr.accumulate).min(plan.len())];
+            let batches: Vec<HostBatch> = group.iter().map(|idx| HostBatch::build(&data.train, idx)).collect();
+            let step_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
+            // Dropout masks are a function of (seed, step): resuming reproduces them.
+            B::seed(device, mix_seed(tr.seed, 2, state.step as u64));
+            for b in &batches {
+                let logits = model.forward(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device));
+                let sums = label_smoothed_loss(logits, ids(&b.tgt_out, b.size, b.tgt_len, device), PAD, tr.label_smoothing);
+                window.add(sums.smoothed.clone().inner(), 0);
+                // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
+                let loss = sums.smoothed / step_tokens as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                accumulator.accumulate(&model, grads);
+            }
+            let mut grads = accumulator.grads();
+            if tr.clip_norm > 0.0 {
+                clip_global_norm::<B, _>(&model, &mut grads, tr.clip_norm);
+            }
+            state.step += 1;
+            last_lr = schedule.at(state.step);
+            model = optim.step(last_lr, model, grads);
+            pos += group.len();
+            state.batch_in_epoch = pos;
+            window.tokens += step_tokens as u64;
+            window.steps += 1;
+            if window.steps >= tr.sync_interval {
+                flush_window(&mut window, &mut state, epoch, last_lr, &started, wall_before, &mut tokens_this_run, sink)?;
+            }
+        }
+        if window.steps > 0 {
+            flush_window(&mut window, &mut state, epoch, last_lr, &started, wall_before, &mut tokens_this_run, sink)?;
+        }
+        let epoch_loss = state.epoch_loss_sum / state.epoch_tokens.max(1) as f64;
+        state.last_epoch_loss = Some(epoch_loss);
+        let epoch_done = pos >= plan.len();
+        if tr.max_steps > 0 && state.step >= tr.max_steps {
+            stop = true;
+        }
+        if epoch_done {
+            emit(sink, Event::EpochEnd { epoch: epoch + 1, step: state.step, train_loss: epoch_loss })?;
+            let valid = evaluate(&model.valid(), &data.valid, &data.tokenizer, recipe, device);
+            let row = ValidRow { epoch: epoch + 1, step: state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu };
+            emit(sink, Event::Validation(row.clone()))?;
+            last_valid = Some(row);
+            state.last_valid = last_valid.clone();
+            state.epoch += 1;
+            state.batch_in_epoch = 0;
+            // The last epoch's sums stay in `last_epoch_loss`; the next epoch starts afresh.
+            state.epoch_loss_sum = 0.0;
+            state.epoch_tokens = 0;
+        }
+        let finished = stop || state.epoch >= tr.epochs;
+        let periodic = epoch_done && tr.save_every > 0 && state.epoch % tr.save_every == 0;
+        if finished || periodic {
+            state.finished = finished;
+            state.wall_s = wall(&started);
+            let name = format!("step-{:07}", state.step);
+            let path = save(&model, &optim, &state, &name)?;
+            emit(sink, Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() })?;
+        }
+    }
+
+    let wall_s = wall(&started);
+    let run_s = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        steps: state.step,
+        epochs: state.epoch,
+        train_loss: state.last_epoch_loss.unwrap_or(f64::NAN),
+        valid_loss: last_valid.as_ref().map(|v| v.loss),
+        bleu: last_valid.as_ref().and_then(|v| v.bleu),
+        tokens_per_s: if run_s > 0.0 { tokens_this_run as f64 / run_s } else { 0.0 },
+        wall_s,
+        sync: state.sync.into(),
+    };
+    let _ = last_lr;
+    emit(sink, Event::Finished(summary.clone()))?;
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn flush_window<B: Backend>(
+    window: &mut SyncWindow<B>,
+    state: &mut TrainState,
+    epoch: usize,
+    lr: f64,
+    started: &Instant,
+    wall_before: f64,
+    tokens_this_run: &mut u64,
+    sink: &mut dyn EventSink,
+) -> Result<()> {
+    let (loss_sum, ms) = window.read();
+    state.sync.record(ms);
+    state.epoch_loss_sum += loss_sum;
+    state.epoch_tokens += window.tokens;
+    state.total_tokens += window.tokens;
+    *tokens_this_run += window.tokens;
+    let secs = window.started.elapsed().as_secs_f64();
+    let row = WindowRow {
+        epoch: epoch + 1,
+        step: state.step,
+        loss: loss_sum / window.tokens.max(1) as f64,
+        tokens: window.tokens,
+        tokens_per_s: if secs > 0.0 { window.tokens as f64 / secs } else { 0.0 },
+        lr,
+        sync: state.sync,
+        sync_ms: ms,
+        steps: window.steps,
+        wall_s: wall_before + started.elapsed().as_secs_f64(),
+    };
+    *window = SyncWindow::new();
+    sink.emit(&Event::Window(row)).map_err(|m| anyhow!(m))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -1,0 +1,122 @@
+//! One plain line per sync window, in the style of YOLOv5's and fairseq's logs:
+//! `epoch 3/10 | step 420/1400 | loss 4.812 | 12,345 tok/s | lr 4.2e-04 | sync 0.3 ms (avg 0.2, 42 syncs)`.
+
+use std::io::Write;
+
+use kiln_events::{Event, EventSink};
+
+pub struct ProgressLine<W: Write> {
+    out: W,
+    epochs: usize,
+    total_steps: usize,
+}
+
+impl<W: Write> ProgressLine<W> {
+    pub fn new(out: W) -> Self {
+        Self { out, epochs: 0, total_steps: 0 }
+    }
+}
+
+/// `12345.6` → `12,346`.
+pub fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl<W: Write + Send> EventSink for ProgressLine<W> {
+    fn emit(&mut self, event: &Event) -> Result<(), String> {
+        let line = match event {
+            Event::RunStarted(info) => {
+                self.epochs = info.epochs;
+                self.total_steps = info.total_steps;
+                format!(
+                    "kiln | {} | {} | device {} | {} parameters | vocab {} | {} train / {} valid pairs | {} steps/epoch, sync every {}",
+                    info.recipe,
+                    info.run_dir,
+                    info.device,
+                    thousands(info.parameters as f64),
+                    info.vocab_size,
+                    thousands(info.train_examples as f64),
+                    thousands(info.valid_examples as f64),
+                    info.steps_per_epoch,
+                    info.sync_interval
+                )
+            }
+            Event::Note(text) => format!("kiln | {text}"),
+            Event::Window(w) => format!(
+                "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs)",
+                w.epoch,
+                self.epochs,
+                w.step,
+                self.total_steps,
+                w.loss,
+                thousands(w.tokens_per_s),
+                w.lr,
+                w.sync_ms,
+                w.sync.avg_ms(),
+                w.sync.max_ms,
+                w.sync.count
+            ),
+            Event::EpochEnd { epoch, step, train_loss } => {
+                format!("epoch {epoch}/{} done | step {step} | train loss {train_loss:.4}", self.epochs)
+            }
+            Event::Validation(v) => format!(
+                "valid | epoch {} | step {} | loss {:.4} | ppl {:.2} | bleu {}",
+                v.epoch,
+                v.step,
+                v.loss,
+                v.ppl,
+                v.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())
+            ),
+            Event::Checkpoint { path, step, .. } => format!("checkpoint | step {step} | {path}"),
+            Event::Finished(s) => format!(
+                "done | {} steps, {} epochs in {:.1} s | train loss {:.4} | valid loss {} | bleu {} | {} tok/s | {} syncs, {:.1} ms total, {:.2} ms avg, {:.2} ms max",
+                s.steps,
+                s.epochs,
+                s.wall_s,
+                s.train_loss,
+                s.valid_loss.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into()),
+                s.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into()),
+                thousands(s.tokens_per_s),
+                s.sync.count,
+                s.sync.total_ms,
+                s.sync.avg_ms,
+                s.sync.max_ms
+            ),
+        };
+        // A closed stdout (`| head`) must not stop training.
+        let _ = writeln!(self.out, "{line}");
+        let _ = self.out.flush();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_events::{SyncStats, WindowRow};
+
+    #[test]
+    fn window_line_carries_the_figures() {
+        let mut buf = Vec::new();
+        {
+            let mut p = ProgressLine::new(&mut buf);
+            let mut sync = SyncStats::default();
+            sync.record(1.5);
+            sync.record(0.5);
+            let row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0 };
+            p.emit(&Event::Window(row)).unwrap();
+        }
+        let line = String::from_utf8(buf).unwrap();
+        assert!(line.starts_with("epoch 2/0 | step 40/0 | loss 3.2500 | 12,346 tok/s | lr 4.20e-4 | sync 0.50 ms (avg 1.00, max 1.50, 2 syncs)"), "{line}");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+    }
+}

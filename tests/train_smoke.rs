@@ -1,0 +1,135 @@
+//! End-to-end training on the smoke recipe (real Ding sentence pairs, tiny model): the loss falls,
+//! the run directory honours its contract, sync windows are exact, and resume continues a run.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn train(run_dir: &std::path::Path, sets: &[&str]) -> std::process::Output {
+    let run = run_dir.display().to_string();
+    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), run, "--no-tui".into()];
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = kiln(&args);
+    assert!(o.status.success(), "training failed: {}\n{}", stderr(&o), stdout(&o));
+    o
+}
+
+fn windows(rows: &[Value]) -> Vec<&Value> {
+    rows.iter().filter(|r| r["kind"] == "train").collect()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn smoke_run_learns_and_writes_the_run_directory_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = train(&run, &["train.epochs=3", "train.sync_interval=5"]);
+    let out = stdout(&o);
+    assert!(out.contains("epoch 1/3 | step"), "progress lines expected:\n{out}");
+
+    for f in ["recipe.toml", "tokenizer.json", "metrics.jsonl", "summary.json", "checkpoints/latest"] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let resolved = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    assert!(resolved.contains("epochs = 3") && resolved.contains("sync_interval = 5"), "{resolved}");
+
+    let rows = read_jsonl(&run.join("metrics.jsonl"));
+    let train_rows = windows(&rows);
+    assert!(train_rows.len() >= 4);
+    for r in &train_rows {
+        for k in ["epoch", "step", "loss", "tokens", "tokens_per_s", "lr"] {
+            assert!(r[k].is_number(), "{k} in {r}");
+        }
+        for k in ["count", "total_ms", "max_ms"] {
+            assert!(r["sync"][k].is_number(), "sync.{k} in {r}");
+        }
+    }
+    let valid: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "valid").collect();
+    assert_eq!(valid.len(), 3, "one validation per epoch");
+    for v in &valid {
+        for k in ["epoch", "step", "loss", "ppl", "bleu"] {
+            assert!(v[k].is_number(), "{k} in {v}");
+        }
+        assert!((f(&v["ppl"]) - f(&v["loss"]).exp()).abs() < 1e-6 * f(&v["ppl"]));
+    }
+    // The loss falls: last window well below the first, validation improves.
+    let first = f(&train_rows[0]["loss"]);
+    let last = f(&train_rows[train_rows.len() - 1]["loss"]);
+    assert!(last < first * 0.8, "loss did not fall: {first} → {last}");
+    assert!(f(&valid[2]["loss"]) < f(&valid[0]["loss"]), "validation loss did not fall");
+
+    let s = read_json(&run.join("summary.json"));
+    for k in ["steps", "epochs", "train_loss", "valid_loss", "bleu", "tokens_per_s", "wall_s"] {
+        assert!(s[k].is_number(), "{k} in {s}");
+    }
+    for k in ["count", "total_ms", "avg_ms", "max_ms"] {
+        assert!(s["sync"][k].is_number(), "sync.{k} in {s}");
+    }
+    assert_eq!(s["epochs"], 3);
+    assert_eq!(s["steps"], train_rows.last().unwrap()["step"]);
+    assert_eq!(s["sync"]["count"].as_u64().unwrap(), train_rows.len() as u64, "one sync per window row");
+    // train_loss is the token-weighted mean over the last epoch's windows.
+    let last_epoch: Vec<&&Value> = train_rows.iter().filter(|r| r["epoch"] == 3).collect();
+    let (sum, tok) = last_epoch.iter().fold((0.0, 0.0), |(s, t), r| (s + f(&r["loss"]) * f(&r["tokens"]), t + f(&r["tokens"])));
+    assert!((f(&s["train_loss"]) - sum / tok).abs() < 1e-9 * (sum / tok));
+}
+
+/// Σ loss × tokens over all windows, the number of steps, and the sync count.
+fn totals(run: &std::path::Path) -> (f64, u64, u64) {
+    let rows = read_jsonl(&run.join("metrics.jsonl"));
+    let w = windows(&rows);
+    let sum = w.iter().map(|r| f(&r["loss"]) * f(&r["tokens"])).sum();
+    let steps = w.last().unwrap()["step"].as_u64().unwrap();
+    let syncs = w.last().unwrap()["sync"]["count"].as_u64().unwrap();
+    (sum, steps, syncs)
+}
+
+#[test]
+fn sync_interval_does_not_change_the_summed_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("every1"), dir.path().join("every10"));
+    train(&a, &["train.sync_interval=1", "train.epochs=2"]);
+    train(&b, &["train.sync_interval=10", "train.epochs=2"]);
+    let (sum1, steps1, syncs1) = totals(&a);
+    let (sum10, steps10, syncs10) = totals(&b);
+    assert_eq!(steps1, steps10);
+    assert!(steps1 > 20, "need several windows, got {steps1} steps");
+    let rel = (sum1 - sum10).abs() / sum1.abs();
+    assert!(rel <= 1e-5, "summed loss differs: {sum1} vs {sum10} (rel {rel})");
+    assert_eq!(syncs1, steps1, "sync_interval = 1 reads every step");
+    // ⌈steps / 10⌉ windows plus at most one extra read per epoch end.
+    assert!(syncs10 <= steps10.div_ceil(10) + 2, "{syncs10} syncs for {steps10} steps");
+    let s1 = read_json(&a.join("summary.json"));
+    let s10 = read_json(&b.join("summary.json"));
+    let (l1, l10) = (f(&s1["train_loss"]), f(&s10["train_loss"]));
+    assert!((l1 - l10).abs() / l1 <= 1e-5, "train_loss {l1} vs {l10}");
+}
+
+#[test]
+fn resume_continues_to_the_same_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    train(&whole, &["train.epochs=2"]);
+    train(&split, &["train.epochs=1"]);
+    let after_one = read_json(&split.join("summary.json"));
+    assert_eq!(after_one["epochs"], 1);
+    let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "train.epochs=2", "--no-tui"]);
+    assert!(o.status.success(), "resume failed: {}", stderr(&o));
+    assert!(stdout(&o).contains("resumed at step"), "{}", stdout(&o));
+    let a = read_json(&whole.join("summary.json"));
+    let b = read_json(&split.join("summary.json"));
+    assert_eq!(a["steps"], b["steps"]);
+    assert_eq!(b["epochs"], 2);
+    let (la, lb) = (f(&a["train_loss"]), f(&b["train_loss"]));
+    assert!((la - lb).abs() / la <= 1e-5, "train_loss after resume {lb} vs unbroken {la}");
+    // Resuming with a change to the model is refused.
+    let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "model.d_model=64"]);
+    assert_user_error(&o, &["model.d_model", "cannot change"]);
+}

@@ -1,0 +1,75 @@
+//! `cargo xtask`: the project's entry points (matklad's pattern), in Rust so they run wherever
+//! cargo does.
+//!
+//! - `cargo xtask train <recipe.toml> [--cuda] [kiln train flags...]`: builds the CLI in release
+//!   (with the `cuda` feature when asked) and runs `kiln train`.
+//! - `cargo xtask test`: the project's test command (all crates, all tests).
+//! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
+
+use std::path::PathBuf;
+use std::process::{exit, Command};
+
+use anyhow::{bail, Context, Result};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("xtask: error: {e:#}");
+        exit(2);
+    }
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn status(mut c: Command) -> Result<()> {
+    let s = c.status().with_context(|| format!("cannot start {c:?}"))?;
+    if !s.success() {
+        exit(s.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let Some((cmd, rest)) = args.split_first() else {
+        bail!("usage: cargo xtask <train|test|check-cuda> ...");
+    };
+    match cmd.as_str() {
+        "train" => {
+            let cuda = rest.iter().any(|a| a == "--cuda");
+            let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
+            let mut build = cargo();
+            build.args(["build", "--release", "--quiet", "-p", "kiln", "--bin", "kiln"]);
+            if cuda {
+                build.args(["--features", "cuda"]);
+            }
+            status(build)?;
+            let exe = target_dir().join("release").join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
+            // Run from the caller's directory so relative recipe and run paths mean what they say.
+            let s = Command::new(&exe).arg("train").args(rest).status().with_context(|| format!("cannot start {}", exe.display()))?;
+            exit(s.code().unwrap_or(1));
+        }
+        "test" => {
+            let mut c = cargo();
+            c.args(["test", "--workspace"]).args(rest);
+            status(c)
+        }
+        "check-cuda" => {
+            let mut c = cargo();
+            c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
+            status(c)
+        }
+        other => bail!("unknown task `{other}`; expected train, test or check-cuda"),
+    }
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
