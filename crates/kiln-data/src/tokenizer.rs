@@ -8,10 +8,14 @@ use kiln_recipe::{TokenizerKind, TokenizerSection};
 use tokenizers::decoders::metaspace::Metaspace as MetaspaceDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
-use tokenizers::models::{ModelWrapper, TrainerWrapper};
+use std::collections::BTreeMap;
+
+use tokenizers::models::ModelWrapper;
 use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence, NFKC};
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
+};
 
 use crate::DataError;
 
@@ -27,43 +31,70 @@ pub struct SubwordTokenizer {
 }
 
 impl SubwordTokenizer {
-    /// Trains on `texts` (every sentence of both sides of the training split).
+    /// Trains on `texts` (every sentence of both sides of the training split). The same texts and
+    /// settings always give the same tokenizer, byte for byte: `tokenizers`' own `train` counts
+    /// words in a randomly seeded hash map and sums float scores in that order, so kiln counts the
+    /// words itself (sorted) and calls the trainers directly, serially.
     pub fn train(settings: &TokenizerSection, texts: &[&str]) -> Result<Self, DataError> {
         let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
-        let (model, mut trainer): (ModelWrapper, TrainerWrapper) = match settings.kind {
-            TokenizerKind::Unigram => (
-                Unigram::default().into(),
-                UnigramTrainerBuilder::default()
-                    .show_progress(false)
-                    .vocab_size(settings.vocab_size as u32)
-                    .special_tokens(specials)
-                    .unk_token(Some("<unk>".into()))
-                    .build()
-                    .map_err(|e| DataError::new("tokenizer", e.to_string()))?
-                    .into(),
-            ),
-            TokenizerKind::Bpe => (
-                BPE::builder().unk_token("<unk>".into()).build().map_err(|e| DataError::new("tokenizer", e.to_string()))?.into(),
-                BpeTrainerBuilder::default()
-                    .show_progress(false)
-                    .vocab_size(settings.vocab_size)
-                    .min_frequency(settings.min_frequency)
-                    .special_tokens(specials)
-                    .build()
-                    .into(),
-            ),
-        };
-        let mut tokenizer = Tokenizer::new(model);
         let mut norms: Vec<NormalizerWrapper> = vec![NFKC.into()];
         if settings.lowercase {
             norms.push(Lowercase.into());
         }
-        tokenizer.with_normalizer(Some(Sequence::new(norms)));
-        tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
+        let normalizer: NormalizerWrapper = Sequence::new(norms).into();
+        let pre_tokenizer = Metaspace::new('▁', PrependScheme::Always, true);
+        let fail = |e: tokenizers::Error| DataError::new("tokenizer", format!("training failed: {e}"));
+
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        for text in texts {
+            let mut normalized = NormalizedString::from(*text);
+            normalizer.normalize(&mut normalized).map_err(fail)?;
+            let mut words = PreTokenizedString::from(normalized);
+            pre_tokenizer.pre_tokenize(&mut words).map_err(fail)?;
+            for (word, _, _) in words.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+                *counts.entry(word.to_owned()).or_default() += 1;
+            }
+        }
+
+        let parallel = tokenizers::utils::parallelism::get_parallelism();
+        tokenizers::utils::parallelism::set_parallelism(false);
+        let trained: Result<(ModelWrapper, Vec<AddedToken>), tokenizers::Error> = (|| match settings.kind {
+            TokenizerKind::Unigram => {
+                let trainer = UnigramTrainerBuilder::default()
+                    .show_progress(false)
+                    .vocab_size(settings.vocab_size as u32)
+                    .special_tokens(specials)
+                    .unk_token(Some("<unk>".into()))
+                    .build()?;
+                let mut model = Unigram::default();
+                let sentences = counts.into_iter().map(|(w, c)| (w, c.min(u32::MAX as u64) as u32)).collect();
+                let added = trainer.do_train(sentences, &mut model)?;
+                let mut vocab: Vec<(String, f64)> = model.iter().map(|(p, s)| (p.clone(), *s)).collect();
+                canonical_unigram_order(&mut vocab[SPECIALS.len()..]);
+                let model = Unigram::from(vocab, Some(UNK as usize), model.byte_fallback())?;
+                Ok((model.into(), added))
+            }
+            TokenizerKind::Bpe => {
+                let trainer = BpeTrainerBuilder::default()
+                    .show_progress(false)
+                    .vocab_size(settings.vocab_size)
+                    .min_frequency(settings.min_frequency)
+                    .special_tokens(specials)
+                    .build();
+                let mut model = BPE::builder().unk_token("<unk>".into()).build()?;
+                let word_counts = counts.into_iter().map(|(w, c)| (w.into(), c)).collect();
+                let added = trainer.do_train(&word_counts, &mut model)?;
+                Ok((model.into(), added))
+            }
+        })();
+        tokenizers::utils::parallelism::set_parallelism(parallel);
+        let (model, added) = trained.map_err(fail)?;
+
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_normalizer(Some(normalizer));
+        tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(MetaspaceDecoder::new('▁', PrependScheme::Always, true)));
-        tokenizer
-            .train(&mut trainer, texts.iter())
-            .map_err(|e| DataError::new("tokenizer", format!("training failed: {e}")))?;
+        tokenizer.add_special_tokens(&added);
         Self::checked(tokenizer, "trained tokenizer")
     }
 
@@ -111,6 +142,29 @@ impl SubwordTokenizer {
     }
 }
 
+/// The Unigram trainer gives required characters that its model dropped the scores
+/// `min + 0.0001·k` in hash-map order, and ties come out in that order too. Sort ties by piece and
+/// hand that tail's scores out in piece order, so the same corpus always gives the same ids.
+fn canonical_unigram_order(pieces: &mut [(String, f64)]) {
+    pieces.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let is_char = |p: &str| p.chars().count() == 1;
+    let mut start = pieces.len();
+    // The tail: single characters whose scores step by 0.0001 (or tie).
+    let penalty_step = |gap: f64| gap.abs() < 1e-9 || (gap - 1e-4).abs() < 1e-7;
+    while start > 1 && is_char(&pieces[start - 1].0) && is_char(&pieces[start - 2].0) && penalty_step(pieces[start - 2].1 - pieces[start - 1].1) {
+        start -= 1;
+    }
+    let head = start.saturating_sub(1).min(pieces.len());
+    let tail = &mut pieces[head..];
+    if tail.len() > 1 {
+        let scores: Vec<f64> = tail.iter().map(|p| p.1).collect();
+        tail.sort_by(|a, b| a.0.cmp(&b.0));
+        for (p, s) in tail.iter_mut().zip(scores) {
+            p.1 = s;
+        }
+    }
+}
+
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -142,6 +196,15 @@ mod tests {
             tok.save(&path).unwrap();
             let again = SubwordTokenizer::load(&path).unwrap();
             assert_eq!(again.encode_batch(&refs[..4]).unwrap(), ids);
+            // Training is deterministic: the same text gives the same file, byte for byte.
+            let path2 = dir.path().join("again.json");
+            SubwordTokenizer::train(&settings, &refs).unwrap().save(&path2).unwrap();
+            let (a, b) = (std::fs::read_to_string(&path).unwrap(), std::fs::read_to_string(&path2).unwrap());
+            if a != b {
+                let _ = std::fs::write(format!("/tmp/tok-a-{kind:?}.json"), &a);
+                let _ = std::fs::write(format!("/tmp/tok-b-{kind:?}.json"), &b);
+            }
+            assert!(a == b, "{kind:?}: training twice gave different tokenizers");
         }
     }
 

@@ -179,7 +179,8 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         .map_err(|m| anyhow!(m))
     };
 
-    let mut stop = state.finished || (tr.max_steps > 0 && state.step >= tr.max_steps);
+    // A finished run resumed with more epochs or steps continues; `finished` is informational.
+    let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
         let epoch = state.epoch;
         let plan = &plans[epoch];
