@@ -133,3 +133,22 @@ fn resume_continues_to_the_same_end() {
     let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "model.d_model=64"]);
     assert_user_error(&o, &["model.d_model", "cannot change"]);
 }
+
+#[test]
+fn gradient_accumulation_halves_the_optimizer_steps_and_still_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("acc1"), dir.path().join("acc2"));
+    train(&one, &["train.epochs=1", "eval.bleu=false"]);
+    train(&two, &["train.epochs=1", "train.accumulate=2", "eval.bleu=false"]);
+    let s1 = read_json(&one.join("summary.json"));
+    let s2 = read_json(&two.join("summary.json"));
+    let (n1, n2) = (s1["steps"].as_u64().unwrap(), s2["steps"].as_u64().unwrap());
+    assert_eq!(n2, n1.div_ceil(2), "{n1} batches → {n2} steps");
+    // Same batches, same tokens: the window rows of both runs add up to the same token count.
+    let tokens = |run: &std::path::Path| windows(&read_jsonl(&run.join("metrics.jsonl"))).iter().map(|r| r["tokens"].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(tokens(&one), tokens(&two));
+    let rows = read_jsonl(&two.join("metrics.jsonl"));
+    let w = windows(&rows);
+    assert!(f(&w.last().unwrap()["loss"]) < f(&w[0]["loss"]), "loss did not fall with accumulation");
+    assert!(s2["bleu"].is_null(), "BLEU disabled → null");
+}

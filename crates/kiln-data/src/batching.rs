@@ -83,6 +83,10 @@ pub struct HostBatch {
     pub tgt_out: Vec<i32>,
     /// Non-padding label tokens: the loss is summed over these.
     pub target_tokens: usize,
+    /// Flat positions (`row × tgt_len + column`) of the labels that are not padding, and those
+    /// labels: the model's output layer runs only there.
+    pub label_rows: Vec<i32>,
+    pub labels: Vec<i32>,
     /// Padded tokens (size × longest side), for padding statistics.
     pub padded_tokens: usize,
     /// Example indices, in row order.
@@ -117,6 +121,8 @@ impl HostBatch {
             to[ex.tgt.len()] = EOS as i32;
             target_tokens += ex.tgt.len() + 1;
         }
+        let (label_rows, labels) =
+            tgt_out.iter().enumerate().filter(|(_, &t)| t != PAD as i32).map(|(i, &t)| (i as i32, t)).unzip();
         HostBatch {
             size,
             src_len,
@@ -125,6 +131,8 @@ impl HostBatch {
             tgt_in,
             tgt_out,
             target_tokens,
+            label_rows,
+            labels,
             padded_tokens: size * src_len.max(tgt_len),
             indices: indices.to_vec(),
         }
@@ -195,5 +203,7 @@ mod tests {
         assert_eq!(b.tgt_in, vec![2, 20, 0, 0, 2, 21, 22, 23]);
         assert_eq!(b.tgt_out, vec![20, 3, 0, 0, 21, 22, 23, 3]);
         assert_eq!(b.target_tokens, 6);
+        assert_eq!(b.label_rows, vec![0, 1, 4, 5, 6, 7]);
+        assert_eq!(b.labels, vec![20, 3, 21, 22, 23, 3]);
     }
 }

@@ -67,11 +67,24 @@ pub struct Summary {
     pub epochs: usize,
     /// Token-weighted mean training loss over the steps of the last epoch run.
     pub train_loss: f64,
+    /// Validation figures of the last validation.
     pub valid_loss: Option<f64>,
     pub bleu: Option<f64>,
+    /// Target tokens per second inside training windows (evaluation and saving excluded).
     pub tokens_per_s: f64,
     pub wall_s: f64,
     pub sync: SummarySync,
+    /// The final model on the held-out test split (absent when there is none).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub test: Option<EvalFigures>,
+}
+
+/// Loss, perplexity and BLEU of one evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalFigures {
+    pub loss: f64,
+    pub ppl: f64,
+    pub bleu: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

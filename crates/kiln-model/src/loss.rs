@@ -16,14 +16,14 @@ pub struct LossSums<B: Backend> {
     pub nll: Tensor<B, 1>,
 }
 
-/// `logits`: `[batch, len, vocab]`; `labels`: `[batch, len]` with `pad` for padding.
-pub fn label_smoothed_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>, pad: u32, epsilon: f64) -> LossSums<B> {
-    let logp = log_softmax(logits, 2);
+/// `logits`: `[rows, vocab]`; `labels`: `[rows]`, with `pad` for rows that do not count.
+pub fn label_smoothed_loss<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> LossSums<B> {
+    let logp = log_softmax(logits, 1);
     let mask = labels.clone().not_equal_elem(pad as i64).float();
-    let nll: Tensor<B, 2> = logp.clone().gather(2, labels.unsqueeze_dim(2)).squeeze_dim::<2>(2).neg() * mask.clone();
+    let nll: Tensor<B, 1> = logp.clone().gather(1, labels.unsqueeze_dim(1)).squeeze_dim::<1>(1).neg() * mask.clone();
     let nll_sum = nll.clone().sum();
     let smoothed = if epsilon > 0.0 {
-        let uniform: Tensor<B, 2> = logp.mean_dim(2).squeeze_dim::<2>(2).neg() * mask;
+        let uniform: Tensor<B, 1> = logp.mean_dim(1).squeeze_dim::<1>(1).neg() * mask;
         nll * (1.0 - epsilon) + uniform * epsilon
     } else {
         nll
@@ -40,9 +40,9 @@ mod tests {
     #[test]
     fn matches_hand_computed_values_and_ignores_padding() {
         let device = Default::default();
-        // One row, two positions, vocab 3; the second label is padding.
-        let logits = Tensor::<Flex, 3>::from_data(TensorData::new(vec![1.0f32, 2.0, 0.5, 9.0, -3.0, 4.0], [1, 2, 3]), &device);
-        let labels = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i32, 0], [1, 2]), &device);
+        // Two positions, vocab 3; the second label is padding.
+        let logits = Tensor::<Flex, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 0.5, 9.0, -3.0, 4.0], [2, 3]), &device);
+        let labels = Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![1i32, 0], [2]), &device);
         let sums = label_smoothed_loss(logits, labels, 0, 0.1);
         let lse = (1f64.exp() + 2f64.exp() + 0.5f64.exp()).ln();
         let nll = lse - 2.0;

@@ -120,18 +120,21 @@ impl<B: Backend> Seq2Seq<B> {
 
     /// Output logits `[batch, len, vocab]` of decoder states.
     fn project(&self, states: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, len, d] = states.dims();
+        let logits = self.project_rows(states.reshape([batch * len, d]));
+        let vocab = logits.dims()[1];
+        logits.reshape([batch, len, vocab])
+    }
+
+    /// Output logits `[rows, vocab]` of flat decoder states `[rows, d]`.
+    fn project_rows(&self, states: Tensor<B, 2>) -> Tensor<B, 2> {
         let states = match &self.decoder_norm {
             Some(norm) => norm.forward(states),
             None => states,
         };
         match &self.output {
             Some(linear) => linear.forward(states),
-            None => {
-                let [batch, len, d] = states.dims();
-                let weight = self.embedding.weight.val(); // [vocab, d]
-                let vocab = weight.dims()[0];
-                states.reshape([batch * len, d]).matmul(weight.transpose()).reshape([batch, len, vocab])
-            }
+            None => states.matmul(self.embedding.weight.val().transpose()),
         }
     }
 
@@ -148,6 +151,20 @@ impl<B: Backend> Seq2Seq<B> {
 
     /// Teacher-forced logits `[batch, tgt_len, vocab]`.
     pub fn forward(&self, src: Tensor<B, 2, Int>, tgt_in: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.project(self.decode(src, tgt_in))
+    }
+
+    /// Teacher-forced logits `[rows.len(), vocab]` of the decoder positions `rows` (flat indices
+    /// into `batch × tgt_len`). Training asks only for positions that have a label, so the output
+    /// layer and the loss never run on padding.
+    pub fn forward_rows(&self, src: Tensor<B, 2, Int>, tgt_in: Tensor<B, 2, Int>, rows: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        let states = self.decode(src, tgt_in);
+        let [batch, len, d] = states.dims();
+        self.project_rows(states.reshape([batch * len, d]).select(0, rows))
+    }
+
+    /// Decoder states `[batch, tgt_len, d]` before the final norm and the output layer.
+    fn decode(&self, src: Tensor<B, 2, Int>, tgt_in: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let memory = self.encode(src);
         let [batch, len] = tgt_in.dims();
         let device = tgt_in.device();
@@ -157,7 +174,7 @@ impl<B: Backend> Seq2Seq<B> {
             .memory_mask_pad(memory.pad_mask)
             .target_mask_pad(tgt_pad)
             .target_mask_attn(generate_autoregressive_mask(batch, len, &device));
-        self.project(self.decoder.forward(input))
+        self.decoder.forward(input)
     }
 
     /// Greedy decoding with Burn's autoregressive cache. Returns `[batch, ≤ max_len]` token ids
@@ -234,6 +251,17 @@ mod tests {
             let out = model.greedy(ids(&[&[5, 6, 3]]), 7, 0);
             assert_eq!(out.dims(), [1, 7]);
         }
+    }
+
+    #[test]
+    fn forward_rows_selects_positions_of_forward() {
+        let model: Seq2Seq<Flex> = config(false, Positions::Sinusoidal, true).init(&Default::default());
+        let (src, tgt) = (ids(&[&[5, 6, 3], &[7, 3, 0]]), ids(&[&[2, 8, 9], &[2, 11, 0]]));
+        let full = model.forward(src.clone(), tgt.clone()).reshape([6, 50]);
+        let rows = Tensor::<Flex, 1, Int>::from_data(TensorData::new(vec![0i32, 2, 4], [3]), &Default::default());
+        let picked = model.forward_rows(src, tgt, rows.clone());
+        let diff = (full.select(0, rows) - picked).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
     }
 
     #[test]

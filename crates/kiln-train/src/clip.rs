@@ -64,3 +64,37 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
 pub fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::TensorData;
+
+    type B = Autodiff<Flex>;
+
+    fn grads_of(model: &Linear<B>) -> GradientsParams {
+        let x = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, -2.0, 3.0, 0.5, 4.0, -1.0], [2, 3]), &Default::default());
+        let loss = model.forward(x).powi_scalar(2).sum();
+        GradientsParams::from_grads(loss.backward(), model)
+    }
+
+    #[test]
+    fn clipping_scales_to_the_threshold_and_leaves_small_gradients_alone() {
+        let model: Linear<B> = LinearConfig::new(3, 2).init(&Default::default());
+        let mut grads = grads_of(&model);
+        let norm = scalar(global_norm::<B, _>(&model, &grads).unwrap());
+        assert!(norm > 0.0);
+
+        let before = clip_global_norm::<B, _>(&model, &mut grads, norm / 4.0).unwrap();
+        assert!((scalar(before) - norm).abs() < 1e-4 * norm);
+        let after = scalar(global_norm::<B, _>(&model, &grads).unwrap());
+        assert!((after - norm / 4.0).abs() < 1e-4 * norm, "{after} vs {}", norm / 4.0);
+
+        let mut grads = grads_of(&model);
+        clip_global_norm::<B, _>(&model, &mut grads, norm * 10.0);
+        let unclipped = scalar(global_norm::<B, _>(&model, &grads).unwrap());
+        assert!((unclipped - norm).abs() < 1e-5 * norm);
+    }
+}

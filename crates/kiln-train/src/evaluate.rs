@@ -23,6 +23,10 @@ pub fn ids<B: Backend>(data: &[i32], rows: usize, cols: usize, device: &B::Devic
     Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
 }
 
+pub fn flat<B: Backend>(data: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
+    Tensor::from_data(TensorData::new(data.to_vec(), [data.len()]), device)
+}
+
 fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>> {
     let lengths: Vec<(usize, usize)> = set.examples[..subset].iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
     let settings = BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 1 };
@@ -35,8 +39,8 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     let mut tokens = 0usize;
     for batch in eval_batches(set, recipe, set.examples.len()) {
         let b = HostBatch::build(&set.examples, &batch);
-        let logits = model.forward(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device));
-        let sums = label_smoothed_loss(logits, ids(&b.tgt_out, b.size, b.tgt_len, device), PAD, 0.0);
+        let logits = model.forward_rows(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device), flat(&b.label_rows, device));
+        let sums = label_smoothed_loss(logits, flat(&b.labels, device), PAD, 0.0);
         nll = Some(match nll {
             Some(acc) => acc + sums.nll,
             None => sums.nll,

@@ -18,13 +18,13 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use kiln_data::batching::{plan_batches, BatchSettings};
 use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
-use kiln_events::{Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
+use kiln_events::{EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
 use kiln_model::{label_smoothed_loss, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::clip::clip_global_norm;
-use crate::evaluate::{evaluate, ids};
+use crate::evaluate::{evaluate, flat, ids};
 use crate::schedule::LrSchedule;
 
 /// Mixes a seed with counters into an independent 64-bit seed (SplitMix64 finaliser).
@@ -60,6 +60,11 @@ impl<B: Backend> SyncWindow<B> {
     }
 
     fn add(&mut self, loss_sum: Tensor<B, 1>, tokens: u64) {
+        if self.loss_sum.is_none() {
+            // The window's clock starts with its first step, not after the last window's
+            // validation or checkpoint.
+            self.started = Instant::now();
+        }
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(acc) => acc + loss_sum,
             None => loss_sum,
@@ -158,10 +163,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         emit(sink, Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch)))?;
     }
 
-    let started = Instant::now();
-    let wall_before = state.wall_s;
-    let wall = |started: &Instant| wall_before + started.elapsed().as_secs_f64();
-    let mut tokens_this_run: u64 = 0;
+    let mut clock = Clock { started: Instant::now(), wall_before: state.wall_s, train_tokens: 0, train_s: 0.0 };
     let mut accumulator = GradientsAccumulator::<Seq2Seq<B>>::new();
     let mut window = SyncWindow::<B::InnerBackend>::new();
     let mut last_lr = schedule.at(state.step.max(1));
@@ -196,8 +198,8 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             // Dropout masks are a function of (seed, step): resuming reproduces them.
             B::seed(device, mix_seed(tr.seed, 2, state.step as u64));
             for b in &batches {
-                let logits = model.forward(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device));
-                let sums = label_smoothed_loss(logits, ids(&b.tgt_out, b.size, b.tgt_len, device), PAD, tr.label_smoothing);
+                let logits = model.forward_rows(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device), flat(&b.label_rows, device));
+                let sums = label_smoothed_loss(logits, flat(&b.labels, device), PAD, tr.label_smoothing);
                 window.add(sums.smoothed.clone().inner(), 0);
                 // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
                 let loss = sums.smoothed / step_tokens as f64;
@@ -216,11 +218,11 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             window.tokens += step_tokens as u64;
             window.steps += 1;
             if window.steps >= tr.sync_interval {
-                flush_window(&mut window, &mut state, epoch, last_lr, &started, wall_before, &mut tokens_this_run, sink)?;
+                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, sink)?;
             }
         }
         if window.steps > 0 {
-            flush_window(&mut window, &mut state, epoch, last_lr, &started, wall_before, &mut tokens_this_run, sink)?;
+            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, sink)?;
         }
         let epoch_loss = state.epoch_loss_sum / state.epoch_tokens.max(1) as f64;
         state.last_epoch_loss = Some(epoch_loss);
@@ -230,11 +232,16 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         }
         if epoch_done {
             emit(sink, Event::EpochEnd { epoch: epoch + 1, step: state.step, train_loss: epoch_loss })?;
+        }
+        // Validate at each epoch end, and once more when `max_steps` ends the run mid-epoch.
+        if epoch_done || stop {
             let valid = evaluate(&model.valid(), &data.valid, &data.tokenizer, recipe, device);
             let row = ValidRow { epoch: epoch + 1, step: state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu };
             emit(sink, Event::Validation(row.clone()))?;
             last_valid = Some(row);
             state.last_valid = last_valid.clone();
+        }
+        if epoch_done {
             state.epoch += 1;
             state.batch_in_epoch = 0;
             // The last epoch's sums stay in `last_epoch_loss`; the next epoch starts afresh.
@@ -245,39 +252,66 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         let periodic = epoch_done && tr.save_every > 0 && state.epoch % tr.save_every == 0;
         if finished || periodic {
             state.finished = finished;
-            state.wall_s = wall(&started);
+            state.wall_s = clock.wall();
             let name = format!("step-{:07}", state.step);
             let path = save(&model, &optim, &state, &name)?;
             emit(sink, Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() })?;
         }
     }
 
-    let wall_s = wall(&started);
-    let run_s = started.elapsed().as_secs_f64();
+    let test = if data.test.examples.is_empty() {
+        None
+    } else {
+        let t = evaluate(&model.valid(), &data.test, &data.tokenizer, recipe, device);
+        emit(
+            sink,
+            Event::Note(format!(
+                "test | {} pairs | loss {:.4} | ppl {:.2} | bleu {}",
+                data.test.examples.len(),
+                t.loss,
+                t.ppl,
+                t.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())
+            )),
+        )?;
+        Some(EvalFigures { loss: t.loss, ppl: t.ppl, bleu: t.bleu })
+    };
+    let wall_s = clock.wall();
     let summary = Summary {
         steps: state.step,
         epochs: state.epoch,
         train_loss: state.last_epoch_loss.unwrap_or(f64::NAN),
         valid_loss: last_valid.as_ref().map(|v| v.loss),
         bleu: last_valid.as_ref().and_then(|v| v.bleu),
-        tokens_per_s: if run_s > 0.0 { tokens_this_run as f64 / run_s } else { 0.0 },
+        tokens_per_s: if clock.train_s > 0.0 { clock.train_tokens as f64 / clock.train_s } else { 0.0 },
         wall_s,
         sync: state.sync.into(),
+        test,
     };
-    let _ = last_lr;
     emit(sink, Event::Finished(summary.clone()))?;
     Ok(summary)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Wall time of the run (summed over resumes) and time spent inside training windows.
+struct Clock {
+    started: Instant,
+    wall_before: f64,
+    /// Target tokens and seconds of this process's training windows (no evaluation, no saving).
+    train_tokens: u64,
+    train_s: f64,
+}
+
+impl Clock {
+    fn wall(&self) -> f64 {
+        self.wall_before + self.started.elapsed().as_secs_f64()
+    }
+}
+
 fn flush_window<B: Backend>(
     window: &mut SyncWindow<B>,
     state: &mut TrainState,
     epoch: usize,
     lr: f64,
-    started: &Instant,
-    wall_before: f64,
-    tokens_this_run: &mut u64,
+    clock: &mut Clock,
     sink: &mut dyn EventSink,
 ) -> Result<()> {
     let (loss_sum, ms) = window.read();
@@ -285,8 +319,9 @@ fn flush_window<B: Backend>(
     state.epoch_loss_sum += loss_sum;
     state.epoch_tokens += window.tokens;
     state.total_tokens += window.tokens;
-    *tokens_this_run += window.tokens;
     let secs = window.started.elapsed().as_secs_f64();
+    clock.train_tokens += window.tokens;
+    clock.train_s += secs;
     let row = WindowRow {
         epoch: epoch + 1,
         step: state.step,
@@ -297,7 +332,7 @@ fn flush_window<B: Backend>(
         sync: state.sync,
         sync_ms: ms,
         steps: window.steps,
-        wall_s: wall_before + started.elapsed().as_secs_f64(),
+        wall_s: clock.wall(),
     };
     *window = SyncWindow::new();
     sink.emit(&Event::Window(row)).map_err(|m| anyhow!(m))
