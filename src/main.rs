@@ -24,6 +24,27 @@ struct Cli {
 enum Command {
     /// Train a model described by a recipe (or continue a run with --resume).
     Train(TrainArgs),
+    /// Inspect or prune the dataset cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// Cache directory (the recipes' default is .kiln/cache).
+        #[arg(long, global = true, default_value = ".kiln/cache")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// List entries: key, size, age.
+    Ls,
+    /// Read every entry and check its header, key and checksum.
+    Verify,
+    /// Delete entries (all, or those older than --older-than days) and stray temporary files.
+    Clean {
+        #[arg(long, value_name = "DAYS")]
+        older_than: Option<f64>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -48,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train(args),
+        Command::Cache { action, dir } => cache(action, &dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,6 +115,55 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     result.map(|_| ())
+}
+
+fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
+    use kiln_data::cache;
+    let age_days = |t: std::time::SystemTime| t.elapsed().map(|d| d.as_secs_f64() / 86_400.0).unwrap_or(0.0);
+    match action {
+        CacheAction::Ls | CacheAction::Verify => {
+            let verify = matches!(action, CacheAction::Verify);
+            let entries = cache::list(dir, verify).map_err(anyhow::Error::msg)?;
+            let mut bad = 0;
+            for e in &entries {
+                let name = e.path.file_name().unwrap_or_default().to_string_lossy();
+                let status = match (&e.status, verify) {
+                    (Ok((tr, va, te)), true) => format!("ok: {tr} train, {va} valid, {te} test pairs"),
+                    (Err(why), _) => {
+                        bad += 1;
+                        format!("INVALID: {why}")
+                    }
+                    (Ok(_), false) => String::new(),
+                };
+                println!("{name}  {:>10} bytes  {:>6.1} days  {status}", e.bytes, age_days(e.modified));
+            }
+            println!("{} entries in {}", entries.len(), dir.display());
+            if bad > 0 {
+                anyhow::bail!("{}: {bad} invalid entries (they are rebuilt when next needed; `kiln cache clean` removes them)", dir.display());
+            }
+            Ok(())
+        }
+        CacheAction::Clean { older_than } => {
+            let mut removed = 0;
+            if let Ok(read) = std::fs::read_dir(dir) {
+                for entry in read.flatten() {
+                    let path = entry.path();
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let ours = name.ends_with(&format!(".{}", cache::EXTENSION)) || (name.starts_with('.') && name.ends_with(".tmp"));
+                    let old_enough = match older_than {
+                        Some(days) => entry.metadata().and_then(|m| m.modified()).map(|t| age_days(t) >= days).unwrap_or(false),
+                        None => true,
+                    };
+                    if ours && old_enough {
+                        std::fs::remove_file(&path).map_err(|e| anyhow::anyhow!("{}: cannot remove: {e}", path.display()))?;
+                        removed += 1;
+                    }
+                }
+            }
+            println!("removed {removed} files from {}", dir.display());
+            Ok(())
+        }
+    }
 }
 
 /// First key (dotted path) of the model/data/tokenizer/loader sections where two recipes differ.

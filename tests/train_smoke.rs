@@ -152,3 +152,62 @@ fn gradient_accumulation_halves_the_optimizer_steps_and_still_learns() {
     assert!(f(&w.last().unwrap()["loss"]) < f(&w[0]["loss"]), "loss did not fall with accumulation");
     assert!(s2["bleu"].is_null(), "BLEU disabled → null");
 }
+
+#[test]
+fn dataset_cache_hits_and_rebuilds_a_corrupted_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let set_cache = format!("loader.cache_dir={}", cache.display());
+    let sets = [set_cache.as_str(), "train.max_steps=3", "eval.bleu=false"];
+    train(&dir.path().join("cold"), &sets);
+    let cold = read_json(&dir.path().join("cold/summary.json"));
+    assert_eq!(cold["data"]["cache_hit"], false);
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(entries.len(), 1, "one entry: {entries:?}");
+
+    let o = train(&dir.path().join("warm"), &sets);
+    let warm = read_json(&dir.path().join("warm/summary.json"));
+    assert_eq!(warm["data"]["cache_hit"], true, "{}", stdout(&o));
+    // A hit gives the very same data: same tokenizer, same losses.
+    assert_eq!(std::fs::read(dir.path().join("cold/tokenizer.json")).unwrap(), std::fs::read(dir.path().join("warm/tokenizer.json")).unwrap());
+    assert_eq!(cold["train_loss"], warm["train_loss"]);
+
+    // Flip one bit in the middle of the entry: reported in one line, rebuilt, not used.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&entries[0], &bytes).unwrap();
+    let o = train(&dir.path().join("flipped"), &sets);
+    let out = stdout(&o);
+    assert!(out.contains("dataset cache:") && out.contains("checksum mismatch") && out.contains("rebuilding"), "{out}");
+    assert_eq!(read_json(&dir.path().join("flipped/summary.json"))["data"]["cache_hit"], false);
+
+    // Truncate it: the same.
+    let len = std::fs::metadata(&entries[0]).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&entries[0]).unwrap().set_len(len - 10).unwrap();
+    let out = stdout(&train(&dir.path().join("truncated"), &sets));
+    assert!(out.contains("truncated") && out.contains("rebuilding"), "{out}");
+    // And the rebuilt entry serves the next run.
+    train(&dir.path().join("again"), &sets);
+    assert_eq!(read_json(&dir.path().join("again/summary.json"))["data"]["cache_hit"], true);
+    // A tokenizer setting change misses.
+    let sets2 = [set_cache.as_str(), "train.max_steps=3", "eval.bleu=false", "tokenizer.vocab_size=350"];
+    train(&dir.path().join("other"), &sets2);
+    assert_eq!(read_json(&dir.path().join("other/summary.json"))["data"]["cache_hit"], false);
+}
+
+#[test]
+fn worker_count_does_not_change_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("w1"), dir.path().join("w2"));
+    train(&one, &["loader.workers=1", "loader.prefetch=1", "train.max_steps=25", "eval.bleu=false"]);
+    train(&two, &["loader.workers=2", "loader.prefetch=6", "train.max_steps=25", "eval.bleu=false"]);
+    let losses = |run: &std::path::Path| -> Vec<(u64, String)> {
+        windows(&read_jsonl(&run.join("metrics.jsonl"))).iter().map(|r| (r["tokens"].as_u64().unwrap(), r["loss"].to_string())).collect()
+    };
+    // Same batches in the same order: the same tokens and bit-identical losses per window.
+    assert_eq!(losses(&one), losses(&two));
+    for r in windows(&read_jsonl(&two.join("metrics.jsonl"))) {
+        assert!(r["data_wait_ms"].is_number() && r["padding_pct"].is_number(), "{r}");
+    }
+}

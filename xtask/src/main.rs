@@ -3,6 +3,7 @@
 //!
 //! - `cargo xtask train <recipe.toml> [--cuda] [kiln train flags...]`: builds the CLI in release
 //!   (with the `cuda` feature when asked) and runs `kiln train`.
+//! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
 //! - `cargo xtask test`: the project's test command (all crates, all tests).
 //! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
 
@@ -39,10 +40,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|test|check-cuda> ...");
+        bail!("usage: cargo xtask <train|cache|test|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" => {
+        "train" | "cache" => {
             let cuda = rest.iter().any(|a| a == "--cuda");
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
             let mut build = cargo();
@@ -53,7 +54,7 @@ fn run(args: &[String]) -> Result<()> {
             status(build)?;
             let exe = target_dir().join("release").join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
             // Run from the caller's directory so relative recipe and run paths mean what they say.
-            let s = Command::new(&exe).arg("train").args(rest).status().with_context(|| format!("cannot start {}", exe.display()))?;
+            let s = Command::new(&exe).arg(cmd).args(rest).status().with_context(|| format!("cannot start {}", exe.display()))?;
             exit(s.code().unwrap_or(1));
         }
         "test" => {
@@ -66,7 +67,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, test or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, cache, test or check-cuda"),
     }
 }
 

@@ -87,8 +87,12 @@ pub struct HostBatch {
     /// labels: the model's output layer runs only there.
     pub label_rows: Vec<i32>,
     pub labels: Vec<i32>,
-    /// Padded tokens (size × longest side), for padding statistics.
+    /// Padded tokens (size × longest side): what `loader.max_tokens` caps.
     pub padded_tokens: usize,
+    /// Real tokens of both sides (with `</s>` / `<s>`) and the slots that hold them
+    /// (`size × (src_len + tgt_len)`): padding % = 1 − real / slots.
+    pub real_tokens: usize,
+    pub slots: usize,
     /// Example indices, in row order.
     pub indices: Vec<usize>,
 }
@@ -102,6 +106,7 @@ impl HostBatch {
         let mut tgt_in = vec![PAD as i32; size * tgt_len];
         let mut tgt_out = vec![PAD as i32; size * tgt_len];
         let mut target_tokens = 0;
+        let mut real_tokens = 0;
         for (row, &i) in indices.iter().enumerate() {
             let ex = &examples[i];
             let s = &mut src[row * src_len..];
@@ -120,6 +125,7 @@ impl HostBatch {
             }
             to[ex.tgt.len()] = EOS as i32;
             target_tokens += ex.tgt.len() + 1;
+            real_tokens += ex.src.len() + 1 + ex.tgt.len() + 1;
         }
         let (label_rows, labels) =
             tgt_out.iter().enumerate().filter(|(_, &t)| t != PAD as i32).map(|(i, &t)| (i as i32, t)).unzip();
@@ -134,6 +140,8 @@ impl HostBatch {
             label_rows,
             labels,
             padded_tokens: size * src_len.max(tgt_len),
+            real_tokens,
+            slots: size * (src_len + tgt_len),
             indices: indices.to_vec(),
         }
     }
@@ -203,6 +211,7 @@ mod tests {
         assert_eq!(b.tgt_in, vec![2, 20, 0, 0, 2, 21, 22, 23]);
         assert_eq!(b.tgt_out, vec![20, 3, 0, 0, 21, 22, 23, 3]);
         assert_eq!(b.target_tokens, 6);
+        assert_eq!((b.real_tokens, b.slots), (11, 14));
         assert_eq!(b.label_rows, vec![0, 1, 4, 5, 6, 7]);
         assert_eq!(b.labels, vec![20, 3, 21, 22, 23, 3]);
     }

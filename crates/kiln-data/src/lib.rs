@@ -5,7 +5,9 @@
 //! budget, and `prepare` ties them together for a recipe. Nothing here knows about tensors.
 
 pub mod batching;
+pub mod cache;
 pub mod corpus;
+pub mod loader;
 pub mod prepare;
 pub mod split;
 pub mod tokenizer;
@@ -35,5 +37,5 @@ impl std::error::Error for DataError {}
 
 pub use batching::{plan_batches, HostBatch};
 pub use corpus::{read_parallel, Pair};
-pub use prepare::{prepare, EvalSet, Example, Prepared, TokenizerSource};
+pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, TokenizerSource};
 pub use tokenizer::{SubwordTokenizer, BOS, EOS, PAD, UNK};

@@ -7,6 +7,9 @@ use std::time::Instant;
 
 use kiln_recipe::Recipe;
 
+use std::path::PathBuf;
+
+use crate::cache::{self, CachedData};
 use crate::corpus::{read_parallel, Pair};
 use crate::split::split_indices;
 use crate::tokenizer::SubwordTokenizer;
@@ -20,7 +23,7 @@ pub struct Example {
 }
 
 /// An evaluation split: ids plus the raw text for BLEU.
-#[derive(Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EvalSet {
     pub examples: Vec<Example>,
     pub sources: Vec<String>,
@@ -36,6 +39,18 @@ pub struct Prepared {
     pub skipped_lines: usize,
     pub dropped_long: usize,
     pub prepare_s: f64,
+    pub cache: CacheReport,
+}
+
+/// What the dataset cache did for this preparation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheReport {
+    /// The data came from the cache: no tokenizer training, no encoding.
+    pub hit: bool,
+    /// The entry used or written.
+    pub path: Option<PathBuf>,
+    /// A one-line notice: an unusable entry that was rebuilt, or an entry that could not be written.
+    pub note: Option<String>,
 }
 
 /// Where the tokenizer comes from: trained (then saved to `save_to`) or loaded.
@@ -44,7 +59,60 @@ pub enum TokenizerSource<'a> {
     Load(&'a Path),
 }
 
-pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<Prepared, DataError> {
+/// Prepares the data of a recipe, through the dataset cache in `cache_dir` when one is given.
+pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>) -> Result<Prepared, DataError> {
+    let started = Instant::now();
+    let Some(dir) = cache_dir else {
+        return prepare_uncached(recipe, tokenizer);
+    };
+    let (run_tokenizer, resuming) = match tokenizer {
+        TokenizerSource::TrainAndSave(p) => (p, false),
+        TokenizerSource::Load(p) => (p, true),
+    };
+    let key = cache::key(recipe, resuming.then_some(run_tokenizer))?;
+    let mut report = CacheReport::default();
+    match cache::load(dir, &key) {
+        Ok(Some(c)) => {
+            let path = cache::entry_path(dir, &key);
+            let tokenizer = SubwordTokenizer::from_json(&c.tokenizer_json, &path.display().to_string())?;
+            if !resuming {
+                std::fs::write(run_tokenizer, &c.tokenizer_json)
+                    .map_err(|e| DataError::new(run_tokenizer.display().to_string(), format!("cannot write tokenizer: {e}")))?;
+            }
+            return Ok(Prepared {
+                tokenizer,
+                train: c.train,
+                valid: c.valid,
+                test: c.test,
+                skipped_lines: c.skipped_lines,
+                dropped_long: c.dropped_long,
+                prepare_s: started.elapsed().as_secs_f64(),
+                cache: CacheReport { hit: true, path: Some(path), note: None },
+            });
+        }
+        Ok(None) => {}
+        Err(why) => report.note = Some(format!("dataset cache: {why}; rebuilding it")),
+    }
+    let mut prepared = prepare_uncached(recipe, tokenizer)?;
+    let entry = CachedData {
+        tokenizer_json: prepared.tokenizer.to_json(),
+        train: prepared.train.clone(),
+        valid: prepared.valid.clone(),
+        test: prepared.test.clone(),
+        skipped_lines: prepared.skipped_lines,
+        dropped_long: prepared.dropped_long,
+    };
+    match cache::store(dir, &key, &entry) {
+        Ok(path) => report.path = Some(path),
+        // Not fatal: the run has its data; the next one prepares again.
+        Err(why) => report.note = Some(format!("dataset cache: {why}")),
+    }
+    prepared.cache = report;
+    prepared.prepare_s = started.elapsed().as_secs_f64();
+    Ok(prepared)
+}
+
+fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<Prepared, DataError> {
     let started = Instant::now();
     let d = &recipe.data;
     let orient = |mut pairs: Vec<Pair>| {
@@ -123,5 +191,6 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<Prepar
         skipped_lines: skipped,
         dropped_long,
         prepare_s: started.elapsed().as_secs_f64(),
+        cache: CacheReport::default(),
     })
 }

@@ -108,6 +108,17 @@ impl SubwordTokenizer {
         Self::checked(inner, &origin)
     }
 
+    /// Parses a tokenizer from its JSON (as stored in the dataset cache).
+    pub fn from_json(json: &str, origin: &str) -> Result<Self, DataError> {
+        let inner: Tokenizer = json.parse().map_err(|e: tokenizers::Error| DataError::new(origin, format!("not a valid tokenizer: {}", one_line(&e.to_string()))))?;
+        Self::checked(inner, origin)
+    }
+
+    /// The tokenizer as `tokenizer.json` text.
+    pub fn to_json(&self) -> String {
+        self.inner.to_string(false).expect("a tokenizer serialises")
+    }
+
     fn checked(inner: Tokenizer, origin: &str) -> Result<Self, DataError> {
         for (id, tok) in SPECIALS.iter().enumerate() {
             if inner.token_to_id(tok) != Some(id as u32) {

@@ -44,8 +44,12 @@ pub struct WindowRow {
     pub sync_ms: f64,
     /// Optimizer steps in this window.
     pub steps: usize,
-    /// Seconds since the run (or the resumed run) started.
+    /// Seconds of training so far (summed over resumed runs).
     pub wall_s: f64,
+    /// Share of the window's batch slots (both sides) that hold padding, in percent.
+    pub padding_pct: f64,
+    /// Milliseconds the trainer waited for the loader during the window.
+    pub data_wait_ms: f64,
 }
 
 /// Validation at an epoch end (a `"kind":"valid"` row).
@@ -74,9 +78,21 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub wall_s: f64,
     pub sync: SummarySync,
+    pub data: DataFigures,
     /// The final model on the held-out test split (absent when there is none).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub test: Option<EvalFigures>,
+}
+
+/// How the data was prepared and fed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DataFigures {
+    /// The prepared dataset came from the dataset cache.
+    pub cache_hit: bool,
+    /// Seconds to prepare the data (read, split, tokenizer, encode; or load from the cache).
+    pub prepare_s: f64,
+    /// Padding share of the batch slots over this process's training windows, in percent.
+    pub padding_pct: f64,
 }
 
 /// Loss, perplexity and BLEU of one evaluation.

@@ -158,11 +158,17 @@ pub struct LoaderSection {
     /// Examples are sorted by length inside pools of this many batches' worth, to limit padding
     /// (0 = no sorting).
     pub bucket_pool: usize,
+    /// Dataset cache directory (relative paths: to the current directory); empty = no cache.
+    pub cache_dir: PathBuf,
+    /// Loader threads that build batches (padding, tensors on the device) ahead of the trainer.
+    pub workers: usize,
+    /// Ready batches kept ahead of the trainer, at most (at least one per worker).
+    pub prefetch: usize,
 }
 
 impl Default for LoaderSection {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100 }
+        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8 }
     }
 }
 
@@ -430,6 +436,8 @@ impl Recipe {
             return Err(("tokenizer.vocab_size".into(), format!("expected an integer >= 16, got {}", t.vocab_size)));
         }
         positive("loader.max_tokens", self.loader.max_tokens)?;
+        positive("loader.workers", self.loader.workers)?;
+        positive("loader.prefetch", self.loader.prefetch)?;
         if self.loader.max_tokens < d.max_len + 2 {
             return Err((
                 "loader.max_tokens".into(),
@@ -484,6 +492,13 @@ impl Recipe {
         abs(&mut self.data.valid);
         abs(&mut self.data.test);
         abs(&mut self.tokenizer.path);
+        // The cache belongs to where kiln runs, like `runs/`, not to the recipe's folder.
+        let cache = &mut self.loader.cache_dir;
+        if !cache.as_os_str().is_empty() && cache.is_relative() {
+            if let Ok(abs) = std::path::absolute(&*cache) {
+                *cache = abs;
+            }
+        }
     }
 
     /// The resolved recipe as TOML, every key written out.

@@ -88,17 +88,26 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
         None
     };
     let source = if launch.resume { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
-    let data = kiln_data::prepare(recipe, source).map_err(|e| anyhow!("{e}"))?;
+    let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let data = kiln_data::prepare(recipe, source, cache_dir).map_err(|e| anyhow!("{e}"))?;
+    if let Some(why) = &data.cache.note {
+        note(sink, why.clone())?;
+    }
     note(
         sink,
         format!(
-            "data | {} train, {} valid, {} test pairs | vocab {} | {} long pairs dropped, {} bad lines skipped | prepared in {:.1} s",
+            "data | {} train, {} valid, {} test pairs | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {} | prepared in {:.2} s",
             data.train.len(),
             data.valid.examples.len(),
             data.test.examples.len(),
             data.tokenizer.vocab_size(),
             data.dropped_long,
             data.skipped_lines,
+            match (&data.cache.path, data.cache.hit) {
+                (Some(p), true) => format!("hit {}", p.display()),
+                (Some(p), false) => format!("miss, stored {}", p.display()),
+                (None, _) => "off".to_string(),
+            },
             data.prepare_s
         ),
     )?;

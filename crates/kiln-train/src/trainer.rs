@@ -8,6 +8,7 @@
 //! makes a resumed run see the same batches and masks as an unbroken one.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
@@ -15,10 +16,11 @@ use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder as _};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::loader::Loader;
 use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
-use kiln_events::{EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
+use kiln_events::{DataFigures, EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
 use kiln_model::{label_smoothed_loss, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
@@ -50,13 +52,15 @@ pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Ve
 struct SyncWindow<B: Backend> {
     loss_sum: Option<Tensor<B, 1>>,
     tokens: u64,
+    real: u64,
+    slots: u64,
     steps: usize,
     started: Instant,
 }
 
 impl<B: Backend> SyncWindow<B> {
     fn new() -> Self {
-        Self { loss_sum: None, tokens: 0, steps: 0, started: Instant::now() }
+        Self { loss_sum: None, tokens: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
     }
 
     fn add(&mut self, loss_sum: Tensor<B, 1>, tokens: u64) {
@@ -80,6 +84,27 @@ impl<B: Backend> SyncWindow<B> {
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         let value = data.and_then(|d| d.iter::<f64>().next()).unwrap_or(f64::NAN);
         (value, ms)
+    }
+}
+
+/// A batch as the loader workers leave it: tensors already on the device.
+pub struct DeviceBatch<B: Backend> {
+    pub host: HostBatch,
+    pub src: Tensor<B, 2, Int>,
+    pub tgt_in: Tensor<B, 2, Int>,
+    pub label_rows: Tensor<B, 1, Int>,
+    pub labels: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    pub fn new(host: HostBatch, device: &B::Device) -> Self {
+        Self {
+            src: ids(&host.src, host.size, host.src_len, device),
+            tgt_in: ids(&host.tgt_in, host.size, host.tgt_len, device),
+            label_rows: flat(&host.label_rows, device),
+            labels: flat(&host.labels, device),
+            host,
+        }
     }
 }
 
@@ -163,7 +188,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         emit(sink, Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch)))?;
     }
 
-    let mut clock = Clock { started: Instant::now(), wall_before: state.wall_s, train_tokens: 0, train_s: 0.0 };
+    let mut clock = Clock { started: Instant::now(), wall_before: state.wall_s, train_tokens: 0, train_s: 0.0, real: 0, slots: 0 };
     let mut accumulator = GradientsAccumulator::<Seq2Seq<B>>::new();
     let mut window = SyncWindow::<B::InnerBackend>::new();
     let mut last_lr = schedule.at(state.step.max(1));
@@ -181,25 +206,31 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         .map_err(|m| anyhow!(m))
     };
 
+    // Loader workers pad batches and put their tensors on the device ahead of the loop.
+    let build_device = device.clone();
+    let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<B> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &build_device));
+    let mut loader = Loader::new(Arc::new(data.train.clone()), recipe.loader.workers, recipe.loader.prefetch, build);
+
     // A finished run resumed with more epochs or steps continues; `finished` is informational.
     let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
         let epoch = state.epoch;
         let plan = &plans[epoch];
         let mut pos = state.batch_in_epoch;
+        loader.start(&plan[pos..]);
         while pos < plan.len() {
             if tr.max_steps > 0 && state.step >= tr.max_steps {
                 stop = true;
                 break;
             }
-            let group = &plan[pos..(pos + tr.accumulate).min(plan.len())];
-            let batches: Vec<HostBatch> = group.iter().map(|idx| HostBatch::build(&data.train, idx)).collect();
-            let step_tokens: usize = batches.iter().map(|b| b.target_tokens).sum();
+            let group = tr.accumulate.min(plan.len() - pos);
+            let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
+            let step_tokens: usize = batches.iter().map(|b| b.host.target_tokens).sum();
             // Dropout masks are a function of (seed, step): resuming reproduces them.
             B::seed(device, mix_seed(tr.seed, 2, state.step as u64));
             for b in &batches {
-                let logits = model.forward_rows(ids(&b.src, b.size, b.src_len, device), ids(&b.tgt_in, b.size, b.tgt_len, device), flat(&b.label_rows, device));
-                let sums = label_smoothed_loss(logits, flat(&b.labels, device), PAD, tr.label_smoothing);
+                let logits = model.forward_rows(b.src.clone(), b.tgt_in.clone(), b.label_rows.clone());
+                let sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
                 window.add(sums.smoothed.clone().inner(), 0);
                 // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
                 let loss = sums.smoothed / step_tokens as f64;
@@ -213,16 +244,18 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             state.step += 1;
             last_lr = schedule.at(state.step);
             model = optim.step(last_lr, model, grads);
-            pos += group.len();
+            pos += group;
             state.batch_in_epoch = pos;
             window.tokens += step_tokens as u64;
+            window.real += batches.iter().map(|b| b.host.real_tokens as u64).sum::<u64>();
+            window.slots += batches.iter().map(|b| b.host.slots as u64).sum::<u64>();
             window.steps += 1;
             if window.steps >= tr.sync_interval {
-                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, sink)?;
+                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), sink)?;
             }
         }
         if window.steps > 0 {
-            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, sink)?;
+            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), sink)?;
         }
         let epoch_loss = state.epoch_loss_sum / state.epoch_tokens.max(1) as f64;
         state.last_epoch_loss = Some(epoch_loss);
@@ -285,6 +318,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         tokens_per_s: if clock.train_s > 0.0 { clock.train_tokens as f64 / clock.train_s } else { 0.0 },
         wall_s,
         sync: state.sync.into(),
+        data: DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: padding_pct(clock.real, clock.slots) },
         test,
     };
     emit(sink, Event::Finished(summary.clone()))?;
@@ -298,6 +332,9 @@ struct Clock {
     /// Target tokens and seconds of this process's training windows (no evaluation, no saving).
     train_tokens: u64,
     train_s: f64,
+    /// Real tokens and batch slots of this process's training windows (padding statistics).
+    real: u64,
+    slots: u64,
 }
 
 impl Clock {
@@ -312,6 +349,7 @@ fn flush_window<B: Backend>(
     epoch: usize,
     lr: f64,
     clock: &mut Clock,
+    data_wait: std::time::Duration,
     sink: &mut dyn EventSink,
 ) -> Result<()> {
     let (loss_sum, ms) = window.read();
@@ -322,6 +360,8 @@ fn flush_window<B: Backend>(
     let secs = window.started.elapsed().as_secs_f64();
     clock.train_tokens += window.tokens;
     clock.train_s += secs;
+    clock.real += window.real;
+    clock.slots += window.slots;
     let row = WindowRow {
         epoch: epoch + 1,
         step: state.step,
@@ -333,9 +373,15 @@ fn flush_window<B: Backend>(
         sync_ms: ms,
         steps: window.steps,
         wall_s: clock.wall(),
+        padding_pct: padding_pct(window.real, window.slots),
+        data_wait_ms: data_wait.as_secs_f64() * 1e3,
     };
     *window = SyncWindow::new();
     sink.emit(&Event::Window(row)).map_err(|m| anyhow!(m))
+}
+
+fn padding_pct(real: u64, slots: u64) -> f64 {
+    if slots == 0 { 0.0 } else { 100.0 * (1.0 - real as f64 / slots as f64) }
 }
 
 fn one_line(s: &str) -> String {

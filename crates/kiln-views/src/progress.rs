@@ -51,7 +51,7 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
             }
             Event::Note(text) => format!("kiln | {text}"),
             Event::Window(w) => format!(
-                "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs)",
+                "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs) | pad {:.1}% | data wait {:.1} ms",
                 w.epoch,
                 self.epochs,
                 w.step,
@@ -62,7 +62,9 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 w.sync_ms,
                 w.sync.avg_ms(),
                 w.sync.max_ms,
-                w.sync.count
+                w.sync.count,
+                w.padding_pct,
+                w.data_wait_ms
             ),
             Event::EpochEnd { epoch, step, train_loss } => {
                 format!("epoch {epoch}/{} done | step {step} | train loss {train_loss:.4}", self.epochs)
@@ -111,7 +113,7 @@ mod tests {
             let mut sync = SyncStats::default();
             sync.record(1.5);
             sync.record(0.5);
-            let row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0 };
+            let row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0 };
             p.emit(&Event::Window(row)).unwrap();
         }
         let line = String::from_utf8(buf).unwrap();
