@@ -24,6 +24,11 @@ struct Cli {
 enum Command {
     /// Train a model described by a recipe (or continue a run with --resume).
     Train(TrainArgs),
+    /// Measure parts of kiln on this machine and append the figures to docs/bench/.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
     /// Inspect or prune the dataset cache.
     Cache {
         #[command(subcommand)]
@@ -31,6 +36,20 @@ enum Command {
         /// Cache directory (the recipes' default is .kiln/cache).
         #[arg(long, global = true, default_value = ".kiln/cache")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Data pipeline: cold prepare vs cache hit, loader batches/s with 1 and 2 workers, padding
+    /// with and without bucketing.
+    Data {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Markdown file the figures are appended to.
+        #[arg(long, default_value = "docs/bench/data.md")]
+        out: PathBuf,
     },
 }
 
@@ -70,6 +89,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Cache { action, dir } => cache(action, &dir),
+        Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -115,6 +135,39 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&run_dir);
     }
     result.map(|_| ())
+}
+
+fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Path) -> anyhow::Result<()> {
+    let overrides = set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let recipe = Recipe::load(recipe_path, &overrides)?;
+    let scratch = tempfile::tempdir()?;
+    eprintln!("bench data: {} (cold prepare, cache hit, loader 1 and 2 workers, padding)…", recipe_path.display());
+    let figures = kiln_train::bench::bench_data(&recipe, scratch.path())?;
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let date = kiln_train::rundir::timestamp(std::time::SystemTime::now());
+    let section = figures.markdown(&recipe.name, &format!("{cpu}, {cores} cores"), &commit, &date);
+    print!("{section}");
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| {
+        "# Data pipeline benchmarks\n\nAppended by `cargo xtask bench data <recipe>`; each section is one run on one machine.\n\n".to_string()
+    });
+    text.push_str(&section);
+    std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    eprintln!("appended to {}", out.display());
+    Ok(())
 }
 
 fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //!
 //! - `cargo xtask train <recipe.toml> [--cuda] [kiln train flags...]`: builds the CLI in release
 //!   (with the `cuda` feature when asked) and runs `kiln train`.
+//! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
 //! - `cargo xtask test`: the project's test command (all crates, all tests).
 //! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
@@ -40,10 +41,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|cache|test|check-cuda> ...");
+        bail!("usage: cargo xtask <train|cache|bench|test|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" | "cache" => {
+        "train" | "cache" | "bench" => {
             let cuda = rest.iter().any(|a| a == "--cuda");
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
             let mut build = cargo();
@@ -67,7 +68,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, cache, test or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, cache, bench, test or check-cuda"),
     }
 }
 

@@ -18,6 +18,8 @@ pub struct BatchSettings {
     pub max_sentences: usize,
     /// Sorting pools hold this many batches' worth of examples (0 = no length sorting).
     pub pool_batches: usize,
+    /// Full batches hold a multiple of this many sentences (1 = any; 8 suits tensor cores).
+    pub multiple: usize,
 }
 
 /// Groups example indices into batches. `shuffle = Some(seed)` shuffles examples and batch order
@@ -47,14 +49,21 @@ pub fn plan_batches(lengths: &[(usize, usize)], settings: BatchSettings, shuffle
         }
         let mut current: Vec<usize> = Vec::new();
         let mut longest = 0;
+        let multiple = settings.multiple.max(1);
         for &i in chunk.iter() {
             let len = lengths[i].0.max(lengths[i].1);
-            let longer = longest.max(len);
-            let full_tokens = (current.len() + 1) * longer > settings.max_tokens;
-            let full_sents = settings.max_sentences > 0 && current.len() + 1 > settings.max_sentences;
-            if !current.is_empty() && (full_tokens || full_sents) {
-                batches.push(std::mem::take(&mut current));
-                longest = 0;
+            loop {
+                let full_tokens = (current.len() + 1) * longest.max(len) > settings.max_tokens;
+                let full_sents = settings.max_sentences > 0 && current.len() + 1 > settings.max_sentences;
+                if current.is_empty() || !(full_tokens || full_sents) {
+                    break;
+                }
+                // Cut at a multiple of `multiple` sentences when the batch is big enough; the rest
+                // starts the next batch.
+                let keep = if current.len() >= multiple { current.len() / multiple * multiple } else { current.len() };
+                let rest = current.split_off(keep);
+                batches.push(std::mem::replace(&mut current, rest));
+                longest = current.iter().map(|&j| lengths[j].0.max(lengths[j].1)).max().unwrap_or(0);
             }
             longest = longest.max(len);
             current.push(i);
@@ -161,7 +170,7 @@ mod tests {
             .collect()
     }
 
-    const SETTINGS: BatchSettings = BatchSettings { max_tokens: 300, max_sentences: 0, pool_batches: 4 };
+    const SETTINGS: BatchSettings = BatchSettings { max_tokens: 300, max_sentences: 0, pool_batches: 4, multiple: 1 };
 
     #[test]
     fn every_example_once_and_budget_respected() {
@@ -183,6 +192,24 @@ mod tests {
         assert_ne!(plan_batches(&lens, SETTINGS, Some(1)), plan_batches(&lens, SETTINGS, Some(2)));
         let capped = BatchSettings { max_sentences: 5, ..SETTINGS };
         assert!(plan_batches(&lens, capped, Some(1)).iter().all(|b| b.len() <= 5));
+    }
+
+    #[test]
+    fn batches_in_multiples_of_eight() {
+        let lens = lengths(3000);
+        let settings = BatchSettings { max_tokens: 600, multiple: 8, ..SETTINGS };
+        let batches = plan_batches(&lens, settings, Some(5));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..3000).collect::<Vec<_>>());
+        // Every batch but the last of each pool is a multiple of 8 (all batches here hold ≥ 8).
+        let ragged = batches.iter().filter(|b| b.len() % 8 != 0).count();
+        let pools = 3000_usize.div_ceil((600 / 26).max(1) * 4);
+        assert!(ragged <= pools, "{ragged} ragged batches for {pools} pools");
+        for b in &batches {
+            let longest = b.iter().map(|&i| lens[i].0.max(lens[i].1)).max().unwrap();
+            assert!(b.len() * longest <= 600);
+        }
     }
 
     #[test]

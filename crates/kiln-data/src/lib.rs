@@ -37,5 +37,5 @@ impl std::error::Error for DataError {}
 
 pub use batching::{plan_batches, HostBatch};
 pub use corpus::{read_parallel, Pair};
-pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, TokenizerSource};
+pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, Stage, TokenizerSource};
 pub use tokenizer::{SubwordTokenizer, BOS, EOS, PAD, UNK};

@@ -59,11 +59,23 @@ pub enum TokenizerSource<'a> {
     Load(&'a Path),
 }
 
+/// A step of preparation, reported to the caller as it goes (for progress lines or bars).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    TrainingTokenizer { sentences: usize },
+    /// Sentence pairs encoded so far, of all splits.
+    Encoding { done: usize, total: usize },
+}
+
+/// Pairs encoded per call into `tokenizers` (which spreads a call over all cores).
+const ENCODE_CHUNK: usize = 4096;
+
 /// Prepares the data of a recipe, through the dataset cache in `cache_dir` when one is given.
-pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>) -> Result<Prepared, DataError> {
+/// `progress` hears about the slow stages (a cache hit has none).
+pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
     let started = Instant::now();
     let Some(dir) = cache_dir else {
-        return prepare_uncached(recipe, tokenizer);
+        return prepare_uncached(recipe, tokenizer, progress);
     };
     let (run_tokenizer, resuming) = match tokenizer {
         TokenizerSource::TrainAndSave(p) => (p, false),
@@ -93,7 +105,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
         Ok(None) => {}
         Err(why) => report.note = Some(format!("dataset cache: {why}; rebuilding it")),
     }
-    let mut prepared = prepare_uncached(recipe, tokenizer)?;
+    let mut prepared = prepare_uncached(recipe, tokenizer, progress)?;
     let entry = CachedData {
         tokenizer_json: prepared.tokenizer.to_json(),
         train: prepared.train.clone(),
@@ -112,7 +124,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
     Ok(prepared)
 }
 
-fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<Prepared, DataError> {
+fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
     let started = Instant::now();
     let d = &recipe.data;
     let orient = |mut pairs: Vec<Pair>| {
@@ -151,6 +163,7 @@ fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<P
         TokenizerSource::TrainAndSave(save_to) => {
             let tok = if recipe.tokenizer.path.as_os_str().is_empty() {
                 let texts: Vec<&str> = train_pairs.iter().flat_map(|p| [p.source.as_str(), p.target.as_str()]).collect();
+                progress(Stage::TrainingTokenizer { sentences: texts.len() });
                 SubwordTokenizer::train(&recipe.tokenizer, &texts)?
             } else {
                 SubwordTokenizer::load(&recipe.tokenizer.path)?
@@ -160,11 +173,20 @@ fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>) -> Result<P
         }
     };
 
+    let total = train_pairs.len() + valid_pairs.len() + test_pairs.len();
+    let done = std::cell::Cell::new(0usize);
+    // Batched: each chunk is one parallel call into `tokenizers`, then a progress report.
     let encode = |pairs: &[Pair]| -> Result<Vec<Example>, DataError> {
-        let src: Vec<&str> = pairs.iter().map(|p| p.source.as_str()).collect();
-        let tgt: Vec<&str> = pairs.iter().map(|p| p.target.as_str()).collect();
-        let (src, tgt) = (tokenizer.encode_batch(&src)?, tokenizer.encode_batch(&tgt)?);
-        Ok(src.into_iter().zip(tgt).map(|(src, tgt)| Example { src, tgt }).collect())
+        let mut out = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(ENCODE_CHUNK) {
+            let src: Vec<&str> = chunk.iter().map(|p| p.source.as_str()).collect();
+            let tgt: Vec<&str> = chunk.iter().map(|p| p.target.as_str()).collect();
+            let (src, tgt) = (tokenizer.encode_batch(&src)?, tokenizer.encode_batch(&tgt)?);
+            out.extend(src.into_iter().zip(tgt).map(|(src, tgt)| Example { src, tgt }));
+            done.set(done.get() + chunk.len());
+            progress(Stage::Encoding { done: done.get(), total });
+        }
+        Ok(out)
     };
     let max_len = d.max_len;
     let encoded = encode(&train_pairs)?;

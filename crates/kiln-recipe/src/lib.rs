@@ -164,11 +164,13 @@ pub struct LoaderSection {
     pub workers: usize,
     /// Ready batches kept ahead of the trainer, at most (at least one per worker).
     pub prefetch: usize,
+    /// Full batches hold a multiple of this many sentences (1 = any, 8 suits GPU tensor cores).
+    pub batch_multiple: usize,
 }
 
 impl Default for LoaderSection {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8 }
+        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8, batch_multiple: 1 }
     }
 }
 
@@ -438,6 +440,7 @@ impl Recipe {
         positive("loader.max_tokens", self.loader.max_tokens)?;
         positive("loader.workers", self.loader.workers)?;
         positive("loader.prefetch", self.loader.prefetch)?;
+        positive("loader.batch_multiple", self.loader.batch_multiple)?;
         if self.loader.max_tokens < d.max_len + 2 {
             return Err((
                 "loader.max_tokens".into(),

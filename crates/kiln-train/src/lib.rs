@@ -2,6 +2,7 @@
 //! its event stream. [`launch`] picks the backend and device, prepares the run directory and the
 //! data, and hands over to [`trainer::run`], the loop with its sync windows.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod clip;
 pub mod evaluate;
@@ -89,7 +90,25 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
     };
     let source = if launch.resume { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
     let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
-    let data = kiln_data::prepare(recipe, source, cache_dir).map_err(|e| anyhow!("{e}"))?;
+    // Progress of slow preparations, as notes: at most one line every two seconds, after the first.
+    let started = std::time::Instant::now();
+    let last = std::cell::Cell::new(0.0f64);
+    let sink = std::cell::RefCell::new(sink);
+    let progress = |stage: kiln_data::Stage| {
+        let t = started.elapsed().as_secs_f64();
+        let line = match stage {
+            kiln_data::Stage::TrainingTokenizer { sentences } => format!("training the tokenizer on {sentences} sentences…"),
+            kiln_data::Stage::Encoding { done, total } if t - last.get() >= 2.0 || (done == total && t > 1.0) => {
+                format!("tokenizing {done}/{total} pairs ({:.0}%)", 100.0 * done as f64 / total.max(1) as f64)
+            }
+            kiln_data::Stage::Encoding { .. } => return,
+        };
+        last.set(t);
+        // A failing log sink surfaces at the next note the trainer sends.
+        let _ = sink.borrow_mut().emit(&Event::Note(line));
+    };
+    let data = kiln_data::prepare(recipe, source, cache_dir, &progress).map_err(|e| anyhow!("{e}"))?;
+    let sink = sink.into_inner();
     if let Some(why) = &data.cache.note {
         note(sink, why.clone())?;
     }

@@ -44,6 +44,7 @@ pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Ve
         max_tokens: recipe.loader.max_tokens,
         max_sentences: recipe.loader.max_sentences,
         pool_batches: recipe.loader.bucket_pool,
+        multiple: recipe.loader.batch_multiple,
     };
     plan_batches(&lengths, settings, Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
