@@ -60,7 +60,8 @@ fn run(args: &[String]) -> Result<()> {
         }
         "test" => {
             let mut c = cargo();
-            c.args(["test", "--workspace"]).args(rest);
+            // All targets: unit, integration and binary tests (kiln has no doc tests).
+            c.args(["test", "--workspace", "--all-targets"]).args(rest);
             status(c)
         }
         "check-cuda" => {
