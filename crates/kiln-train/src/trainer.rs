@@ -64,17 +64,11 @@ impl<B: Backend> SyncWindow<B> {
         Self { loss_sum: None, tokens: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
     }
 
-    fn add(&mut self, loss_sum: Tensor<B, 1>, tokens: u64) {
-        if self.loss_sum.is_none() {
-            // The window's clock starts with its first step, not after the last window's
-            // validation or checkpoint.
-            self.started = Instant::now();
-        }
+    fn add(&mut self, loss_sum: Tensor<B, 1>) {
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(acc) => acc + loss_sum,
             None => loss_sum,
         });
-        self.tokens += tokens;
     }
 
     /// The one device→host read of the window; returns (Σ loss, milliseconds waited).
@@ -224,6 +218,11 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
                 stop = true;
                 break;
             }
+            if window.steps == 0 {
+                // The window's clock starts with its first step (data wait included), not after
+                // the previous window's validation or checkpoint.
+                window.started = Instant::now();
+            }
             let group = tr.accumulate.min(plan.len() - pos);
             let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
             let step_tokens: usize = batches.iter().map(|b| b.host.target_tokens).sum();
@@ -232,7 +231,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             for b in &batches {
                 let logits = model.forward_rows(b.src.clone(), b.tgt_in.clone(), b.label_rows.clone());
                 let sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
-                window.add(sums.smoothed.clone().inner(), 0);
+                window.add(sums.smoothed.clone().inner());
                 // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
                 let loss = sums.smoothed / step_tokens as f64;
                 let grads = GradientsParams::from_grads(loss.backward(), &model);
