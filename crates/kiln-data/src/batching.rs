@@ -98,8 +98,6 @@ pub struct HostBatch {
     /// labels: the model's output layer runs only there.
     pub label_rows: Vec<i32>,
     pub labels: Vec<i32>,
-    /// Padded tokens (size × longest side): what `loader.max_tokens` caps.
-    pub padded_tokens: usize,
     /// Real tokens of both sides (with `</s>` / `<s>`) and the slots that hold them
     /// (`size × (src_len + tgt_len)`): padding % = 1 − real / slots.
     pub real_tokens: usize,
@@ -150,7 +148,6 @@ impl HostBatch {
             target_tokens,
             label_rows,
             labels,
-            padded_tokens: size * src_len.max(tgt_len),
             real_tokens,
             slots: size * (src_len + tgt_len),
             indices: indices.to_vec(),

@@ -179,16 +179,3 @@ impl EventSink for Fanout {
         Ok(())
     }
 }
-
-/// Keeps every event (tests and replay).
-#[derive(Default, Clone)]
-pub struct Recorder {
-    pub events: std::sync::Arc<std::sync::Mutex<Vec<Event>>>,
-}
-
-impl EventSink for Recorder {
-    fn emit(&mut self, event: &Event) -> Result<(), String> {
-        self.events.lock().unwrap().push(event.clone());
-        Ok(())
-    }
-}

@@ -15,8 +15,6 @@ pub struct EvalResult {
     pub loss: f64,
     pub ppl: f64,
     pub bleu: Option<f64>,
-    /// Device→host reads the evaluation made.
-    pub reads: usize,
 }
 
 pub fn ids<B: Backend>(data: &[i32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
@@ -34,7 +32,6 @@ fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>
 }
 
 pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalResult {
-    let mut reads = 0;
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
     for batch in eval_batches(set, recipe, set.examples.len()) {
@@ -49,7 +46,6 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     }
     let loss = match nll {
         Some(t) => {
-            reads += 1;
             t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64
         }
         None => f64::NAN,
@@ -63,7 +59,6 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
                 .min(recipe.model.max_positions.saturating_sub(1))
                 .max(1);
             let out = model.greedy(ids(&b.src, b.size, b.src_len, device), max_len, 8);
-            reads += 1 + max_len / 8;
             let cols = out.dims()[1];
             let flat: Vec<i64> = out.into_data().iter::<i64>().collect();
             for (row, &i) in batch.iter().enumerate() {
@@ -75,5 +70,5 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     } else {
         None
     };
-    EvalResult { loss, ppl: loss.exp(), bleu, reads }
+    EvalResult { loss, ppl: loss.exp(), bleu }
 }
