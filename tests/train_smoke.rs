@@ -129,6 +129,17 @@ fn resume_continues_to_the_same_end() {
     assert_eq!(b["epochs"], 2);
     let (la, lb) = (f(&a["train_loss"]), f(&b["train_loss"]));
     assert!((la - lb).abs() / la <= 1e-5, "train_loss after resume {lb} vs unbroken {la}");
+    // Stopped mid-epoch by max_steps and resumed: the same batches and dropout masks follow, so the
+    // end is bit-identical to the unbroken run.
+    let mid = dir.path().join("mid");
+    train(&mid, &["train.epochs=2", "train.max_steps=25"]);
+    let o = kiln(&["train", "--resume", &mid.display().to_string(), "--set", "train.max_steps=0", "--no-tui"]);
+    assert!(o.status.success(), "resume failed: {}", stderr(&o));
+    assert!(stdout(&o).contains("resumed at step 25"), "{}", stdout(&o));
+    let m = read_json(&mid.join("summary.json"));
+    assert_eq!(m["steps"], a["steps"]);
+    assert_eq!(m["train_loss"], a["train_loss"], "mid-epoch resume must be exact");
+    assert_eq!(m["valid_loss"], a["valid_loss"]);
     // Resuming with a change to the model is refused.
     let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "model.d_model=64"]);
     assert_user_error(&o, &["model.d_model", "cannot change"]);
