@@ -152,10 +152,10 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         optim = optim.load_record(record);
     }
 
-    // Batches per epoch, planned up front: the schedule needs the exact total.
-    let plans: Vec<Vec<Vec<usize>>> = (0..tr.epochs).map(|e| epoch_batches(&data.train, recipe, e)).collect();
-    let steps_in = |plan: &Vec<Vec<usize>>| plan.len().div_ceil(tr.accumulate);
-    let mut total_steps: usize = plans.iter().map(steps_in).sum();
+    // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
+    // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
+    let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_batches(&data.train, recipe, e).len().div_ceil(tr.accumulate)).collect();
+    let mut total_steps: usize = epoch_steps.iter().sum();
     if tr.max_steps > 0 {
         total_steps = total_steps.min(tr.max_steps);
     }
@@ -168,7 +168,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             run_dir: job.run_dir.display().to_string(),
             device: job.device_name.clone(),
             epochs: tr.epochs,
-            steps_per_epoch: plans.first().map(steps_in).unwrap_or(0),
+            steps_per_epoch: epoch_steps.first().copied().unwrap_or(0),
             total_steps,
             start_step: state.step,
             start_epoch: state.epoch,
@@ -210,7 +210,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
     let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
         let epoch = state.epoch;
-        let plan = &plans[epoch];
+        let plan = epoch_batches(&data.train, recipe, epoch);
         let mut pos = state.batch_in_epoch;
         loader.start(&plan[pos..]);
         while pos < plan.len() {
