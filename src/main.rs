@@ -181,7 +181,7 @@ fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
             for e in &entries {
                 let name = e.path.file_name().unwrap_or_default().to_string_lossy();
                 let status = match (&e.status, verify) {
-                    (Ok((tr, va, te)), true) => format!("ok: {tr} train, {va} valid, {te} test pairs"),
+                    (Ok(what), true) => format!("ok: {what}"),
                     (Err(why), _) => {
                         bad += 1;
                         format!("INVALID: {why}")

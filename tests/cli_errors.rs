@@ -37,6 +37,8 @@ fn bad_overrides_name_the_flag() {
     assert_user_error(&kiln(&["train", &smoke(), "--set", "train.sync_interval=0"]), &["--set train.sync_interval=0", "expected an integer > 0"]);
     assert_user_error(&kiln(&["train", &smoke(), "--set", "train.no_such_key=1"]), &["train.no_such_key", "no such recipe key"]);
     assert_user_error(&kiln(&["train", &smoke(), "--set", "trainlr"]), &["--set trainlr", "section.key=value"]);
+    assert_user_error(&kiln(&["train", &smoke(), "--set", "tokenizer.bpe_dropout=0.1"]), &["tokenizer.bpe_dropout", "kind = \"bpe\""]);
+    assert_user_error(&kiln(&["train", &smoke(), "--set", "data.format=text"]), &["data.format", "language models"]);
 }
 
 #[test]

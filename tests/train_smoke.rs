@@ -222,3 +222,29 @@ fn worker_count_does_not_change_training() {
         assert!(r["data_wait_ms"].is_number() && r["padding_pct"].is_number(), "{r}");
     }
 }
+
+#[test]
+fn subword_regularisation_resamples_every_epoch_and_still_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, sampled) = (dir.path().join("plain"), dir.path().join("sampled"));
+    let epoch_tokens = |run: &std::path::Path| -> Vec<u64> {
+        let rows = read_jsonl(&run.join("metrics.jsonl"));
+        let mut per_epoch = vec![0u64; 2];
+        for r in windows(&rows) {
+            per_epoch[r["epoch"].as_u64().unwrap() as usize - 1] += r["tokens"].as_u64().unwrap();
+        }
+        per_epoch
+    };
+    train(&plain, &["train.epochs=2", "eval.bleu=false"]);
+    let o = train(&sampled, &["train.epochs=2", "eval.bleu=false", "tokenizer.sample_alpha=0.2"]);
+    assert!(stdout(&o).contains("subword regularisation: Unigram sampling, alpha 0.2"), "{}", stdout(&o));
+    // Without regularisation both epochs see the same ids; with it each epoch has its own
+    // segmentations (sampled ones are longer on average than the best one).
+    let (p, s) = (epoch_tokens(&plain), epoch_tokens(&sampled));
+    assert_eq!(p[0], p[1]);
+    assert_ne!(s[0], s[1]);
+    assert!(s[0] > p[0] && s[1] > p[1], "{s:?} vs {p:?}");
+    // And the model still learns from the noisier segmentations.
+    let w = windows(&read_jsonl(&sampled.join("metrics.jsonl"))).into_iter().cloned().collect::<Vec<_>>();
+    assert!(f(&w.last().unwrap()["loss"]) < f(&w[0]["loss"]), "loss did not fall with sampling");
+}

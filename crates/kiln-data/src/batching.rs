@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(seen, (0..3000).collect::<Vec<_>>());
         // Every batch but the last of each pool is a multiple of 8 (all batches here hold ≥ 8).
         let ragged = batches.iter().filter(|b| b.len() % 8 != 0).count();
-        let pools = 3000_usize.div_ceil((600 / 26).max(1) * 4);
+        let pools = 3000_usize.div_ceil((600 / 26) * 4);
         assert!(ragged <= pools, "{ragged} ragged batches for {pools} pools");
         for b in &batches {
             let longest = b.iter().map(|&i| lens[i].0.max(lens[i].1)).max().unwrap();

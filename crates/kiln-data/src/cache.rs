@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 use kiln_recipe::Recipe;
 
 use crate::prepare::{EvalSet, Example};
+use crate::text::TextStreams;
 use crate::DataError;
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"KILNDS\r\n";
 const HEADER_LEN: usize = 8 + 4 + 32 + 8;
 const CHECKSUM_LEN: usize = 32;
@@ -33,8 +34,20 @@ pub struct CachedData {
     pub train: Vec<Example>,
     pub valid: EvalSet,
     pub test: EvalSet,
+    /// Text corpora: the token streams (the pair fields are then empty).
+    pub text: Option<TextStreams>,
     pub skipped_lines: usize,
     pub dropped_long: usize,
+}
+
+impl CachedData {
+    /// Sizes of the splits, for `cache verify`.
+    pub fn describe(&self) -> String {
+        match &self.text {
+            Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
+            None => format!("{} train, {} valid, {} test pairs", self.train.len(), self.valid.examples.len(), self.test.examples.len()),
+        }
+    }
 }
 
 /// A 32-byte cache key.
@@ -76,6 +89,9 @@ pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, D
     data.test = PathBuf::new();
     let mut tok = recipe.tokenizer.clone();
     tok.path = PathBuf::new();
+    // Regularisation resamples at training time; the stored ids do not depend on it.
+    tok.sample_alpha = 0.0;
+    tok.bpe_dropout = 0.0;
     h.update(toml::to_string(&data).expect("serialises").as_bytes());
     h.update(toml::to_string(&tok).expect("serialises").as_bytes());
     hash_file(&mut h, "train", &recipe.data.train)?;
@@ -181,6 +197,15 @@ pub fn encode(key: &CacheKey, data: &CachedData) -> Vec<u8> {
     p.examples(&data.train);
     p.eval_set(&data.valid);
     p.eval_set(&data.test);
+    match &data.text {
+        None => p.u64(0),
+        Some(t) => {
+            p.u64(1);
+            p.ids(&t.train);
+            p.ids(&t.valid);
+            p.ids(&t.test);
+        }
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + p.0.len() + CHECKSUM_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -232,10 +257,15 @@ pub fn decode(bytes: &[u8], key: Option<&CacheKey>) -> Result<(CacheKey, CachedD
         let train = r.examples()?;
         let valid = r.eval_set()?;
         let test = r.eval_set()?;
+        let text = match r.u64()? {
+            0 => None,
+            1 => Some(TextStreams { train: r.ids()?, valid: r.ids()?, test: r.ids()? }),
+            other => return Err(format!("unknown corpus kind {other}")),
+        };
         if r.pos != r.buf.len() {
             return Err("trailing bytes in payload".into());
         }
-        Ok(CachedData { tokenizer_json, train, valid, test, skipped_lines, dropped_long })
+        Ok(CachedData { tokenizer_json, train, valid, test, text, skipped_lines, dropped_long })
     };
     parse().map(|d| (stored_key, d)).map_err(Invalid)
 }
@@ -281,8 +311,8 @@ pub struct EntryInfo {
     pub path: PathBuf,
     pub bytes: u64,
     pub modified: std::time::SystemTime,
-    /// Train/valid/test sizes, or why the entry is invalid.
-    pub status: Result<(usize, usize, usize), String>,
+    /// What the entry holds (empty unless verified), or why it is invalid.
+    pub status: Result<String, String>,
 }
 
 /// Lists the entries of a cache directory; `verify` reads and checks each one.
@@ -303,14 +333,14 @@ pub fn list(dir: &Path, verify: bool) -> Result<Vec<EntryInfo>, String> {
             let name_key = path.file_stem().and_then(|s| s.to_str()).map(str::to_string).unwrap_or_default();
             match std::fs::read(&path) {
                 Ok(bytes) => match decode(&bytes, None) {
-                    Ok((key, d)) if key.hex() == name_key => Ok((d.train.len(), d.valid.examples.len(), d.test.examples.len())),
+                    Ok((key, d)) if key.hex() == name_key => Ok(d.describe()),
                     Ok(_) => Err("key in the file does not match its name".into()),
                     Err(Invalid(why)) => Err(why),
                 },
                 Err(e) => Err(e.to_string()),
             }
         } else {
-            Ok((0, 0, 0))
+            Ok(String::new())
         };
         out.push(EntryInfo { path, bytes: meta.len(), modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH), status });
     }
@@ -329,6 +359,7 @@ mod tests {
             train: vec![ex(&[5, 6], &[7]), ex(&[8], &[9, 10, 11])],
             valid: EvalSet { examples: vec![ex(&[12], &[13])], sources: vec!["Hallo".into()], references: vec!["Hello".into()] },
             test: EvalSet::default(),
+            text: None,
             skipped_lines: 2,
             dropped_long: 1,
         }
@@ -339,6 +370,8 @@ mod tests {
         let key = CacheKey([7; 32]);
         let bytes = encode(&key, &sample());
         assert_eq!(decode(&bytes, Some(&key)).unwrap().1, sample());
+        let text = CachedData { text: Some(TextStreams { train: vec![4, 5, 3], valid: vec![6, 3], test: vec![] }), ..sample() };
+        assert_eq!(decode(&encode(&key, &text), Some(&key)).unwrap().1, text);
         // Truncation anywhere, a flipped bit anywhere, another key or version: never accepted.
         for cut in [0, 10, HEADER_LEN, bytes.len() / 2, bytes.len() - 1] {
             assert!(decode(&bytes[..cut], Some(&key)).is_err(), "cut at {cut}");
@@ -406,7 +439,7 @@ mod tests {
         assert_eq!(load(dir.path(), &key).unwrap(), Some(sample()));
         let entries = list(dir.path(), true).unwrap();
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].status, Ok((2, 1, 0)));
+        assert_eq!(entries[0].status, Ok("2 train, 1 valid, 0 test pairs".to_string()));
         // A truncated entry is reported, not used.
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();

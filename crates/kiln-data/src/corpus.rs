@@ -1,5 +1,6 @@
-//! Parallel TSV corpora: `source<TAB>target` per line, UTF-8. Bad lines are errors naming
-//! `file:line`, or skipped and counted when the recipe says `data.on_bad_line = "skip"`.
+//! Corpora on disk: parallel TSV (`source<TAB>target` per line) and plain text, UTF-8. Bad lines
+//! are errors naming `file:line`, or skipped and counted when the recipe says
+//! `data.on_bad_line = "skip"`.
 
 use std::path::Path;
 
@@ -49,6 +50,44 @@ pub fn parse_parallel(bytes: &[u8], origin: &str, on_bad_line: OnBadLine, limit:
     }
     if out.pairs.is_empty() {
         return Err(DataError::new(origin, "corpus has no sentence pairs"));
+    }
+    Ok(out)
+}
+
+/// Lines of a plain-text corpus, with the number of bad (non-UTF-8) lines skipped.
+#[derive(Debug, Clone, Default)]
+pub struct TextLines {
+    pub lines: Vec<String>,
+    pub skipped: usize,
+}
+
+/// Reads a plain-text corpus line by line (BOM and CRLF accepted, empty lines kept: they mark
+/// paragraphs); `limit` > 0 stops after that many lines.
+pub fn read_text(path: &Path, on_bad_line: OnBadLine, limit: usize) -> Result<TextLines, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::new(path.display().to_string(), format!("cannot read corpus: {e}")))?;
+    parse_text(&bytes, &path.display().to_string(), on_bad_line, limit)
+}
+
+/// Parses plain-text bytes; `origin` names the file in errors.
+pub fn parse_text(bytes: &[u8], origin: &str, on_bad_line: OnBadLine, limit: usize) -> Result<TextLines, DataError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut out = TextLines::default();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate().filter(|_| !bytes.is_empty()) {
+        if limit > 0 && out.lines.len() >= limit {
+            break;
+        }
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        match std::str::from_utf8(raw) {
+            Ok(line) => out.lines.push(line.trim_end().to_string()),
+            Err(e) => match on_bad_line {
+                OnBadLine::Error => return Err(DataError::new(format!("{origin}:{}", i + 1), format!("invalid UTF-8 at byte {}", e.valid_up_to()))),
+                OnBadLine::Skip => out.skipped += 1,
+            },
+        }
+    }
+    if out.lines.iter().all(|l| l.trim().is_empty()) {
+        return Err(DataError::new(origin, "corpus has no text"));
     }
     Ok(out)
 }
@@ -117,5 +156,16 @@ mod tests {
     fn limit_stops_early() {
         let r = parse_parallel(b"a\tb\nc\td\ne\tf\n", "c.tsv", OnBadLine::Error, 2).unwrap();
         assert_eq!(r.pairs.len(), 2);
+    }
+
+    #[test]
+    fn plain_text_lines() {
+        let t = parse_text(b"\xEF\xBB\xBFFirst Citizen:\r\nBefore we proceed\n\nSpeak, speak.\n", "t.txt", OnBadLine::Error, 0).unwrap();
+        assert_eq!(t.lines, vec!["First Citizen:", "Before we proceed", "", "Speak, speak."]);
+        let e = parse_text(b"ok\nbad \xFF\n", "t.txt", OnBadLine::Error, 0).err().unwrap();
+        assert_eq!(e.origin, "t.txt:2");
+        assert_eq!(parse_text(b"ok\nbad \xFF\n", "t.txt", OnBadLine::Skip, 0).unwrap().skipped, 1);
+        assert_eq!(parse_text(b"a\nb\nc\n", "t.txt", OnBadLine::Error, 2).unwrap().lines.len(), 2);
+        assert!(parse_text(b"\n  \n", "t.txt", OnBadLine::Error, 0).is_err());
     }
 }

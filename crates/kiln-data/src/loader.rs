@@ -18,8 +18,12 @@ use crate::prepare::Example;
 
 type Build<T> = dyn Fn(HostBatch) -> T + Send + Sync;
 
+/// A batch to build: the pass's examples (they change per epoch under subword regularisation)
+/// and the batch's example indices.
+type Job = (Arc<Vec<Example>>, Vec<usize>);
+
 struct Worker<T> {
-    jobs: Option<Sender<Vec<usize>>>,
+    jobs: Option<Sender<Job>>,
     ready: Option<Receiver<T>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -37,21 +41,20 @@ pub struct Loader<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Loader<T> {
-    pub fn new(examples: Arc<Vec<Example>>, workers: usize, prefetch: usize, build: Arc<Build<T>>) -> Self {
+    pub fn new(workers: usize, prefetch: usize, build: Arc<Build<T>>) -> Self {
         let n = workers.max(1);
         let depth = prefetch.max(n).div_ceil(n);
         let ready = Arc::new(AtomicUsize::new(0));
         let workers = (0..n)
             .map(|i| {
-                let (job_tx, job_rx) = channel::<Vec<usize>>();
+                let (job_tx, job_rx) = channel::<Job>();
                 let (ready_tx, ready_rx): (SyncSender<T>, Receiver<T>) = sync_channel(depth);
-                let examples = Arc::clone(&examples);
                 let build = Arc::clone(&build);
                 let ready = Arc::clone(&ready);
                 let handle = std::thread::Builder::new()
                     .name(format!("kiln-loader-{i}"))
                     .spawn(move || {
-                        for indices in job_rx {
+                        for (examples, indices) in job_rx {
                             let batch = build(HostBatch::build(&examples, &indices));
                             ready.fetch_add(1, Ordering::Relaxed);
                             if ready_tx.send(batch).is_err() {
@@ -66,15 +69,15 @@ impl<T: Send + 'static> Loader<T> {
         Self { workers, next: 0, queued: 0, waited: Duration::ZERO, ready }
     }
 
-    /// Queues a pass over `batches` (one epoch, or its remainder after a resume). The previous
-    /// pass must have been consumed.
-    pub fn start(&mut self, batches: &[Vec<usize>]) {
+    /// Queues a pass over `batches` of `examples` (one epoch, or its remainder after a resume).
+    /// The previous pass must have been consumed.
+    pub fn start(&mut self, examples: &Arc<Vec<Example>>, batches: &[Vec<usize>]) {
         assert_eq!(self.next, self.queued, "the previous pass was not consumed");
         self.next = 0;
         self.queued = batches.len();
         for (k, indices) in batches.iter().enumerate() {
             let w = &self.workers[k % self.workers.len()];
-            w.jobs.as_ref().expect("workers live while the loader does").send(indices.clone()).expect("loader worker alive");
+            w.jobs.as_ref().expect("workers live while the loader does").send((Arc::clone(examples), indices.clone())).expect("loader worker alive");
         }
     }
 
@@ -140,12 +143,15 @@ mod tests {
         let ex = examples(100);
         let batches = plan(100);
         let build: Arc<Build<HostBatch>> = Arc::new(|b| b);
-        let mut one = Loader::new(Arc::clone(&ex), 1, 2, Arc::clone(&build));
-        let mut three = Loader::new(Arc::clone(&ex), 3, 4, Arc::clone(&build));
+        let mut one = Loader::new(1, 2, Arc::clone(&build));
+        let mut three = Loader::new(3, 4, Arc::clone(&build));
         for epoch in 0..2 {
-            one.start(&batches);
-            three.start(&batches);
+            // Each pass may bring its own examples (resampled segmentations).
+            let ex = if epoch == 0 { Arc::clone(&ex) } else { examples(101) };
+            one.start(&ex, &batches);
+            three.start(&ex, &batches);
             let (a, b) = (drain(&mut one), drain(&mut three));
+            assert_eq!(a[0], HostBatch::build(&ex, &batches[0]), "epoch {epoch}");
             assert_eq!(a.len(), batches.len(), "epoch {epoch}");
             assert_eq!(a, b, "epoch {epoch}");
             let expected: Vec<Vec<usize>> = a.iter().map(|b| b.indices.clone()).collect();
@@ -156,8 +162,8 @@ mod tests {
     #[test]
     fn dropping_a_loader_mid_pass_joins_its_workers() {
         let build: Arc<Build<HostBatch>> = Arc::new(|b| b);
-        let mut l = Loader::new(examples(60), 2, 2, build);
-        l.start(&plan(60));
+        let mut l = Loader::new(2, 2, build);
+        l.start(&examples(60), &plan(60));
         assert!(l.next_batch().is_some());
         drop(l);
     }

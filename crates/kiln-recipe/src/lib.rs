@@ -81,11 +81,25 @@ pub enum Schedule {
     Constant,
 }
 
-/// `[data]`: where the parallel corpus comes from and how it is split.
+/// What kind of corpus `data.train` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CorpusFormat {
+    /// `source<TAB>target` lines (translation).
+    #[default]
+    Pairs,
+    /// Plain text: one token stream cut into blocks of `data.block_size` (language models).
+    Text,
+}
+
+/// `[data]`: where the corpus comes from and how it is split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSection {
-    /// TSV file of `source<TAB>target` lines; split into train/valid/test unless `valid` is set.
+    /// `pairs` (TSV) or `text` (plain text for language models).
+    pub format: CorpusFormat,
+    /// The corpus: TSV of `source<TAB>target` lines, or plain text; split into train/valid/test
+    /// unless `valid` is set.
     pub train: PathBuf,
     /// Explicit validation file; empty = carve `valid_size` pairs out of `train`.
     pub valid: PathBuf,
@@ -100,13 +114,17 @@ pub struct DataSection {
     pub on_bad_line: OnBadLine,
     /// Training pairs with more tokens than this on either side are dropped (valid/test are kept).
     pub max_len: usize,
-    /// Use only the first N pairs of each file (0 = all): for quick experiments and tests.
+    /// Use only the first N pairs (lines) of each file (0 = all): for quick experiments and tests.
     pub limit: usize,
+    /// Text corpora: tokens per training block (the model sees `block_size` tokens and predicts
+    /// the next token at each).
+    pub block_size: usize,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
         Self {
+            format: CorpusFormat::Pairs,
             train: PathBuf::new(),
             valid: PathBuf::new(),
             test: PathBuf::new(),
@@ -117,6 +135,7 @@ impl Default for DataSection {
             on_bad_line: OnBadLine::Error,
             max_len: 128,
             limit: 0,
+            block_size: 256,
         }
     }
 }
@@ -133,6 +152,12 @@ pub struct TokenizerSection {
     pub lowercase: bool,
     /// BPE only: merges must occur at least this often.
     pub min_frequency: u64,
+    /// Unigram only: subword regularisation; each training epoch samples a segmentation of every
+    /// example with scores scaled by this inverse temperature (0 = off; 0.1–0.5 usual).
+    pub sample_alpha: f64,
+    /// BPE only: BPE-dropout; each training epoch re-segments every example skipping each merge
+    /// with this probability (0 = off; 0.1 usual).
+    pub bpe_dropout: f64,
 }
 
 impl Default for TokenizerSection {
@@ -143,6 +168,8 @@ impl Default for TokenizerSection {
             path: PathBuf::new(),
             lowercase: false,
             min_frequency: 2,
+            sample_alpha: 0.0,
+            bpe_dropout: 0.0,
         }
     }
 }
@@ -170,7 +197,7 @@ pub struct LoaderSection {
 
 impl Default for LoaderSection {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 100, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8, batch_multiple: 1 }
+        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 400, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8, batch_multiple: 1 }
     }
 }
 
@@ -437,6 +464,34 @@ impl Recipe {
         if t.path.as_os_str().is_empty() && t.vocab_size < 16 {
             return Err(("tokenizer.vocab_size".into(), format!("expected an integer >= 16, got {}", t.vocab_size)));
         }
+        in_range("tokenizer.sample_alpha", t.sample_alpha, 0.0, f64::INFINITY, false, true)?;
+        in_range("tokenizer.bpe_dropout", t.bpe_dropout, 0.0, 1.0, false, true)?;
+        if t.path.as_os_str().is_empty() {
+            if t.sample_alpha > 0.0 && t.kind != TokenizerKind::Unigram {
+                return Err(("tokenizer.sample_alpha".into(), "subword sampling needs kind = \"unigram\" (use tokenizer.bpe_dropout for BPE)".into()));
+            }
+            if t.bpe_dropout > 0.0 && t.kind != TokenizerKind::Bpe {
+                return Err(("tokenizer.bpe_dropout".into(), "BPE-dropout needs kind = \"bpe\" (use tokenizer.sample_alpha for Unigram)".into()));
+            }
+        }
+        if t.sample_alpha > 0.0 && t.bpe_dropout > 0.0 {
+            return Err(("tokenizer.bpe_dropout".into(), "set either tokenizer.sample_alpha or tokenizer.bpe_dropout, not both".into()));
+        }
+        if d.format == CorpusFormat::Text {
+            if self.model.family == ModelFamily::Transformer {
+                return Err((
+                    "data.format".into(),
+                    "\"text\" corpora train language models; model.family = \"transformer\" is an encoder-decoder for sentence pairs".into(),
+                ));
+            }
+            positive("data.block_size", d.block_size)?;
+            if self.loader.max_tokens < d.block_size {
+                return Err((
+                    "loader.max_tokens".into(),
+                    format!("expected at least data.block_size = {} so one block fits a batch, got {}", d.block_size, self.loader.max_tokens),
+                ));
+            }
+        }
         positive("loader.max_tokens", self.loader.max_tokens)?;
         positive("loader.workers", self.loader.workers)?;
         positive("loader.prefetch", self.loader.prefetch)?;
@@ -450,7 +505,7 @@ impl Recipe {
         let m = &self.model;
         positive("model.d_model", m.d_model)?;
         positive("model.n_heads", m.n_heads)?;
-        if m.d_model % m.n_heads != 0 {
+        if !m.d_model.is_multiple_of(m.n_heads) {
             return Err(("model.n_heads".into(), format!("expected a divisor of model.d_model = {}, got {}", m.d_model, m.n_heads)));
         }
         positive("model.d_ff", m.d_ff)?;

@@ -1,6 +1,7 @@
 //! `kiln bench data`: the data pipeline's figures, measured in one run on this machine: cold
 //! preparation against a dataset-cache hit, loader throughput with 1 and 2 workers, and padding
-//! with and without length bucketing. Ratios, not absolute timings, are the point.
+//! with and without length bucketing, and the cost of resampling an epoch's segmentations
+//! (subword regularisation). Ratios, not absolute timings, are the point.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ pub struct DataBench {
     pub batches: usize,
     pub padding_bucketed: f64,
     pub padding_unbucketed: f64,
+    /// How the regularisation row was measured ("Unigram sampling α 0.2" / "BPE-dropout 0.1").
+    pub resample_what: String,
+    /// Seconds to resample every training example once (one epoch).
+    pub resample_s: f64,
 }
 
 fn padding(batches: &[Vec<usize>], examples: &[kiln_data::Example]) -> f64 {
@@ -62,9 +67,9 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
     let rate = |workers: usize| -> f64 {
         let device = Default::default();
         let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<Flex> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &device));
-        let mut loader = Loader::new(Arc::clone(&examples), workers, recipe.loader.prefetch, build);
+        let mut loader = Loader::new(workers, recipe.loader.prefetch, build);
         let t0 = Instant::now();
-        loader.start(&plan);
+        loader.start(&examples, &plan);
         let mut n = 0;
         while let Some(b) = loader.next_batch() {
             std::hint::black_box(&b);
@@ -83,6 +88,23 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
         multiple: recipe.loader.batch_multiple,
     };
     let unbucketed = plan_batches(&lengths, unbucketed_settings, Some(recipe.train.seed));
+
+    // The regulariser the recipe's tokenizer kind would use, at a usual strength.
+    let mut reg_settings = recipe.tokenizer.clone();
+    let resample_what = match recipe.tokenizer.kind {
+        kiln_recipe::TokenizerKind::Unigram => {
+            reg_settings.sample_alpha = 0.2;
+            "Unigram sampling, α = 0.2".to_string()
+        }
+        kiln_recipe::TokenizerKind::Bpe => {
+            reg_settings.bpe_dropout = 0.1;
+            "BPE-dropout 0.1".to_string()
+        }
+    };
+    let regulariser = kiln_data::Regulariser::new(&warm.tokenizer, &reg_settings).map_err(|e| anyhow!("{e}"))?.expect("settings turn it on");
+    let t0 = Instant::now();
+    std::hint::black_box(regulariser.epoch(&warm.train, recipe.train.seed, recipe.data.max_len));
+    let resample_s = t0.elapsed().as_secs_f64();
     Ok(DataBench {
         pairs: warm.train.len() + warm.valid.examples.len() + warm.test.examples.len(),
         cold_s,
@@ -92,6 +114,8 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
         batches: plan.len(),
         padding_bucketed: padding(&plan, &warm.train),
         padding_unbucketed: padding(&unbucketed, &warm.train),
+        resample_what,
+        resample_s,
     })
 }
 
@@ -107,9 +131,10 @@ impl DataBench {
              | cache speed-up | **{speedup:.0}×** | ≥ 20× |\n\
              | loader, 1 worker | {l1:.0} batches/s | |\n\
              | loader, 2 workers | {l2:.0} batches/s ({lr:.2}× of 1 worker) | |\n\
-             | padding with length bucketing | {pb:.1} % | |\n\
+             | padding with length bucketing | **{pb:.1} %** | ≤ 5 % |\n\
              | padding without bucketing | {pu:.1} % | |\n\
-             | bucketed / unbucketed padding | **{pr:.1} %** | ≤ 5 % |\n\n",
+             | bucketed / unbucketed padding | {pr:.1} % | |\n\
+             | resampling one epoch's segmentations ({rw}, all cores) | {rs:.2} s ({rf:.1} % of cold prepare) | |\n\n",
             pairs = self.pairs,
             batches = self.batches,
             cold = self.cold_s,
@@ -121,6 +146,9 @@ impl DataBench {
             pb = self.padding_bucketed,
             pu = self.padding_unbucketed,
             pr = 100.0 * self.padding_bucketed / self.padding_unbucketed.max(1e-9),
+            rw = self.resample_what,
+            rs = self.resample_s,
+            rf = 100.0 * self.resample_s / self.cold_s.max(1e-9),
         )
     }
 }

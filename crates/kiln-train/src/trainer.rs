@@ -29,13 +29,7 @@ use crate::clip::clip_global_norm;
 use crate::evaluate::{evaluate, flat, ids};
 use crate::schedule::LrSchedule;
 
-/// Mixes a seed with counters into an independent 64-bit seed (SplitMix64 finaliser).
-pub fn mix_seed(seed: u64, a: u64, b: u64) -> u64 {
-    let mut z = seed ^ a.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ b.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+pub use kiln_data::mix_seed;
 
 /// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
 pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
@@ -152,9 +146,21 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         optim = optim.load_record(record);
     }
 
+    // Subword regularisation gives every epoch its own segmentations of the training examples,
+    // drawn from (seed, epoch, example); without it every epoch shares the prepared ids.
+    let regulariser = kiln_data::Regulariser::new(&data.tokenizer, &recipe.tokenizer).map_err(|e| anyhow!("{e}"))?;
+    let prepared_train = Arc::new(data.train.clone());
+    let epoch_examples = |epoch: usize| -> Arc<Vec<Example>> {
+        match &regulariser {
+            None => Arc::clone(&prepared_train),
+            Some(r) => Arc::new(r.epoch(&data.train, mix_seed(tr.seed, 3, epoch as u64), recipe.data.max_len)),
+        }
+    };
+
     // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
     // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
-    let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_batches(&data.train, recipe, e).len().div_ceil(tr.accumulate)).collect();
+    let epoch_steps: Vec<usize> =
+        (0..tr.epochs).map(|e| epoch_batches(&epoch_examples(e), recipe, e).len().div_ceil(tr.accumulate)).collect();
     let mut total_steps: usize = epoch_steps.iter().sum();
     if tr.max_steps > 0 {
         total_steps = total_steps.min(tr.max_steps);
@@ -179,6 +185,11 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             sync_interval: tr.sync_interval,
         }),
     )?;
+    if regulariser.is_some() {
+        let t = &recipe.tokenizer;
+        let how = if t.sample_alpha > 0.0 { format!("Unigram sampling, alpha {}", t.sample_alpha) } else { format!("BPE-dropout {}", t.bpe_dropout) };
+        emit(sink, Event::Note(format!("subword regularisation: {how}, new segmentations every epoch (training only)")))?;
+    }
     if job.resume_from.is_some() {
         emit(sink, Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch)))?;
     }
@@ -204,15 +215,16 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
     // Loader workers pad batches and put their tensors on the device ahead of the loop.
     let build_device = device.clone();
     let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<B> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &build_device));
-    let mut loader = Loader::new(Arc::new(data.train.clone()), recipe.loader.workers, recipe.loader.prefetch, build);
+    let mut loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch, build);
 
     // A finished run resumed with more epochs or steps continues; `finished` is informational.
     let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
         let epoch = state.epoch;
-        let plan = epoch_batches(&data.train, recipe, epoch);
+        let examples = epoch_examples(epoch);
+        let plan = epoch_batches(&examples, recipe, epoch);
         let mut pos = state.batch_in_epoch;
-        loader.start(&plan[pos..]);
+        loader.start(&examples, &plan[pos..]);
         while pos < plan.len() {
             if tr.max_steps > 0 && state.step >= tr.max_steps {
                 stop = true;
@@ -282,7 +294,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             state.epoch_tokens = 0;
         }
         let finished = stop || state.epoch >= tr.epochs;
-        let periodic = epoch_done && tr.save_every > 0 && state.epoch % tr.save_every == 0;
+        let periodic = epoch_done && tr.save_every > 0 && state.epoch.is_multiple_of(tr.save_every);
         if finished || periodic {
             state.finished = finished;
             state.wall_s = clock.wall();
