@@ -2,11 +2,12 @@
 //! run directory's loggers and starts (or resumes) training. Every user error ends here as one
 //! line on stderr and exit code 2; nothing already saved is touched.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln_events::Fanout;
+use kiln_events::{Control, Fanout};
 use kiln_recipe::{Override, Recipe};
 use kiln_views::{ProgressLine, RunFiles};
 
@@ -28,6 +29,11 @@ enum Command {
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
+    },
+    /// Show the dashboard of a run directory: a live run (following its metrics.jsonl) or a
+    /// finished one (replay). q quits.
+    Watch {
+        run_dir: PathBuf,
     },
     /// Inspect or prune the dataset cache.
     Cache {
@@ -79,7 +85,8 @@ struct TrainArgs {
     /// Continue the run in RUN_DIR from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
-    /// Plain progress lines instead of the terminal dashboard.
+    /// Plain progress lines instead of the terminal dashboard (the default when stdout is not a
+    /// terminal).
     #[arg(long)]
     no_tui: bool,
 }
@@ -89,6 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Cache { action, dir } => cache(action, &dir),
+        Command::Watch { run_dir } => watch(&run_dir),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
     };
     match result {
@@ -123,18 +131,91 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             (recipe, dir, false, created)
         }
     };
-    // The dashboard arrives with its own issue; until then every run logs plain lines.
-    let _ = args.no_tui;
+    let control = Control::new();
+    install_stop_signals(&control);
+    let name = recipe.name.clone();
+    let tui = !args.no_tui && std::io::stdout().is_terminal() && std::io::stdin().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
     let result = (|| {
         let files = RunFiles::open(&run_dir).map_err(anyhow::Error::msg)?;
-        let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout())).with(files);
-        kiln_train::launch(&kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume }, &mut sink)
+        let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone() };
+        let dashboard = if tui {
+            match kiln_dashboard::start_live(control.clone()) {
+                Ok(d) => Some(d),
+                Err(why) => {
+                    eprintln!("kiln: {why}; plain progress lines instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match dashboard {
+            Some((view, thread)) => {
+                let mut sink = Fanout::new().with(view).with(files);
+                let result = kiln_train::launch(&launch, &mut sink);
+                // Closing the channel ends the dashboard, which restores the terminal.
+                drop(sink);
+                if let Err(why) = thread.finish() {
+                    eprintln!("kiln: {why}");
+                }
+                result
+            }
+            None => {
+                let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout())).with(files);
+                kiln_train::launch(&launch, &mut sink)
+            }
+        }
     })();
-    if result.is_err() && created && !run_dir.join("checkpoints").exists() {
-        // A run that failed before saving anything (bad corpus, say) leaves no directory behind.
-        let _ = std::fs::remove_dir_all(&run_dir);
+    match &result {
+        Ok(summary) => {
+            println!("\n{}", kiln_views::summary_table::summary_table(summary, &run_dir.display().to_string()));
+            match kiln_views::plots::write_charts(&run_dir, &name) {
+                Ok(paths) if !paths.is_empty() => {
+                    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                    println!("  charts  {}", names.join(", "));
+                }
+                Ok(_) => {}
+                // The run itself is saved; a chart that cannot be drawn is worth a line, not a failure.
+                Err(why) => eprintln!("kiln: warning: {why}"),
+            }
+        }
+        Err(_) if created && !run_dir.join("checkpoints").exists() => {
+            // A run that failed before saving anything (bad corpus, say) leaves no directory behind.
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        Err(_) => {}
     }
     result.map(|_| ())
+}
+
+/// SIGINT / SIGTERM: the first asks the trainer to finish its step, save and stop (resumable);
+/// a second one ends the process at once.
+fn install_stop_signals(control: &Control) {
+    let control = control.clone();
+    let _ = ctrlc::set_handler(move || {
+        if control.stop_requested() {
+            eprintln!("\nkiln: stopping now, without saving");
+            std::process::exit(130);
+        }
+        eprintln!("\nkiln: stopping after this step and saving a checkpoint (again to quit at once)");
+        control.request_stop();
+    });
+}
+
+fn watch(run_dir: &std::path::Path) -> anyhow::Result<()> {
+    if !std::io::stdout().is_terminal() {
+        // No terminal: print what the dashboard would show first, as the summary of the run.
+        let state = kiln_dashboard::load_run(run_dir).map_err(anyhow::Error::msg)?;
+        match &state.summary {
+            Some(s) => print!("{}", kiln_views::summary_table::summary_table(s, &run_dir.display().to_string())),
+            None => println!("{}: running, step {} of {}", run_dir.display(), state.step(), state.total_steps()),
+        }
+        if state.malformed_lines > 0 {
+            println!("  ({} malformed metrics.jsonl lines skipped)", state.malformed_lines);
+        }
+        return Ok(());
+    }
+    kiln_dashboard::watch(run_dir).map_err(anyhow::Error::msg)
 }
 
 fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Path) -> anyhow::Result<()> {

@@ -248,3 +248,49 @@ fn subword_regularisation_resamples_every_epoch_and_still_learns() {
     let w = windows(&read_jsonl(&sampled.join("metrics.jsonl"))).into_iter().cloned().collect::<Vec<_>>();
     assert!(f(&w.last().unwrap()["loss"]) < f(&w[0]["loss"]), "loss did not fall with sampling");
 }
+
+#[test]
+fn sigint_stops_after_the_step_saves_and_resumes_to_the_same_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, stopped) = (dir.path().join("whole"), dir.path().join("stopped"));
+    let sets = ["train.epochs=3", "train.sync_interval=2", "eval.bleu=false"];
+    train(&whole, &sets);
+
+    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), stopped.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first sync window, then interrupt as a user's Ctrl-C would.
+    let metrics = stopped.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"kind\":\"train\"") {
+        assert!(t0.elapsed().as_secs() < 120, "no training window appeared");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "a requested stop is a success; stderr: {}", stderr(&o));
+    assert!(stdout(&o).contains("stopped on request at step"), "{}", stdout(&o));
+    let s = read_json(&stopped.join("summary.json"));
+    assert_eq!(s["stopped"], true);
+    let at = s["steps"].as_u64().unwrap();
+    let end = read_json(&whole.join("summary.json"))["steps"].as_u64().unwrap();
+    assert!(at > 0 && at < end, "stopped at {at} of {end}");
+    assert!(stopped.join(format!("checkpoints/step-{at:07}")).is_dir(), "the stop saved a checkpoint at its step");
+
+    let o = kiln(&["train", "--resume", &stopped.display().to_string(), "--no-tui"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (read_json(&whole.join("summary.json")), read_json(&stopped.join("summary.json")));
+    assert_eq!(b["stopped"], false);
+    assert_eq!(a["steps"], b["steps"]);
+    assert_eq!(a["train_loss"], b["train_loss"], "the resumed run ends exactly where the unbroken one does");
+    assert_eq!(a["valid_loss"], b["valid_loss"]);
+}

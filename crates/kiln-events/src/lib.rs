@@ -1,6 +1,11 @@
 //! The trainer's typed event stream. The trainer emits [`Event`]s to [`EventSink`]s and knows
-//! nothing of terminals or files; progress lines, `metrics.jsonl`, `summary.json` and (later) the
-//! dashboard are sinks. Field names here are the run directory's JSON contract.
+//! nothing of terminals or files; progress lines, `metrics.jsonl`, `summary.json` and the
+//! dashboard are sinks. Field names here are the run directory's JSON contract: fields are added
+//! (with defaults, so older files still read), never renamed or removed. [`Control`] is the one
+//! way back: views ask the trainer to pause or stop, and the trainer polls it between steps.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +55,21 @@ pub struct WindowRow {
     pub padding_pct: f64,
     /// Milliseconds the trainer waited for the loader during the window.
     pub data_wait_ms: f64,
+    /// Sentences (or blocks) in the window's batches.
+    #[serde(default)]
+    pub sentences: u64,
+    /// Seconds the window took (its steps, data wait and sync).
+    #[serde(default)]
+    pub window_s: f64,
+    /// Built batches waiting in the loader's queues at the window's end (prefetch depth in use).
+    #[serde(default)]
+    pub prefetch_ready: usize,
+    /// Resident memory of the training process at the window's end, MiB (0 where unknown).
+    #[serde(default)]
+    pub rss_mb: f64,
+    /// CPU use of the training process over the window, percent of one core (0 where unknown).
+    #[serde(default)]
+    pub cpu_pct: f64,
 }
 
 /// Validation at an epoch end (a `"kind":"valid"` row).
@@ -82,6 +102,10 @@ pub struct Summary {
     /// The final model on the held-out test split (absent when there is none).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub test: Option<EvalFigures>,
+    /// The run was stopped on request (dashboard `q`, SIGINT, SIGTERM) before its end; its last
+    /// checkpoint resumes it.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 /// How the data was prepared and fed.
@@ -134,6 +158,45 @@ pub struct RunInfo {
     pub train_examples: usize,
     pub valid_examples: usize,
     pub sync_interval: usize,
+    /// Ready batches the loader keeps at most (`loader.prefetch`).
+    #[serde(default)]
+    pub prefetch: usize,
+}
+
+/// Requests from views to the trainer, honoured at the next step boundary. Cloning shares it.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    flags: Arc<ControlFlags>,
+}
+
+#[derive(Debug, Default)]
+struct ControlFlags {
+    stop: AtomicBool,
+    paused: AtomicBool,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Finish the current step, save a checkpoint and end the run (resumable).
+    pub fn request_stop(&self) {
+        self.flags.stop.store(true, Ordering::SeqCst);
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.flags.stop.load(Ordering::SeqCst)
+    }
+
+    /// Pauses or resumes training; returns whether it is now paused.
+    pub fn toggle_pause(&self) -> bool {
+        !self.flags.paused.fetch_xor(true, Ordering::SeqCst)
+    }
+
+    pub fn paused(&self) -> bool {
+        self.flags.paused.load(Ordering::SeqCst)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,5 +240,23 @@ impl EventSink for Fanout {
             sink.emit(event)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_is_shared_between_clones() {
+        let view = Control::new();
+        let trainer = view.clone();
+        assert!(!trainer.paused() && !trainer.stop_requested());
+        assert!(view.toggle_pause(), "first toggle pauses");
+        assert!(trainer.paused());
+        assert!(!view.toggle_pause(), "second toggle resumes");
+        assert!(!trainer.paused());
+        view.request_stop();
+        assert!(trainer.stop_requested());
     }
 }

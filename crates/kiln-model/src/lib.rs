@@ -1,9 +1,13 @@
-//! Models as Burn modules, their loss and their decoding. kiln's first family is the
-//! encoder-decoder Transformer for translation ([`seq2seq`]); [`loss`] is the label-smoothed
-//! cross-entropy that ignores padding and returns *sums* so windows of steps add up exactly.
+//! Models as Burn modules, their loss and their decoding. Families: the encoder-decoder
+//! Transformer for translation ([`seq2seq`]) and the decoder-only language model ([`lm`], with
+//! [`sampling`] for generation); [`loss`] is the label-smoothed cross-entropy that ignores
+//! padding and returns *sums* so windows of steps add up exactly.
 
+pub mod lm;
 pub mod loss;
+pub mod sampling;
 pub mod seq2seq;
 
 pub use loss::{label_smoothed_loss, LossSums};
+pub use lm::{DecoderLm, LmConfig};
 pub use seq2seq::{Seq2Seq, Seq2SeqConfig};

@@ -51,9 +51,11 @@ pub enum TokenizerKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelFamily {
-    /// Encoder-decoder Transformer for translation.
+    /// Encoder-decoder Transformer for translation (`data.format = "pairs"`).
     #[default]
     Transformer,
+    /// Decoder-only Transformer language model, GPT-style (`data.format = "text"`).
+    Lm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -62,6 +64,8 @@ pub enum Positions {
     #[default]
     Sinusoidal,
     Learned,
+    /// Rotary position embeddings on queries and keys (language models only).
+    Rotary,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -477,12 +481,24 @@ impl Recipe {
         if t.sample_alpha > 0.0 && t.bpe_dropout > 0.0 {
             return Err(("tokenizer.bpe_dropout".into(), "set either tokenizer.sample_alpha or tokenizer.bpe_dropout, not both".into()));
         }
-        if d.format == CorpusFormat::Text {
-            if self.model.family == ModelFamily::Transformer {
+        match (self.model.family, d.format) {
+            (ModelFamily::Transformer, CorpusFormat::Text) => {
                 return Err((
                     "data.format".into(),
-                    "\"text\" corpora train language models; model.family = \"transformer\" is an encoder-decoder for sentence pairs".into(),
-                ));
+                    "\"text\" corpora train language models (model.family = \"lm\"); model.family = \"transformer\" is an encoder-decoder for sentence pairs".into(),
+                ))
+            }
+            (ModelFamily::Lm, CorpusFormat::Pairs) => {
+                return Err(("data.format".into(), "model.family = \"lm\" trains on plain text: set data.format = \"text\"".into()))
+            }
+            _ => {}
+        }
+        if self.model.family == ModelFamily::Transformer && self.model.positions == Positions::Rotary {
+            return Err(("model.positions".into(), "\"rotary\" is available for model.family = \"lm\"; the encoder-decoder takes \"sinusoidal\" or \"learned\"".into()));
+        }
+        if d.format == CorpusFormat::Text {
+            if self.model.max_positions < d.block_size {
+                return Err(("model.max_positions".into(), format!("expected at least data.block_size = {}, got {}", d.block_size, self.model.max_positions)));
             }
             positive("data.block_size", d.block_size)?;
             if self.loader.max_tokens < d.block_size {
@@ -496,7 +512,7 @@ impl Recipe {
         positive("loader.workers", self.loader.workers)?;
         positive("loader.prefetch", self.loader.prefetch)?;
         positive("loader.batch_multiple", self.loader.batch_multiple)?;
-        if self.loader.max_tokens < d.max_len + 2 {
+        if d.format == CorpusFormat::Pairs && self.loader.max_tokens < d.max_len + 2 {
             return Err((
                 "loader.max_tokens".into(),
                 format!("expected at least data.max_len + 2 = {} so the longest pair fits a batch, got {}", d.max_len + 2, self.loader.max_tokens),
@@ -512,7 +528,7 @@ impl Recipe {
         positive("model.encoder_layers", m.encoder_layers)?;
         positive("model.decoder_layers", m.decoder_layers)?;
         in_range("model.dropout", m.dropout, 0.0, 1.0, false, true)?;
-        if m.max_positions < d.max_len + 2 {
+        if d.format == CorpusFormat::Pairs && m.max_positions < d.max_len + 2 {
             return Err((
                 "model.max_positions".into(),
                 format!("expected at least data.max_len + 2 = {}, got {}", d.max_len + 2, m.max_positions),

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod evaluate;
 pub mod rundir;
 pub mod schedule;
+pub mod system;
 pub mod trainer;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,8 @@ pub struct Launch {
     pub recipe: Recipe,
     pub run_dir: PathBuf,
     pub resume: bool,
+    /// Pause and stop requests from the dashboard or signal handlers.
+    pub control: kiln_events::Control,
 }
 
 /// Prepares the run directory and data, then trains on the recipe's device.
@@ -130,7 +133,7 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
             data.prepare_s
         ),
     )?;
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device, device_name, resume_from };
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device, device_name, resume_from, control: launch.control.clone() };
     trainer::run(job, sink)
 }
 

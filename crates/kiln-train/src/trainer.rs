@@ -28,6 +28,7 @@ use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::clip::clip_global_norm;
 use crate::evaluate::{evaluate, flat, ids};
 use crate::schedule::LrSchedule;
+use crate::system::ProcessSample;
 
 pub use kiln_data::mix_seed;
 
@@ -47,6 +48,7 @@ pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Ve
 struct SyncWindow<B: Backend> {
     loss_sum: Option<Tensor<B, 1>>,
     tokens: u64,
+    sentences: u64,
     real: u64,
     slots: u64,
     steps: usize,
@@ -55,7 +57,7 @@ struct SyncWindow<B: Backend> {
 
 impl<B: Backend> SyncWindow<B> {
     fn new() -> Self {
-        Self { loss_sum: None, tokens: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
+        Self { loss_sum: None, tokens: 0, sentences: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
     }
 
     fn add(&mut self, loss_sum: Tensor<B, 1>) {
@@ -106,6 +108,8 @@ pub struct TrainJob<'a, B: AutodiffBackend> {
     pub device_name: String,
     /// Resume from this checkpoint directory.
     pub resume_from: Option<std::path::PathBuf>,
+    /// Pause / stop requests, polled between optimizer steps.
+    pub control: kiln_events::Control,
 }
 
 type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
@@ -183,6 +187,8 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             train_examples: data.train.len(),
             valid_examples: data.valid.examples.len(),
             sync_interval: tr.sync_interval,
+            // The loader's capacity: a queue of ⌈prefetch / workers⌉ per worker.
+            prefetch: recipe.loader.prefetch.max(recipe.loader.workers).div_ceil(recipe.loader.workers) * recipe.loader.workers,
         }),
     )?;
     if regulariser.is_some() {
@@ -194,7 +200,18 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         emit(sink, Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch)))?;
     }
 
-    let mut clock = Clock { started: Instant::now(), wall_before: state.wall_s, train_tokens: 0, train_s: 0.0, real: 0, slots: 0 };
+    let mut clock = Clock {
+        started: Instant::now(),
+        wall_before: state.wall_s,
+        train_tokens: 0,
+        train_s: 0.0,
+        real: 0,
+        slots: 0,
+        process: ProcessSample::now(),
+        process_at: Instant::now(),
+    };
+    let control = &job.control;
+    let mut stopped = false;
     let mut accumulator = GradientsAccumulator::<Seq2Seq<B>>::new();
     let mut window = SyncWindow::<B::InnerBackend>::new();
     let mut last_lr = schedule.at(state.step.max(1));
@@ -230,6 +247,21 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
                 stop = true;
                 break;
             }
+            if control.paused() && !control.stop_requested() {
+                emit(sink, Event::Note(format!("paused at step {}", state.step)))?;
+                let t0 = Instant::now();
+                while control.paused() && !control.stop_requested() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                // The pause is not training time.
+                window.started += t0.elapsed();
+                emit(sink, Event::Note("resumed".into()))?;
+            }
+            if control.stop_requested() {
+                stopped = true;
+                stop = true;
+                break;
+            }
             if window.steps == 0 {
                 // The window's clock starts with its first step (data wait included), not after
                 // the previous window's validation or checkpoint.
@@ -259,15 +291,16 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             pos += group;
             state.batch_in_epoch = pos;
             window.tokens += step_tokens as u64;
+            window.sentences += batches.iter().map(|b| b.host.size as u64).sum::<u64>();
             window.real += batches.iter().map(|b| b.host.real_tokens as u64).sum::<u64>();
             window.slots += batches.iter().map(|b| b.host.slots as u64).sum::<u64>();
             window.steps += 1;
             if window.steps >= tr.sync_interval {
-                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), sink)?;
+                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
             }
         }
         if window.steps > 0 {
-            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), sink)?;
+            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
         }
         let epoch_loss = state.epoch_loss_sum / state.epoch_tokens.max(1) as f64;
         state.last_epoch_loss = Some(epoch_loss);
@@ -278,8 +311,9 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         if epoch_done {
             emit(sink, Event::EpochEnd { epoch: epoch + 1, step: state.step, train_loss: epoch_loss })?;
         }
-        // Validate at each epoch end, and once more when `max_steps` ends the run mid-epoch.
-        if epoch_done || stop {
+        // Validate at each epoch end, and once more when `max_steps` ends the run mid-epoch (not
+        // on a stop request: the user wants out, and the checkpoint resumes the run).
+        if epoch_done || (stop && !stopped) {
             let valid = evaluate(&model.valid(), &data.valid, &data.tokenizer, recipe, device);
             let row = ValidRow { epoch: epoch + 1, step: state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu };
             emit(sink, Event::Validation(row.clone()))?;
@@ -293,9 +327,9 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             state.epoch_loss_sum = 0.0;
             state.epoch_tokens = 0;
         }
-        let finished = stop || state.epoch >= tr.epochs;
+        let finished = (stop && !stopped) || state.epoch >= tr.epochs;
         let periodic = epoch_done && tr.save_every > 0 && state.epoch.is_multiple_of(tr.save_every);
-        if finished || periodic {
+        if finished || periodic || stopped {
             state.finished = finished;
             state.wall_s = clock.wall();
             let name = format!("step-{:07}", state.step);
@@ -304,7 +338,13 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         }
     }
 
-    let test = if data.test.examples.is_empty() {
+    if stopped {
+        emit(
+            sink,
+            Event::Note(format!("stopped on request at step {}; continue with: kiln train --resume {}", state.step, job.run_dir.display())),
+        )?;
+    }
+    let test = if data.test.examples.is_empty() || stopped {
         None
     } else {
         let t = evaluate(&model.valid(), &data.test, &data.tokenizer, recipe, device);
@@ -332,6 +372,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         sync: state.sync.into(),
         data: DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: padding_pct(clock.real, clock.slots) },
         test,
+        stopped,
     };
     emit(sink, Event::Finished(summary.clone()))?;
     Ok(summary)
@@ -347,6 +388,9 @@ struct Clock {
     /// Real tokens and batch slots of this process's training windows (padding statistics).
     real: u64,
     slots: u64,
+    /// The process's counters at the last window's end, and when they were read.
+    process: ProcessSample,
+    process_at: Instant,
 }
 
 impl Clock {
@@ -362,6 +406,7 @@ fn flush_window<B: Backend>(
     lr: f64,
     clock: &mut Clock,
     data_wait: std::time::Duration,
+    prefetch_ready: usize,
     sink: &mut dyn EventSink,
 ) -> Result<()> {
     let (loss_sum, ms) = window.read();
@@ -374,6 +419,10 @@ fn flush_window<B: Backend>(
     clock.train_s += secs;
     clock.real += window.real;
     clock.slots += window.slots;
+    let process = ProcessSample::now();
+    let cpu_pct = process.cpu_pct_since(&clock.process, clock.process_at.elapsed().as_secs_f64());
+    clock.process = process;
+    clock.process_at = Instant::now();
     let row = WindowRow {
         epoch: epoch + 1,
         step: state.step,
@@ -387,6 +436,11 @@ fn flush_window<B: Backend>(
         wall_s: clock.wall(),
         padding_pct: padding_pct(window.real, window.slots),
         data_wait_ms: data_wait.as_secs_f64() * 1e3,
+        sentences: window.sentences,
+        window_s: secs,
+        prefetch_ready,
+        rss_mb: process.rss_mb,
+        cpu_pct,
     };
     *window = SyncWindow::new();
     sink.emit(&Event::Window(row)).map_err(|m| anyhow!(m))

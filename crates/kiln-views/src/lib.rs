@@ -1,9 +1,14 @@
 //! Views and loggers of the trainer's event stream: the plain progress line (one per sync window,
-//! fit for `nohup` files) and the run directory's machine-readable files, `metrics.jsonl` and
-//! `summary.json`. They only consume [`kiln_events::Event`]s.
+//! fit for `nohup` files), the run directory's machine-readable files (`metrics.jsonl`,
+//! `summary.json`) and what is made from them afterwards: the charts `loss.png` and
+//! `throughput.png` and the closing summary table. They only consume [`kiln_events::Event`]s.
+//! The terminal dashboard lives in its own crate (`kiln-dashboard`).
 
+pub mod metrics_log;
+pub mod plots;
 pub mod progress;
 pub mod run_files;
+pub mod summary_table;
 
 pub use progress::ProgressLine;
 pub use run_files::RunFiles;

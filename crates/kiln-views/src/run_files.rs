@@ -1,5 +1,9 @@
 //! The run directory's machine-readable files: `metrics.jsonl` (one JSON object per line, flushed
 //! per line so a live run can be followed) and `summary.json` (written atomically at the end).
+//!
+//! Rows of `metrics.jsonl` by `"kind"`: `start` (the run's facts, once per process), `train` (a
+//! sync window), `valid` (a validation), `note` (`{"text":…}`), `checkpoint`. Readers skip kinds
+//! they do not know.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -58,13 +62,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 impl EventSink for RunFiles {
     fn emit(&mut self, event: &Event) -> Result<(), String> {
         match event {
+            Event::RunStarted(info) => self.line("start", info),
             Event::Window(row) => self.line("train", row),
             Event::Validation(row) => self.line("valid", row),
+            Event::Note(text) => self.line("note", &serde_json::json!({ "text": text })),
+            Event::Checkpoint { epoch, step, path } => self.line("checkpoint", &serde_json::json!({ "epoch": epoch, "step": step, "path": path })),
             Event::Finished(summary) => {
                 let text = serde_json::to_string_pretty(summary).expect("summary serialises");
                 write_atomic(&self.dir.join("summary.json"), text.as_bytes())
             }
-            _ => Ok(()),
+            Event::EpochEnd { .. } => Ok(()),
         }
     }
 }
