@@ -4,8 +4,9 @@
 //! Batch `k` of a pass always goes to worker `k mod workers`, and the trainer takes batch `k` from
 //! that worker's queue, so the order the trainer sees never depends on the worker count or on
 //! thread timing. Workers live as long as the loader, across epochs. What a worker builds is up to
-//! the caller (`build`): kiln's trainer pads the batch and puts its tensors on the device there, so
-//! the training thread only runs the model. The time the trainer spends waiting is measured.
+//! the caller: each batch is a job (a closure), and kiln's trainer pads the batch and puts its
+//! tensors on the device there, so the training thread only runs the model. The time the trainer
+//! spends waiting is measured.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -16,14 +17,25 @@ use std::time::{Duration, Instant};
 use crate::batching::HostBatch;
 use crate::prepare::Example;
 
-type Build<T> = dyn Fn(HostBatch) -> T + Send + Sync;
+/// Builds a batch on a worker thread.
+pub type Job<T> = Box<dyn FnOnce() -> T + Send>;
 
-/// A batch to build: the pass's examples (they change per epoch under subword regularisation)
-/// and the batch's example indices.
-type Job = (Arc<Vec<Example>>, Vec<usize>);
+/// What becomes of a padded batch of sentence pairs (tensors on the device, for the trainer).
+pub type Build<T> = dyn Fn(HostBatch) -> T + Send + Sync;
+
+/// Jobs for a plan of sentence-pair batches: each pads its batch of `examples` (which change per
+/// epoch under subword regularisation) and hands it to `build`.
+pub fn pair_jobs<T: 'static>(examples: &Arc<Vec<Example>>, plan: &[Vec<usize>], build: &Arc<Build<T>>) -> Vec<Job<T>> {
+    plan.iter()
+        .map(|indices| {
+            let (examples, indices, build) = (Arc::clone(examples), indices.clone(), Arc::clone(build));
+            Box::new(move || build(HostBatch::build(&examples, &indices))) as Job<T>
+        })
+        .collect()
+}
 
 struct Worker<T> {
-    jobs: Option<Sender<Job>>,
+    jobs: Option<Sender<Job<T>>>,
     ready: Option<Receiver<T>>,
     handle: Option<JoinHandle<()>>,
 }
@@ -41,21 +53,20 @@ pub struct Loader<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Loader<T> {
-    pub fn new(workers: usize, prefetch: usize, build: Arc<Build<T>>) -> Self {
+    pub fn new(workers: usize, prefetch: usize) -> Self {
         let n = workers.max(1);
         let depth = prefetch.max(n).div_ceil(n);
         let ready = Arc::new(AtomicUsize::new(0));
         let workers = (0..n)
             .map(|i| {
-                let (job_tx, job_rx) = channel::<Job>();
+                let (job_tx, job_rx) = channel::<Job<T>>();
                 let (ready_tx, ready_rx): (SyncSender<T>, Receiver<T>) = sync_channel(depth);
-                let build = Arc::clone(&build);
                 let ready = Arc::clone(&ready);
                 let handle = std::thread::Builder::new()
                     .name(format!("kiln-loader-{i}"))
                     .spawn(move || {
-                        for (examples, indices) in job_rx {
-                            let batch = build(HostBatch::build(&examples, &indices));
+                        for job in job_rx {
+                            let batch = job();
                             ready.fetch_add(1, Ordering::Relaxed);
                             if ready_tx.send(batch).is_err() {
                                 break;
@@ -69,15 +80,16 @@ impl<T: Send + 'static> Loader<T> {
         Self { workers, next: 0, queued: 0, waited: Duration::ZERO, ready }
     }
 
-    /// Queues a pass over `batches` of `examples` (one epoch, or its remainder after a resume).
-    /// The previous pass must have been consumed.
-    pub fn start(&mut self, examples: &Arc<Vec<Example>>, batches: &[Vec<usize>]) {
+    /// Queues a pass of batch jobs (one epoch, or its remainder after a resume). The previous
+    /// pass must have been consumed.
+    pub fn start(&mut self, jobs: Vec<Job<T>>) {
         assert_eq!(self.next, self.queued, "the previous pass was not consumed");
         self.next = 0;
-        self.queued = batches.len();
-        for (k, indices) in batches.iter().enumerate() {
-            let w = &self.workers[k % self.workers.len()];
-            w.jobs.as_ref().expect("workers live while the loader does").send((Arc::clone(examples), indices.clone())).expect("loader worker alive");
+        self.queued = jobs.len();
+        let n = self.workers.len();
+        for (k, job) in jobs.into_iter().enumerate() {
+            let w = &self.workers[k % n];
+            w.jobs.as_ref().expect("workers live while the loader does").send(job).expect("loader worker alive");
         }
     }
 
@@ -143,13 +155,13 @@ mod tests {
         let ex = examples(100);
         let batches = plan(100);
         let build: Arc<Build<HostBatch>> = Arc::new(|b| b);
-        let mut one = Loader::new(1, 2, Arc::clone(&build));
-        let mut three = Loader::new(3, 4, Arc::clone(&build));
+        let mut one = Loader::new(1, 2);
+        let mut three = Loader::new(3, 4);
         for epoch in 0..2 {
             // Each pass may bring its own examples (resampled segmentations).
             let ex = if epoch == 0 { Arc::clone(&ex) } else { examples(101) };
-            one.start(&ex, &batches);
-            three.start(&ex, &batches);
+            one.start(pair_jobs(&ex, &batches, &build));
+            three.start(pair_jobs(&ex, &batches, &build));
             let (a, b) = (drain(&mut one), drain(&mut three));
             assert_eq!(a[0], HostBatch::build(&ex, &batches[0]), "epoch {epoch}");
             assert_eq!(a.len(), batches.len(), "epoch {epoch}");
@@ -162,8 +174,8 @@ mod tests {
     #[test]
     fn dropping_a_loader_mid_pass_joins_its_workers() {
         let build: Arc<Build<HostBatch>> = Arc::new(|b| b);
-        let mut l = Loader::new(2, 2, build);
-        l.start(&examples(60), &plan(60));
+        let mut l = Loader::new(2, 2);
+        l.start(pair_jobs(&examples(60), &plan(60), &build));
         assert!(l.next_batch().is_some());
         drop(l);
     }

@@ -67,9 +67,9 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
     let rate = |workers: usize| -> f64 {
         let device = Default::default();
         let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<Flex> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &device));
-        let mut loader = Loader::new(workers, recipe.loader.prefetch, build);
+        let mut loader = Loader::new(workers, recipe.loader.prefetch);
         let t0 = Instant::now();
-        loader.start(&examples, &plan);
+        loader.start(kiln_data::loader::pair_jobs(&examples, &plan, &build));
         let mut n = 0;
         while let Some(b) = loader.next_batch() {
             std::hint::black_box(&b);

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod clip;
 pub mod evaluate;
+pub mod family;
 pub mod rundir;
 pub mod schedule;
 pub mod system;
@@ -17,7 +18,7 @@ use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use kiln_data::prepare::TokenizerSource;
 use kiln_events::{Event, EventSink, Summary};
-use kiln_recipe::Recipe;
+use kiln_recipe::{ModelFamily, Recipe};
 
 /// Which device the recipe's `backend.device` resolves to in this build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +103,7 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
         let line = match stage {
             kiln_data::Stage::TrainingTokenizer { sentences } => format!("training the tokenizer on {sentences} sentences…"),
             kiln_data::Stage::Encoding { done, total } if t - last.get() >= 2.0 || (done == total && t > 1.0) => {
-                format!("tokenizing {done}/{total} pairs ({:.0}%)", 100.0 * done as f64 / total.max(1) as f64)
+                format!("tokenizing {done}/{total} {} ({:.0}%)", if recipe.data.format == kiln_recipe::CorpusFormat::Text { "lines" } else { "pairs" }, 100.0 * done as f64 / total.max(1) as f64)
             }
             kiln_data::Stage::Encoding { .. } => return,
         };
@@ -118,10 +119,11 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
     note(
         sink,
         format!(
-            "data | {} train, {} valid, {} test pairs | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {} | prepared in {:.2} s",
-            data.train.len(),
-            data.valid.examples.len(),
-            data.test.examples.len(),
+            "data | {} | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {} | prepared in {:.2} s",
+            match &data.text {
+                Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
+                None => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
+            },
             data.tokenizer.vocab_size(),
             data.dropped_long,
             data.skipped_lines,
@@ -133,8 +135,15 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
             data.prepare_s
         ),
     )?;
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device, device_name, resume_from, control: launch.control.clone() };
-    trainer::run(job, sink)
+    // Initialisation is the first use of the seed, so a model starts the same whatever happened
+    // before (data preparation draws no numbers from the backend).
+    B::seed(&device, recipe.train.seed);
+    let vocab = data.tokenizer.vocab_size();
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone() };
+    match recipe.model.family {
+        ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
+        ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
+    }
 }
 
 fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {

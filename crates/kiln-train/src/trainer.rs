@@ -12,36 +12,48 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use burn::module::{AutodiffModule, Module};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder as _};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::Tensor;
 use kiln_data::batching::{plan_batches, BatchSettings};
-use kiln_data::loader::Loader;
+use kiln_data::loader::{pair_jobs, Job, Loader};
+use kiln_data::text::{plan_blocks, train_blocks, HostBlocks};
 use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
 use kiln_events::{DataFigures, EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
-use kiln_model::{label_smoothed_loss, Seq2Seq, Seq2SeqConfig};
+use kiln_model::{label_smoothed_loss, LmConfig, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::clip::clip_global_norm;
-use crate::evaluate::{evaluate, flat, ids};
+pub use crate::family::DeviceBatch;
+use crate::family::{Split, TrainModel};
 use crate::schedule::LrSchedule;
 use crate::system::ProcessSample;
 
 pub use kiln_data::mix_seed;
 
-/// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
-pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
-    let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    let settings = BatchSettings {
+fn batch_settings(recipe: &Recipe) -> BatchSettings {
+    BatchSettings {
         max_tokens: recipe.loader.max_tokens,
         max_sentences: recipe.loader.max_sentences,
         pool_batches: recipe.loader.bucket_pool,
         multiple: recipe.loader.batch_multiple,
-    };
-    plan_batches(&lengths, settings, Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+    }
+}
+
+/// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
+pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
+    plan_batches(&lengths, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+}
+
+/// Batches of block starts of epoch `epoch` over a training stream of `len` tokens: the blocks
+/// are cut from an offset drawn from (seed, epoch), then shuffled.
+pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let block = recipe.data.block_size;
+    let starts = train_blocks(len, block, mix_seed(recipe.train.seed, 4, epoch as u64));
+    plan_blocks(starts, block, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
 /// Training loss summed on the device over the steps of one sync window.
@@ -78,27 +90,6 @@ impl<B: Backend> SyncWindow<B> {
     }
 }
 
-/// A batch as the loader workers leave it: tensors already on the device.
-pub struct DeviceBatch<B: Backend> {
-    pub host: HostBatch,
-    pub src: Tensor<B, 2, Int>,
-    pub tgt_in: Tensor<B, 2, Int>,
-    pub label_rows: Tensor<B, 1, Int>,
-    pub labels: Tensor<B, 1, Int>,
-}
-
-impl<B: Backend> DeviceBatch<B> {
-    pub fn new(host: HostBatch, device: &B::Device) -> Self {
-        Self {
-            src: ids(&host.src, host.size, host.src_len, device),
-            tgt_in: ids(&host.tgt_in, host.size, host.tgt_len, device),
-            label_rows: flat(&host.label_rows, device),
-            labels: flat(&host.labels, device),
-            host,
-        }
-    }
-}
-
 /// Everything a run needs besides the model: recipe, run directory, prepared data, device.
 pub struct TrainJob<'a, B: AutodiffBackend> {
     pub recipe: &'a Recipe,
@@ -118,22 +109,26 @@ pub fn model_config(recipe: &Recipe, vocab_size: usize) -> Seq2SeqConfig {
     Seq2SeqConfig { vocab_size, pad: PAD, bos: BOS, eos: EOS, model: recipe.model.clone() }
 }
 
-pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -> Result<Summary> {
+pub fn lm_config(recipe: &Recipe, vocab_size: usize) -> LmConfig {
+    LmConfig { vocab_size, model: recipe.model.clone() }
+}
+
+/// Trains `model` (freshly initialised from `train.seed`) on the job's data. Generic over the
+/// model family: the loop, the data, the checkpoints and the events are the same for all.
+pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M, sink: &mut dyn EventSink) -> Result<Summary> {
     let recipe = job.recipe;
     let tr = &recipe.train;
     let device = &job.device;
     let data = job.data;
     let emit = |sink: &mut dyn EventSink, e: Event| sink.emit(&e).map_err(|m| anyhow!(m));
 
-    B::seed(device, tr.seed);
-    let config = model_config(recipe, data.tokenizer.vocab_size());
-    let mut model: Seq2Seq<B> = config.init(device);
+    let mut model = model;
     let mut optim = AdamWConfig::new()
         .with_beta_1(tr.beta1 as f32)
         .with_beta_2(tr.beta2 as f32)
         .with_epsilon(tr.eps as f32)
         .with_weight_decay(tr.weight_decay as f32)
-        .init::<B, Seq2Seq<B>>();
+        .init::<B, M>();
     let recorder = Recorder::new();
 
     let mut state = TrainState { format: STATE_FORMAT, ..Default::default() };
@@ -163,8 +158,20 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
 
     // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
     // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
-    let epoch_steps: Vec<usize> =
-        (0..tr.epochs).map(|e| epoch_batches(&epoch_examples(e), recipe, e).len().div_ceil(tr.accumulate)).collect();
+    // One epoch's work: its examples (sentence pairs; resampled under regularisation) or the
+    // training stream (text), and its batch plan.
+    let text_stream = data.text.as_ref().map(|t| Arc::new(t.train.clone()));
+    let epoch_plan = |epoch: usize| -> (Option<Arc<Vec<Example>>>, Vec<Vec<usize>>) {
+        match &text_stream {
+            Some(stream) => (None, epoch_blocks(stream.len(), recipe, epoch)),
+            None => {
+                let examples = epoch_examples(epoch);
+                let plan = epoch_batches(&examples, recipe, epoch);
+                (Some(examples), plan)
+            }
+        }
+    };
+    let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_plan(e).1.len().div_ceil(tr.accumulate)).collect();
     let mut total_steps: usize = epoch_steps.iter().sum();
     if tr.max_steps > 0 {
         total_steps = total_steps.min(tr.max_steps);
@@ -184,8 +191,14 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             start_epoch: state.epoch,
             parameters: model.num_params(),
             vocab_size: data.tokenizer.vocab_size(),
-            train_examples: data.train.len(),
-            valid_examples: data.valid.examples.len(),
+            train_examples: match &data.text {
+                Some(t) => t.train.len() / recipe.data.block_size.max(1),
+                None => data.train.len(),
+            },
+            valid_examples: match &data.text {
+                Some(t) => t.valid.len().div_ceil(recipe.data.block_size.max(1)),
+                None => data.valid.examples.len(),
+            },
             sync_interval: tr.sync_interval,
             // The loader's capacity: a queue of ⌈prefetch / workers⌉ per worker.
             prefetch: recipe.loader.prefetch.max(recipe.loader.workers).div_ceil(recipe.loader.workers) * recipe.loader.workers,
@@ -212,18 +225,18 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
     };
     let control = &job.control;
     let mut stopped = false;
-    let mut accumulator = GradientsAccumulator::<Seq2Seq<B>>::new();
+    let mut accumulator = GradientsAccumulator::<M>::new();
     let mut window = SyncWindow::<B::InnerBackend>::new();
     let mut last_lr = schedule.at(state.step.max(1));
     let mut last_valid: Option<ValidRow> = state.last_valid.clone();
 
-    let save = |model: &Seq2Seq<B>, optim: &_, state: &TrainState, name: &str| -> Result<std::path::PathBuf> {
+    let save = |model: &M, optim: &_, state: &TrainState, name: &str| -> Result<std::path::PathBuf> {
         checkpoint::save(job.run_dir, name, state, |dir| {
             recorder
                 .record(model.clone().into_record(), dir.join("model"))
                 .map_err(|e| format!("{}: cannot write model: {e}", dir.display()))?;
             recorder
-                .record(Optimizer::<Seq2Seq<B>, B>::to_record(optim), dir.join("optimizer"))
+                .record(Optimizer::<M, B>::to_record(optim), dir.join("optimizer"))
                 .map_err(|e| format!("{}: cannot write optimizer: {e}", dir.display()))
         })
         .map_err(|m| anyhow!(m))
@@ -232,16 +245,28 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
     // Loader workers pad batches and put their tensors on the device ahead of the loop.
     let build_device = device.clone();
     let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<B> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &build_device));
-    let mut loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch, build);
+    let jobs = |examples: &Option<Arc<Vec<Example>>>, plan: &[Vec<usize>]| -> Vec<Job<DeviceBatch<B>>> {
+        match (examples, &text_stream) {
+            (Some(examples), _) => pair_jobs(examples, plan, &build),
+            (None, Some(stream)) => plan
+                .iter()
+                .map(|starts| {
+                    let (stream, starts, device, block) = (Arc::clone(stream), starts.clone(), device.clone(), recipe.data.block_size);
+                    Box::new(move || DeviceBatch::blocks(HostBlocks::build(&stream, &starts, block), &device)) as Job<DeviceBatch<B>>
+                })
+                .collect(),
+            (None, None) => unreachable!("an epoch has examples or a text stream"),
+        }
+    };
+    let mut loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch);
 
     // A finished run resumed with more epochs or steps continues; `finished` is informational.
     let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
         let epoch = state.epoch;
-        let examples = epoch_examples(epoch);
-        let plan = epoch_batches(&examples, recipe, epoch);
+        let (examples, plan) = epoch_plan(epoch);
         let mut pos = state.batch_in_epoch;
-        loader.start(&examples, &plan[pos..]);
+        loader.start(jobs(&examples, &plan[pos..]));
         while pos < plan.len() {
             if tr.max_steps > 0 && state.step >= tr.max_steps {
                 stop = true;
@@ -269,11 +294,11 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             }
             let group = tr.accumulate.min(plan.len() - pos);
             let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
-            let step_tokens: usize = batches.iter().map(|b| b.host.target_tokens).sum();
+            let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
             // Dropout masks are a function of (seed, step): resuming reproduces them.
             B::seed(device, mix_seed(tr.seed, 2, state.step as u64));
             for b in &batches {
-                let logits = model.forward_rows(b.src.clone(), b.tgt_in.clone(), b.label_rows.clone());
+                let logits = model.logits(b);
                 let sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
                 window.add(sums.smoothed.clone().inner());
                 // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
@@ -291,9 +316,9 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             pos += group;
             state.batch_in_epoch = pos;
             window.tokens += step_tokens as u64;
-            window.sentences += batches.iter().map(|b| b.host.size as u64).sum::<u64>();
-            window.real += batches.iter().map(|b| b.host.real_tokens as u64).sum::<u64>();
-            window.slots += batches.iter().map(|b| b.host.slots as u64).sum::<u64>();
+            window.sentences += batches.iter().map(|b| b.stats.size as u64).sum::<u64>();
+            window.real += batches.iter().map(|b| b.stats.real_tokens as u64).sum::<u64>();
+            window.slots += batches.iter().map(|b| b.stats.slots as u64).sum::<u64>();
             window.steps += 1;
             if window.steps >= tr.sync_interval {
                 flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
@@ -314,7 +339,7 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
         // Validate at each epoch end, and once more when `max_steps` ends the run mid-epoch (not
         // on a stop request: the user wants out, and the checkpoint resumes the run).
         if epoch_done || (stop && !stopped) {
-            let valid = evaluate(&model.valid(), &data.valid, &data.tokenizer, recipe, device);
+            let valid = model.evaluate(data, Split::Valid, recipe, device);
             let row = ValidRow { epoch: epoch + 1, step: state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu };
             emit(sink, Event::Validation(row.clone()))?;
             last_valid = Some(row);
@@ -344,15 +369,18 @@ pub fn run<B: AutodiffBackend>(job: TrainJob<'_, B>, sink: &mut dyn EventSink) -
             Event::Note(format!("stopped on request at step {}; continue with: kiln train --resume {}", state.step, job.run_dir.display())),
         )?;
     }
-    let test = if data.test.examples.is_empty() || stopped {
+    let test = if !M::has_split(data, Split::Test) || stopped {
         None
     } else {
-        let t = evaluate(&model.valid(), &data.test, &data.tokenizer, recipe, device);
+        let t = model.evaluate(data, Split::Test, recipe, device);
         emit(
             sink,
             Event::Note(format!(
-                "test | {} pairs | loss {:.4} | ppl {:.2} | bleu {}",
-                data.test.examples.len(),
+                "test | {} | loss {:.4} | ppl {:.2} | bleu {}",
+                match &data.text {
+                    Some(t) => format!("{} tokens", t.test.len()),
+                    None => format!("{} pairs", data.test.examples.len()),
+                },
                 t.loss,
                 t.ppl,
                 t.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())
@@ -399,6 +427,7 @@ impl Clock {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the window's inputs, each from a different owner
 fn flush_window<B: Backend>(
     window: &mut SyncWindow<B>,
     state: &mut TrainState,

@@ -51,7 +51,10 @@ pub fn write_charts(run_dir: &Path, title: &str) -> Result<Vec<PathBuf>, String>
 
 /// One chart of lines (with point markers when a series is short) against step, written through a
 /// temporary file and a rename.
-fn draw(path: &Path, caption: &str, y_label: &str, series: &[(&str, &[(f64, f64)], &RGBColor)]) -> Result<(), String> {
+/// A named line of (step, value) points and its colour.
+type Series<'a> = (&'a str, &'a [(f64, f64)], &'a RGBColor);
+
+fn draw(path: &Path, caption: &str, y_label: &str, series: &[Series<'_>]) -> Result<(), String> {
     let fail = |e: String| format!("{}: cannot draw chart: {e}", path.display());
     let points = series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
