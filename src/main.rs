@@ -35,6 +35,44 @@ enum Command {
     Watch {
         run_dir: PathBuf,
     },
+    /// Translate lines (stdin, or --input FILE) with a run's translation model, to stdout.
+    Translate {
+        run_dir: PathBuf,
+        /// File of source sentences, one per line (default: stdin).
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        #[command(flatten)]
+        decode: DecodeArgs,
+    },
+    /// Continue a prompt with a run's language model.
+    Generate {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 = greedy.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample only among the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 40)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Checkpoint name under checkpoints/ (default: the latest).
+        #[arg(long)]
+        checkpoint: Option<String>,
+    },
+    /// Evaluate a run's checkpoint on its validation or test split: loss, perplexity and, for
+    /// translation, BLEU and chrF (sacreBLEU-equal); writes eval-<split>.json into the run.
+    Eval {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "test", value_parser = ["test", "valid"])]
+        split: String,
+        #[command(flatten)]
+        decode: DecodeArgs,
+    },
     /// Inspect or prune the dataset cache.
     Cache {
         #[command(subcommand)]
@@ -72,6 +110,33 @@ enum CacheAction {
     },
 }
 
+/// How to decode translations.
+#[derive(clap::Args)]
+struct DecodeArgs {
+    /// Beam width (1 = greedy).
+    #[arg(long, default_value_t = 1)]
+    beam: usize,
+    /// GNMT length penalty α: hypotheses ranked by log p / ((5 + length) / 6)^α.
+    #[arg(long, default_value_t = 1.0)]
+    len_penalty: f64,
+    /// Checkpoint name under checkpoints/ (default: the latest).
+    #[arg(long)]
+    checkpoint: Option<String>,
+}
+
+impl DecodeArgs {
+    fn settings(&self) -> anyhow::Result<kiln_train::BeamSettings> {
+        if self.beam == 0 {
+            anyhow::bail!("--beam: expected an integer >= 1, got 0");
+        }
+        if !(self.len_penalty.is_finite() && self.len_penalty >= 0.0) {
+            anyhow::bail!("--len-penalty: expected a number >= 0, got {}", self.len_penalty);
+        }
+        // max_len comes from the run's eval.max_len_a / max_len_b per sentence.
+        Ok(kiln_train::BeamSettings { beam: self.beam, max_len: 0, len_penalty: self.len_penalty })
+    }
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Recipe file (TOML). Optional with --resume, which uses the run's own recipe.toml.
@@ -97,6 +162,11 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Cache { action, dir } => cache(action, &dir),
         Command::Watch { run_dir } => watch(&run_dir),
+        Command::Translate { run_dir, input, decode } => translate(&run_dir, input.as_deref(), &decode),
+        Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint } => {
+            generate(&run_dir, &prompt, kiln_train::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref())
+        }
+        Command::Eval { run_dir, split, decode } => eval(&run_dir, &split, &decode),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
     };
     match result {
@@ -200,6 +270,61 @@ fn install_stop_signals(control: &Control) {
         eprintln!("\nkiln: stopping after this step and saving a checkpoint (again to quit at once)");
         control.request_stop();
     });
+}
+
+fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let beam = decode.settings()?;
+    let run = kiln_train::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let text = match input {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?,
+        None => {
+            let mut t = String::new();
+            std::io::stdin().read_to_string(&mut t).map_err(|e| anyhow::anyhow!("stdin: {e}"))?;
+            t
+        }
+    };
+    let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
+    let out = kiln_train::translate(&run, &lines, beam)?;
+    let mut stdout = std::io::stdout().lock();
+    for line in out {
+        writeln!(stdout, "{line}")?;
+    }
+    Ok(())
+}
+
+fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_train::Sampling, checkpoint: Option<&str>) -> anyhow::Result<()> {
+    if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
+        anyhow::bail!("--temperature: expected a number >= 0, got {}", sampling.temperature);
+    }
+    let run = kiln_train::infer::open_run(run_dir, checkpoint)?;
+    let text = kiln_train::generate(&run, prompt, sampling)?;
+    let sep = if prompt.is_empty() || text.starts_with('\n') { "" } else { " " };
+    println!("{prompt}{sep}{text}");
+    Ok(())
+}
+
+fn eval(run_dir: &std::path::Path, split: &str, decode: &DecodeArgs) -> anyhow::Result<()> {
+    let beam = decode.settings()?;
+    let run = kiln_train::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let split = if split == "valid" { kiln_train::Split::Valid } else { kiln_train::Split::Test };
+    let r = kiln_train::evaluate(&run, split, beam)?;
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    println!(
+        "{} | {} | step {} | {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
+        run_dir.display(),
+        r.split,
+        r.step,
+        if run.recipe.model.family == kiln_recipe::ModelFamily::Lm { format!("{} tokens", r.size) } else { format!("{} pairs", r.size) },
+        r.loss,
+        r.ppl,
+        opt(r.bleu),
+        opt(r.chrf),
+        r.beam,
+        r.len_penalty
+    );
+    println!("wrote {}", run_dir.join(format!("eval-{}.json", r.split)).display());
+    Ok(())
 }
 
 fn watch(run_dir: &std::path::Path) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! - `cargo xtask train <recipe.toml> [--cuda] [kiln train flags...]`: builds the CLI in release
 //!   (with the `cuda` feature when asked) and runs `kiln train`.
 //! - `cargo xtask watch <run-dir>`: the dashboard of a live or finished run.
+//! - `cargo xtask translate | generate | eval <run-dir> ...`: use a trained model.
 //! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
 //! - `cargo xtask test`: the project's test command (all crates, all tests).
@@ -42,10 +43,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|watch|cache|bench|test|check-cuda> ...");
+        bail!("usage: cargo xtask <train|watch|translate|generate|eval|cache|bench|test|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" | "watch" | "cache" | "bench" => {
+        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" => {
             let cuda = rest.iter().any(|a| a == "--cuda");
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
             let mut build = cargo();
@@ -70,7 +71,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, watch, cache, bench, test or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, cache, bench, test or check-cuda"),
     }
 }
 

@@ -56,6 +56,11 @@ impl SubwordTokenizer {
             }
         }
 
+        // `tokenizers`' parallelism switch is process-wide: hold it off for the whole training,
+        // and let one training at a time flip it (two overlapping trainings, as in a test run,
+        // would otherwise switch it back on under each other and sum floats in a racy order).
+        static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _serial = TRAINING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let parallel = tokenizers::utils::parallelism::get_parallelism();
         tokenizers::utils::parallelism::set_parallelism(false);
         let trained: Result<(ModelWrapper, Vec<AddedToken>), tokenizers::Error> = (|| match settings.kind {

@@ -1,8 +1,12 @@
 //! Evaluation metrics on detokenised text: corpus BLEU exactly as sacreBLEU 2.x computes it
-//! (tokeniser `13a`, 4-gram, `exp` smoothing, one reference per hypothesis).
+//! (tokeniser `13a`, 4-gram, `exp` smoothing, one reference per hypothesis), and chrF ([`chrf`]).
 //!
 //! Equality with sacreBLEU is the contract: `tests/fixtures/bleu/` holds hypothesis and reference
 //! files with the figures sacreBLEU printed for them, and the tests compare.
+
+pub mod chrf;
+
+pub use chrf::{corpus_chrf, ChrfStats};
 
 use std::collections::HashMap;
 use std::sync::OnceLock;

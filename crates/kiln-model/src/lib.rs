@@ -3,6 +3,7 @@
 //! [`sampling`] for generation); [`loss`] is the label-smoothed cross-entropy that ignores
 //! padding and returns *sums* so windows of steps add up exactly.
 
+mod attention;
 pub mod lm;
 pub mod loss;
 pub mod sampling;

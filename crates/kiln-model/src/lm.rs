@@ -12,8 +12,10 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 use kiln_recipe::{Activation, ModelSection, Positions};
+
+use crate::attention::causal_mask;
 
 /// Everything needed to build the LM; derived from the recipe and the vocabulary size.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,12 +77,6 @@ impl<B: Backend> Block<B> {
         let h = if self.relu { relu(h) } else { gelu(h) };
         x + self.dropout.forward(self.mlp_out.forward(h))
     }
-}
-
-/// `[len, total]`, true where query `i` must not see key `j` (`j > start + i`).
-fn causal_mask<B: Backend>(len: usize, total: usize, start: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
-    let mask: Vec<bool> = (0..len).flat_map(|i| (0..total).map(move |j| j > start + i)).collect();
-    Tensor::from_data(TensorData::new(mask, [len, total]), device)
 }
 
 /// The decoder-only language model.
@@ -195,6 +191,7 @@ impl<B: Backend> DecoderLm<B> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+    use burn::tensor::TensorData;
 
     fn model(positions: Positions) -> DecoderLm<Flex> {
         let config = LmConfig {

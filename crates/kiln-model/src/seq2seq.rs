@@ -1,4 +1,7 @@
-//! Encoder-decoder Transformer (Vaswani et al.) built from Burn's transformer layers.
+//! Encoder-decoder Transformer (Vaswani et al.): Burn's transformer encoder, and a decoder of
+//! kiln's own layers (self-attention, cross-attention, feed-forward) so that decoding has a
+//! key/value cache kiln can reorder: beam search keeps every beam's cached keys and values and
+//! gathers them when beams are re-ranked, so each step costs one new position per beam.
 //!
 //! Options: pre-LN (with a final LayerNorm after each stack, which Burn's layers leave out) or
 //! post-LN; one embedding matrix tied across encoder input, decoder input and output projection,
@@ -6,19 +9,18 @@
 //! initialised N(0, d^-½) so tied output logits start small.
 
 use burn::module::Module;
-use burn::nn::attention::generate_autoregressive_mask;
-use burn::nn::transformer::{
-    TransformerDecoder, TransformerDecoderConfig, TransformerDecoderInput, TransformerEncoder, TransformerEncoderConfig,
-    TransformerEncoderInput,
-};
+use burn::nn::activation::ActivationConfig;
+use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     PositionalEncoding, PositionalEncodingConfig,
 };
-use burn::nn::activation::ActivationConfig;
+use burn::tensor::activation::{gelu, log_softmax, relu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use kiln_recipe::{Activation, ModelSection, Positions};
+
+use crate::attention::{attend, causal_mask, merge_heads, split_heads};
 
 /// Everything needed to build the model; derived from the recipe and the vocabulary size.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +30,80 @@ pub struct Seq2SeqConfig {
     pub bos: u32,
     pub eos: u32,
     pub model: ModelSection,
+}
+
+/// One decoder layer: causal self-attention, cross-attention over the encoder, feed-forward.
+#[derive(Module, Debug)]
+struct DecoderLayer<B: Backend> {
+    self_qkv: Linear<B>,
+    self_out: Linear<B>,
+    cross_q: Linear<B>,
+    cross_kv: Linear<B>,
+    cross_out: Linear<B>,
+    ff_in: Linear<B>,
+    ff_out: Linear<B>,
+    norm_self: LayerNorm<B>,
+    norm_cross: LayerNorm<B>,
+    norm_ff: LayerNorm<B>,
+    dropout: Dropout,
+    n_heads: usize,
+    pre_ln: bool,
+    relu: bool,
+}
+
+/// Keys and values `[batch, heads, len, head_dim]`.
+type Kv<B> = (Tensor<B, 4>, Tensor<B, 4>);
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Cross-attention keys and values of the encoder states (computed once per sentence).
+    fn memory_kv(&self, memory: Tensor<B, 3>) -> Kv<B> {
+        let [batch, len, d] = memory.dims();
+        let kv = self.cross_kv.forward(memory);
+        let k = kv.clone().slice([0..batch, 0..len, 0..d]);
+        let v = kv.slice([0..batch, 0..len, d..2 * d]);
+        (split_heads(k, self.n_heads), split_heads(v, self.n_heads))
+    }
+
+    /// `x`: `[batch, len, d]` at positions `start ..`; `cache`: this layer's self-attention keys
+    /// and values so far (extended here); `src_mask`: `[batch, 1, 1, src_len]`, true on padding.
+    fn forward(&self, x: Tensor<B, 3>, memory: &Kv<B>, src_mask: &Tensor<B, 4, Bool>, start: usize, cache: Option<&mut Option<Kv<B>>>) -> Tensor<B, 3> {
+        let [batch, len, d] = x.dims();
+        let heads = self.n_heads;
+        let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
+            if self.pre_ln {
+                x.clone() + self.dropout.forward(f(norm.forward(x)))
+            } else {
+                norm.forward(x.clone() + self.dropout.forward(f(x)))
+            }
+        };
+        let cache = std::cell::RefCell::new(cache);
+        let self_attn = |h: Tensor<B, 3>| {
+            let qkv = self.self_qkv.forward(h);
+            let part = |i: usize| split_heads(qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]), heads);
+            let (q, mut k, mut v) = (part(0), part(1), part(2));
+            if let Some(slot) = cache.borrow_mut().as_deref_mut() {
+                if let Some((k_old, v_old)) = slot.take() {
+                    k = Tensor::cat(vec![k_old, k], 2);
+                    v = Tensor::cat(vec![v_old, v], 2);
+                }
+                *slot = Some((k.clone(), v.clone()));
+            }
+            let total = k.dims()[2];
+            let mask = causal_mask::<B>(len, total, start, &q.device()).unsqueeze::<4>();
+            self.self_out.forward(merge_heads(attend(q, k, v, Some(mask), &self.dropout)))
+        };
+        let cross_attn = |h: Tensor<B, 3>| {
+            let q = split_heads(self.cross_q.forward(h), heads);
+            self.cross_out.forward(merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.dropout)))
+        };
+        let ff = |h: Tensor<B, 3>| {
+            let h = self.ff_in.forward(h);
+            self.ff_out.forward(if self.relu { relu(h) } else { gelu(h) })
+        };
+        let x = sub(x, &self.norm_self, &self_attn);
+        let x = sub(x, &self.norm_cross, &cross_attn);
+        sub(x, &self.norm_ff, &ff)
+    }
 }
 
 /// Encoder-decoder Transformer.
@@ -40,7 +116,7 @@ pub struct Seq2Seq<B: Backend> {
     learned_positions: Option<Embedding<B>>,
     sinusoids: Option<PositionalEncoding<B>>,
     encoder: TransformerEncoder<B>,
-    decoder: TransformerDecoder<B>,
+    decoder: Vec<DecoderLayer<B>>,
     encoder_norm: Option<LayerNorm<B>>,
     decoder_norm: Option<LayerNorm<B>>,
     dropout: Dropout,
@@ -63,13 +139,26 @@ impl Seq2SeqConfig {
         let encoder = TransformerEncoderConfig::new(d, m.d_ff, m.n_heads, m.encoder_layers)
             .with_dropout(m.dropout)
             .with_norm_first(m.pre_ln)
-            .with_activation(activation.clone())
-            .init(device);
-        let decoder = TransformerDecoderConfig::new(d, m.d_ff, m.n_heads, m.decoder_layers)
-            .with_dropout(m.dropout)
-            .with_norm_first(m.pre_ln)
             .with_activation(activation)
             .init(device);
+        let decoder = (0..m.decoder_layers)
+            .map(|_| DecoderLayer {
+                self_qkv: LinearConfig::new(d, 3 * d).init(device),
+                self_out: LinearConfig::new(d, d).init(device),
+                cross_q: LinearConfig::new(d, d).init(device),
+                cross_kv: LinearConfig::new(d, 2 * d).init(device),
+                cross_out: LinearConfig::new(d, d).init(device),
+                ff_in: LinearConfig::new(d, m.d_ff).init(device),
+                ff_out: LinearConfig::new(m.d_ff, d).init(device),
+                norm_self: LayerNormConfig::new(d).init(device),
+                norm_cross: LayerNormConfig::new(d).init(device),
+                norm_ff: LayerNormConfig::new(d).init(device),
+                dropout: DropoutConfig::new(m.dropout).init(),
+                n_heads: m.n_heads,
+                pre_ln: m.pre_ln,
+                relu: m.activation == Activation::Relu,
+            })
+            .collect();
         let final_norm = || m.pre_ln.then(|| LayerNormConfig::new(d).init(device));
         Seq2Seq {
             embedding: embedding(),
@@ -98,17 +187,50 @@ pub struct Memory<B: Backend> {
     pub pad_mask: Tensor<B, 2, Bool>,
 }
 
+/// Incremental decoding state: per layer the encoder's keys/values and the self-attention
+/// cache, for `batch` rows (sentences, or beams). [`DecodeState::reorder`] gathers rows.
+pub struct DecodeState<B: Backend> {
+    memory: Vec<Kv<B>>,
+    src_mask: Tensor<B, 4, Bool>,
+    cache: Vec<Option<Kv<B>>>,
+    /// Target positions decoded so far.
+    pub len: usize,
+}
+
+impl<B: Backend> DecodeState<B> {
+    /// Keeps rows `rows` (in that order, repeats allowed): beams that survive a step.
+    pub fn reorder(&mut self, rows: Tensor<B, 1, Int>) {
+        let pick = |(k, v): &Kv<B>| (k.clone().select(0, rows.clone()), v.clone().select(0, rows.clone()));
+        self.memory = self.memory.iter().map(pick).collect();
+        self.cache = self.cache.iter().map(|c| c.as_ref().map(pick)).collect();
+        self.src_mask = self.src_mask.clone().select(0, rows);
+    }
+}
+
+/// Beam search settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamSettings {
+    pub beam: usize,
+    pub max_len: usize,
+    /// GNMT length penalty α: hypotheses are ranked by log p / ((5 + len) / 6)^α (0 = none).
+    pub len_penalty: f64,
+}
+
 impl<B: Backend> Seq2Seq<B> {
-    fn embed(&self, table: &Embedding<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    /// Embeds tokens at target or source positions `start ..`.
+    fn embed(&self, table: &Embedding<B>, tokens: Tensor<B, 2, Int>, start: usize) -> Tensor<B, 3> {
         let [batch, len] = tokens.dims();
         let x = table.forward(tokens) * (self.d_model as f64).sqrt();
         let x = match (&self.learned_positions, &self.sinusoids) {
             (Some(pos), _) => {
                 let device = x.device();
-                let idx = Tensor::<B, 1, Int>::arange(0..len as i64, &device).reshape([1, len]).repeat_dim(0, batch);
+                let idx = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &device).reshape([1, len]).repeat_dim(0, batch);
                 x + pos.forward(idx)
             }
-            (None, Some(sin)) => sin.forward(x),
+            (None, Some(sin)) => {
+                let d = self.d_model;
+                x + sin.sinusoids.clone().slice([0..1, start..start + len, 0..d])
+            }
             (None, None) => x,
         };
         self.dropout.forward(x)
@@ -140,7 +262,7 @@ impl<B: Backend> Seq2Seq<B> {
 
     pub fn encode(&self, src: Tensor<B, 2, Int>) -> Memory<B> {
         let pad_mask = src.clone().equal_elem(self.pad as i64);
-        let x = self.embed(&self.embedding, src);
+        let x = self.embed(&self.embedding, src, 0);
         let states = self.encoder.forward(TransformerEncoderInput::new(x).mask_pad(pad_mask.clone()));
         let states = match &self.encoder_norm {
             Some(norm) => norm.forward(states),
@@ -165,47 +287,157 @@ impl<B: Backend> Seq2Seq<B> {
 
     /// Decoder states `[batch, tgt_len, d]` before the final norm and the output layer.
     fn decode(&self, src: Tensor<B, 2, Int>, tgt_in: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let memory = self.encode(src);
-        let [batch, len] = tgt_in.dims();
-        let device = tgt_in.device();
-        let tgt_pad = tgt_in.clone().equal_elem(self.pad as i64);
-        let x = self.embed(self.target_table(), tgt_in);
-        let input = TransformerDecoderInput::new(x, memory.states)
-            .memory_mask_pad(memory.pad_mask)
-            .target_mask_pad(tgt_pad)
-            .target_mask_attn(generate_autoregressive_mask(batch, len, &device));
-        self.decoder.forward(input)
+        let mut state = self.start_decoding(src);
+        self.decode_from(tgt_in, &mut state, false)
     }
 
-    /// Greedy decoding with Burn's autoregressive cache. Returns `[batch, ≤ max_len]` token ids
-    /// (rows continue past `</s>`; readers cut at the first one). Checks every `check_every` steps,
-    /// with one small device read, whether every row has finished.
+    /// Encodes `src` and prepares incremental decoding.
+    pub fn start_decoding(&self, src: Tensor<B, 2, Int>) -> DecodeState<B> {
+        let memory = self.encode(src);
+        let [batch, src_len] = memory.pad_mask.dims();
+        let src_mask = memory.pad_mask.reshape([batch, 1, 1, src_len]);
+        let kv = self.decoder.iter().map(|layer| layer.memory_kv(memory.states.clone())).collect();
+        DecodeState { memory: kv, src_mask, cache: vec![None; self.decoder.len()], len: 0 }
+    }
+
+    /// Decoder states of `tokens` at positions `state.len ..`, through the cache when `cached`.
+    fn decode_from(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>, cached: bool) -> Tensor<B, 3> {
+        let start = state.len;
+        let len = tokens.dims()[1];
+        let mut x = self.embed(self.target_table(), tokens, start);
+        for (i, layer) in self.decoder.iter().enumerate() {
+            let slot = if cached { Some(&mut state.cache[i]) } else { None };
+            x = layer.forward(x, &state.memory[i], &state.src_mask, start, slot);
+        }
+        if cached {
+            state.len = start + len;
+        }
+        x
+    }
+
+    /// Log-probabilities `[batch, vocab]` of the next token after feeding `tokens` (the new
+    /// positions only) through the cache.
+    pub fn step(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>) -> Tensor<B, 2> {
+        let states = self.decode_from(tokens, state, true);
+        self.next_logp(states)
+    }
+
+    /// Next-token log-probabilities of the last position of decoder states; `<pad>` and `<s>`
+    /// are never generated.
+    fn next_logp(&self, states: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [batch, len, d] = states.dims();
+        let logits = self.project_rows(states.slice([0..batch, len - 1..len]).reshape([batch, d]));
+        let vocab = logits.dims()[1];
+        let banned: Vec<bool> = (0..vocab).map(|t| t == self.pad || t == self.bos).collect();
+        let banned = Tensor::<B, 2, Bool>::from_data(TensorData::new(banned, [1, vocab]), &logits.device()).expand([batch, vocab]);
+        log_softmax(logits.mask_fill(banned, -1.0e9), 1)
+    }
+
+    /// Greedy decoding through the key/value cache. Returns `[batch, ≤ max_len]` token ids (rows
+    /// continue past `</s>` with padding; readers cut at the first `</s>`). Checks every
+    /// `check_every` steps, with one small device read, whether every row has finished.
     pub fn greedy(&self, src: Tensor<B, 2, Int>, max_len: usize, check_every: usize) -> Tensor<B, 2, Int> {
         let [batch, _] = src.dims();
         let device = src.device();
-        let memory = self.encode(src);
-        let mut cache = self.decoder.new_autoregressive_cache();
-        let mut tokens = Tensor::<B, 2, Int>::full([batch, 1], self.bos as i64, &device);
+        let mut state = self.start_decoding(src);
+        let mut next = Tensor::<B, 2, Int>::full([batch, 1], self.bos as i64, &device);
+        let mut out: Vec<Tensor<B, 2, Int>> = Vec::new();
         let mut finished = Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch], [batch, 1]), &device);
         for step in 0..max_len {
-            let len = step + 1;
-            let x = self.embed(self.target_table(), tokens.clone());
-            let input = TransformerDecoderInput::new(x, memory.states.clone())
-                .memory_mask_pad(memory.pad_mask.clone())
-                .target_mask_attn(generate_autoregressive_mask(batch, len, &device));
-            let states = self.decoder.forward_autoregressive_inference(input, &mut cache);
-            let last = states.slice([0..batch, step..len]);
-            let next = self.project(last).argmax(2).reshape([batch, 1]);
+            let token = self.step(next, &mut state).argmax(1).reshape([batch, 1]);
             // Finished rows emit padding so they stay finished.
-            let next = next.mask_fill(finished.clone(), self.pad as i64);
-            finished = finished.bool_or(next.clone().equal_elem(self.eos as i64));
-            tokens = Tensor::cat(vec![tokens, next], 1);
+            let token = token.mask_fill(finished.clone(), self.pad as i64);
+            finished = finished.bool_or(token.clone().equal_elem(self.eos as i64));
+            out.push(token.clone());
+            next = token;
+            let len = step + 1;
             if check_every > 0 && len % check_every == 0 && finished.clone().all().into_data().iter::<bool>().next().unwrap_or(false) {
                 break;
             }
         }
-        let len = tokens.dims()[1];
-        tokens.slice([0..batch, 1..len])
+        if out.is_empty() {
+            return Tensor::<B, 2, Int>::zeros([batch, 0], &device);
+        }
+        Tensor::cat(out, 1)
+    }
+
+    /// Beam search for one sentence (`src`: `[1, src_len]`); the best hypothesis without `<s>`
+    /// and `</s>`. Beams are rows of one batch; after each step the surviving beams' caches are
+    /// gathered. Finished hypotheses (ended by `</s>`) are ranked with the length penalty; the
+    /// search stops early once `beam` hypotheses have finished. With `cached = false` every step
+    /// recomputes the whole prefix (for tests that the cache changes nothing). Beam 1 is greedy.
+    pub fn beam_search(&self, src: Tensor<B, 2, Int>, s: BeamSettings, cached: bool) -> Vec<u32> {
+        let device = src.device();
+        let k = s.beam.max(1);
+        let mut state = self.start_decoding(src);
+        // Live hypotheses: tokens (after <s>) and summed log-probability.
+        let mut live: Vec<(Vec<u32>, f64)> = vec![(Vec::new(), 0.0)];
+        let mut done: Vec<(Vec<u32>, f64)> = Vec::new();
+        let norm = |len: usize, logp: f64| if s.len_penalty > 0.0 { logp / ((5.0 + len as f64) / 6.0).powf(s.len_penalty) } else { logp };
+        let ids = |rows: Vec<Vec<u32>>| {
+            let (n, len) = (rows.len(), rows[0].len());
+            let flat: Vec<i32> = rows.into_iter().flatten().map(|t| t as i32).collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [n, len]), &device)
+        };
+        for step in 0..s.max_len {
+            let logp = if cached {
+                let last: Vec<Vec<u32>> = live.iter().map(|(t, _)| vec![t.last().copied().unwrap_or(self.bos as u32)]).collect();
+                self.step(ids(last), &mut state)
+            } else {
+                let prefixes: Vec<Vec<u32>> = live.iter().map(|(t, _)| std::iter::once(self.bos as u32).chain(t.iter().copied()).collect()).collect();
+                let mut fresh = DecodeState { len: 0, cache: vec![None; self.decoder.len()], ..self.clone_state(&state) };
+                self.next_logp(self.decode_from(ids(prefixes), &mut fresh, false))
+            };
+            let vocab = logp.dims()[1];
+            let scores: Vec<f32> = logp.into_data().iter::<f32>().collect();
+            // Candidates: every live beam × its `k` best tokens.
+            let mut candidates: Vec<(f64, usize, u32)> = Vec::with_capacity(live.len() * k);
+            for (b, (_, base)) in live.iter().enumerate() {
+                let row = &scores[b * vocab..(b + 1) * vocab];
+                let mut order: Vec<usize> = (0..vocab).collect();
+                let keep = k.min(order.len());
+                order.select_nth_unstable_by(keep - 1, |&x, &y| row[y].total_cmp(&row[x]));
+                for &t in &order[..keep] {
+                    candidates.push((base + row[t] as f64, b, t as u32));
+                }
+            }
+            // Best first; ties by beam then token, so the search is deterministic.
+            candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+            let mut next: Vec<(Vec<u32>, f64)> = Vec::new();
+            let mut parents: Vec<i32> = Vec::new();
+            for (score, b, t) in candidates {
+                if next.len() == k {
+                    break;
+                }
+                if t == self.eos as u32 {
+                    let tokens = live[b].0.clone();
+                    done.push((tokens.clone(), norm(tokens.len() + 1, score)));
+                    continue;
+                }
+                let mut tokens = live[b].0.clone();
+                tokens.push(t);
+                next.push((tokens, score));
+                parents.push(b as i32);
+            }
+            if done.len() >= k || next.is_empty() || step + 1 == s.max_len {
+                if done.is_empty() {
+                    done.extend(next.into_iter().map(|(t, sc)| {
+                        let n = t.len();
+                        (t, norm(n, sc))
+                    }));
+                }
+                break;
+            }
+            let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(parents, [next.len()]), &device);
+            state.reorder(rows);
+            live = next;
+        }
+        done.sort_by(|a, b| b.1.total_cmp(&a.1));
+        done.into_iter().next().map(|(t, _)| t).unwrap_or_default()
+    }
+
+    fn clone_state(&self, state: &DecodeState<B>) -> DecodeState<B> {
+        DecodeState { memory: state.memory.clone(), src_mask: state.src_mask.clone(), cache: state.cache.clone(), len: state.len }
     }
 }
 
@@ -275,6 +507,28 @@ mod tests {
     }
 
     #[test]
+    fn beam_one_is_greedy_and_the_cache_changes_nothing() {
+        let device = Default::default();
+        for (tie, pos, pre) in [(true, Positions::Sinusoidal, true), (false, Positions::Learned, false)] {
+            let model: Seq2Seq<Flex> = config(tie, pos, pre).init(&device);
+            for src in [&[5, 6, 7, 3][..], &[9, 3][..], &[11, 12, 13, 14, 15, 3][..]] {
+                let src_t = || ids(&[src]);
+                let greedy: Vec<u32> = model.greedy(src_t(), 12, 0).into_data().iter::<i64>().map(|t| t as u32).take_while(|&t| t != 3).collect();
+                let one = model.beam_search(src_t(), BeamSettings { beam: 1, max_len: 12, len_penalty: 0.0 }, true);
+                assert_eq!(one, greedy, "beam 1 = greedy");
+                for beam in [2, 4] {
+                    for len_penalty in [0.0, 1.0] {
+                        let settings = BeamSettings { beam, max_len: 12, len_penalty };
+                        let cached = model.beam_search(src_t(), settings, true);
+                        let uncached = model.beam_search(src_t(), settings, false);
+                        assert_eq!(cached, uncached, "beam {beam}, α {len_penalty}: the cache changes nothing");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn greedy_equals_argmax_of_teacher_forcing_on_its_own_output() {
         let model: Seq2Seq<Autodiff<Flex>> = config(true, Positions::Learned, true).init(&Default::default());
         let src = Tensor::from_data(TensorData::new(vec![5i32, 6, 7, 3], [1, 4]), &Default::default());
@@ -282,7 +536,12 @@ mod tests {
         let mut tgt_in = vec![2i32];
         tgt_in.extend_from_slice(&out[..5]);
         let tgt = Tensor::from_data(TensorData::new(tgt_in, [1, 6]), &Default::default());
-        let forced: Vec<i32> = model.forward(src, tgt).argmax(2).reshape([1, 6]).into_data().to_vec().unwrap();
+        // Argmax over the tokens decoding may produce (never <pad> or <s>).
+        let logits: Vec<f32> = model.forward(src, tgt).into_data().to_vec().unwrap();
+        let forced: Vec<i32> = logits
+            .chunks(50)
+            .map(|row| row.iter().enumerate().filter(|(t, _)| *t != 0 && *t != 2).max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as i32)
+            .collect();
         // Teacher forcing on the greedy prefix must predict the same next tokens (cache is exact).
         for i in 0..6 {
             if out[..i].contains(&3) {

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use kiln_events::{SyncStats, ValidRow};
+use kiln_recipe::ModelSection;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_FORMAT: u32 = 1;
@@ -33,6 +34,47 @@ pub struct TrainState {
     pub last_valid: Option<ValidRow>,
     /// The run reached its end (all epochs or `max_steps`).
     pub finished: bool,
+    /// The architecture the weights belong to: checked before loading them anywhere.
+    #[serde(default)]
+    pub architecture: Option<Architecture>,
+}
+
+/// What a checkpoint's weights fit: the model section (minus training-only keys) and the vocabulary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    pub vocab_size: usize,
+    pub model: ModelSection,
+}
+
+impl Architecture {
+    pub fn new(model: &ModelSection, vocab_size: usize) -> Self {
+        Self { vocab_size, model: model.clone() }
+    }
+
+    /// The first difference that matters for the weights, as `key = theirs` vs `ours`.
+    pub fn difference(&self, other: &Architecture) -> Option<(String, String, String)> {
+        if self.vocab_size != other.vocab_size {
+            return Some(("vocabulary size".into(), self.vocab_size.to_string(), other.vocab_size.to_string()));
+        }
+        let (a, b) = (toml::Value::try_from(&self.model).ok()?, toml::Value::try_from(&other.model).ok()?);
+        let (a, b) = (a.as_table()?, b.as_table()?);
+        // Dropout changes no weight.
+        a.iter().filter(|(k, _)| k.as_str() != "dropout").find(|(k, v)| b.get(k.as_str()) != Some(*v)).map(|(k, v)| {
+            (format!("model.{k}"), v.to_string(), b.get(k.as_str()).map(|x| x.to_string()).unwrap_or_else(|| "nothing".into()))
+        })
+    }
+}
+
+/// Refuses to load `checkpoint` (with `state`) into a model built as `expected`, naming what differs.
+pub fn check_architecture(checkpoint: &Path, state: &TrainState, expected: &Architecture) -> Result<(), String> {
+    match &state.architecture {
+        Some(saved) => match saved.difference(expected) {
+            Some((key, theirs, ours)) => Err(format!("{}: the checkpoint was trained with {key} = {theirs}, the recipe asks for {ours}", checkpoint.display())),
+            None => Ok(()),
+        },
+        // Older checkpoints do not say; loading the weights checks their shapes.
+        None => Ok(()),
+    }
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod evaluate;
 pub mod family;
+pub mod infer;
 pub mod rundir;
 pub mod schedule;
 pub mod system;
@@ -19,6 +20,10 @@ use burn::tensor::backend::AutodiffBackend;
 use kiln_data::prepare::TokenizerSource;
 use kiln_events::{Event, EventSink, Summary};
 use kiln_recipe::{ModelFamily, Recipe};
+
+pub use family::Split;
+pub use kiln_model::sampling::Sampling;
+pub use kiln_model::seq2seq::BeamSettings;
 
 /// Which device the recipe's `backend.device` resolves to in this build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,4 +168,32 @@ pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Res
         }
     }
     Ok(Recipe::load(&path, overrides)?)
+}
+
+/// Runs `f` on the inference backend `spec` names (`backend.device` of the run, or an override).
+macro_rules! on_backend {
+    ($spec:expr, $f:ident ( $($arg:expr),* )) => {{
+        match resolve_device($spec)? {
+            DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+        }
+    }};
+}
+
+/// Translates lines with a run's model (`kiln translate`).
+pub fn translate(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2seq::BeamSettings) -> Result<Vec<String>> {
+    on_backend!(&run.recipe.backend.device, translate_lines(run, lines, beam))
+}
+
+/// Continues a prompt with a run's language model (`kiln generate`).
+pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampling::Sampling) -> Result<String> {
+    on_backend!(&run.recipe.backend.device, generate_text(run, prompt, sampling))
+}
+
+/// Evaluates a run's checkpoint on a split and writes `eval-<split>.json` (`kiln eval`).
+pub fn evaluate(run: &infer::RunModel, split: family::Split, beam: kiln_model::seq2seq::BeamSettings) -> Result<infer::EvalReport> {
+    on_backend!(&run.recipe.backend.device, evaluate_run(run, split, beam))
 }

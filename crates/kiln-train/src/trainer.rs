@@ -131,9 +131,12 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         .init::<B, M>();
     let recorder = Recorder::new();
 
-    let mut state = TrainState { format: STATE_FORMAT, ..Default::default() };
+    let architecture = checkpoint::Architecture::new(&recipe.model, data.tokenizer.vocab_size());
+    let mut state = TrainState { format: STATE_FORMAT, architecture: Some(architecture.clone()), ..Default::default() };
     if let Some(dir) = &job.resume_from {
         state = checkpoint::read_state(dir).map_err(|m| anyhow!(m))?;
+        checkpoint::check_architecture(dir, &state, &architecture).map_err(|m| anyhow!(m))?;
+        state.architecture = Some(architecture.clone());
         let model_path = dir.join("model");
         model = model.load_file(model_path.clone(), &recorder, device).map_err(|e| {
             anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", model_path.display(), one_line(&e.to_string()))

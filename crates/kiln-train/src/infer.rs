@@ -1,0 +1,213 @@
+//! Using trained models: open a run directory (its recipe, tokenizer and a checkpoint, the latest
+//! or a named one), check that the checkpoint fits the recipe's architecture, and translate,
+//! generate or evaluate. Decoding goes through the models' key/value caches.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Result};
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::Backend;
+use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::prepare::TokenizerSource;
+use kiln_data::{Example, HostBatch, SubwordTokenizer, EOS};
+use kiln_metrics::{BleuStats, ChrfStats};
+use kiln_model::sampling::{generate, Sampling};
+use kiln_model::seq2seq::BeamSettings;
+use kiln_model::{DecoderLm, Seq2Seq};
+use kiln_recipe::{ModelFamily, Recipe};
+use serde::Serialize;
+
+use crate::checkpoint::{self, Architecture};
+use crate::evaluate::{evaluate, ids};
+use crate::family::{evaluate_lm, Split};
+use crate::trainer::{lm_config, model_config};
+
+/// A run directory opened for inference.
+pub struct RunModel {
+    pub run_dir: PathBuf,
+    pub recipe: Recipe,
+    pub tokenizer: SubwordTokenizer,
+    pub checkpoint: PathBuf,
+    pub step: usize,
+}
+
+/// Opens `run_dir` at `checkpoint` (a name under `checkpoints/`, e.g. `step-0001108`; default:
+/// the latest).
+pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
+    let recipe_path = run_dir.join("recipe.toml");
+    if !recipe_path.is_file() {
+        bail!("{}: not a kiln run directory (no recipe.toml)", run_dir.display());
+    }
+    let recipe = Recipe::load(&recipe_path, &[])?;
+    let tokenizer = SubwordTokenizer::load(&run_dir.join("tokenizer.json")).map_err(|e| anyhow!("{e}"))?;
+    let dir = match checkpoint {
+        Some(name) => {
+            let dir = checkpoint::checkpoints_dir(run_dir).join(name);
+            if !dir.is_dir() {
+                bail!("{}: no such checkpoint", dir.display());
+            }
+            dir
+        }
+        None => checkpoint::latest(run_dir)
+            .map_err(|m| anyhow!(m))?
+            .ok_or_else(|| anyhow!("{}: the run has no checkpoint yet", checkpoint::checkpoints_dir(run_dir).display()))?,
+    };
+    let state = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?;
+    checkpoint::check_architecture(&dir, &state, &Architecture::new(&recipe.model, tokenizer.vocab_size())).map_err(|m| anyhow!(m))?;
+    Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step })
+}
+
+fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
+    let path = run.checkpoint.join("model");
+    model
+        .load_file(path.clone(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
+        .map_err(|e| anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", path.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
+}
+
+impl RunModel {
+    pub fn translation_model<B: Backend>(&self, device: &B::Device) -> Result<Seq2Seq<B>> {
+        if self.recipe.model.family != ModelFamily::Transformer {
+            bail!("{}: this run trained a language model; use `generate`", self.run_dir.display());
+        }
+        load(model_config(&self.recipe, self.tokenizer.vocab_size()).init::<B>(device), self, device)
+    }
+
+    pub fn language_model<B: Backend>(&self, device: &B::Device) -> Result<DecoderLm<B>> {
+        if self.recipe.model.family != ModelFamily::Lm {
+            bail!("{}: this run trained a translation model; use `translate`", self.run_dir.display());
+        }
+        load(lm_config(&self.recipe, self.tokenizer.vocab_size()).init::<B>(device), self, device)
+    }
+}
+
+/// Translates token-id sentences (no specials). Beam 1 decodes batches greedily; a wider beam
+/// decodes sentence by sentence, its beams as one batch. Outputs are in input order.
+pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recipe: &Recipe, beam: BeamSettings, device: &B::Device) -> Vec<Vec<u32>> {
+    let max_len_for = |src_len: usize| {
+        ((recipe.eval.max_len_a * src_len as f64) as usize + recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
+    };
+    let cap = recipe.data.max_len;
+    let examples: Vec<Example> = sources.iter().map(|s| Example { src: s[..s.len().min(cap)].to_vec(), tgt: Vec::new() }).collect();
+    let mut out = vec![Vec::new(); sources.len()];
+    if beam.beam <= 1 {
+        let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
+        let settings = BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+        for batch in plan_batches(&lengths, settings, None) {
+            let b = HostBatch::build(&examples, &batch);
+            let tokens = model.greedy(ids(&b.src, b.size, b.src_len, device), max_len_for(b.src_len), 8);
+            let cols = tokens.dims()[1];
+            let flat: Vec<i64> = tokens.into_data().iter::<i64>().collect();
+            for (row, &i) in batch.iter().enumerate() {
+                out[i] = flat[row * cols..(row + 1) * cols].iter().map(|&t| t as u32).take_while(|&t| t != EOS).collect();
+            }
+        }
+    } else {
+        for (i, e) in examples.iter().enumerate() {
+            let b = HostBatch::build(&examples, &[i]);
+            let settings = BeamSettings { max_len: max_len_for(e.src.len() + 1), ..beam };
+            out[i] = model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true);
+        }
+    }
+    out
+}
+
+/// Translates lines of text.
+pub fn translate_lines<B: Backend>(run: &RunModel, lines: &[String], beam: BeamSettings, device: &B::Device) -> Result<Vec<String>> {
+    let model = run.translation_model::<B>(device)?;
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let sources = run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
+    let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
+    Ok(hyps.iter().map(|h| run.tokenizer.decode(h)).collect())
+}
+
+/// Continues `prompt` with the run's language model; returns the generated text (lines broken at
+/// `</s>`, as the training text was).
+pub fn generate_text<B: Backend>(run: &RunModel, prompt: &str, sampling: Sampling, device: &B::Device) -> Result<String> {
+    let lm = run.language_model::<B>(device)?;
+    let mut ids = if prompt.is_empty() { Vec::new() } else { run.tokenizer.encode_batch(&[prompt]).map_err(|e| anyhow!("{e}"))?.remove(0) };
+    if ids.is_empty() {
+        // An empty prompt starts a new line.
+        ids.push(EOS);
+    }
+    let out = generate(&lm, &ids, &sampling, true, device);
+    let lines: Vec<String> = out.split(|&t| t == EOS).map(|line| run.tokenizer.decode(line)).collect();
+    Ok(lines.join("\n"))
+}
+
+/// The figures `eval` prints and writes to `eval-<split>.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub split: String,
+    pub checkpoint: String,
+    pub step: usize,
+    /// Sentence pairs, or tokens of text.
+    pub size: usize,
+    pub loss: f64,
+    pub ppl: f64,
+    pub beam: usize,
+    pub len_penalty: f64,
+    /// sacreBLEU-equal corpus BLEU and chrF of the decoded split (translation runs).
+    pub bleu: Option<f64>,
+    pub chrf: Option<f64>,
+}
+
+/// Evaluates a run's checkpoint on its validation or test split (prepared through the dataset
+/// cache with the run's own tokenizer).
+pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings, device: &B::Device) -> Result<EvalReport> {
+    let tokenizer_path = run.run_dir.join("tokenizer.json");
+    let cache_dir = Some(run.recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let data = kiln_data::prepare(&run.recipe, TokenizerSource::Load(&tokenizer_path), cache_dir, &|_| {}).map_err(|e| anyhow!("{e}"))?;
+    let name = match split {
+        Split::Valid => "valid",
+        Split::Test => "test",
+    };
+    let mut report = EvalReport {
+        split: name.into(),
+        checkpoint: run.checkpoint.display().to_string(),
+        step: run.step,
+        size: 0,
+        loss: f64::NAN,
+        ppl: f64::NAN,
+        beam: beam.beam,
+        len_penalty: beam.len_penalty,
+        bleu: None,
+        chrf: None,
+    };
+    match run.recipe.model.family {
+        ModelFamily::Lm => {
+            let lm = run.language_model::<B>(device)?;
+            let text = data.text.as_ref().ok_or_else(|| anyhow!("{}: no text corpus", run.run_dir.display()))?;
+            let stream = if split == Split::Valid { &text.valid } else { &text.test };
+            if stream.len() < 2 {
+                bail!("{}: the run's data has no {name} split", run.run_dir.display());
+            }
+            let r = evaluate_lm(&lm, stream, &run.recipe, device);
+            (report.size, report.loss, report.ppl) = (stream.len(), r.loss, r.ppl);
+        }
+        ModelFamily::Transformer => {
+            let model = run.translation_model::<B>(device)?;
+            let set = if split == Split::Valid { &data.valid } else { &data.test };
+            if set.examples.is_empty() {
+                bail!("{}: the run's data has no {name} split", run.run_dir.display());
+            }
+            let mut loss_only = run.recipe.clone();
+            loss_only.eval.bleu = false;
+            let r = evaluate(&model, set, &data.tokenizer, &loss_only, device);
+            let sources: Vec<Vec<u32>> = set.examples.iter().map(|e| e.src.clone()).collect();
+            let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
+            let (mut bleu, mut chrf) = (BleuStats::default(), ChrfStats::default());
+            for (h, reference) in hyps.iter().zip(&set.references) {
+                let text = data.tokenizer.decode(h);
+                bleu.add(&text, reference);
+                chrf.add(&text, reference);
+            }
+            (report.size, report.loss, report.ppl) = (set.examples.len(), r.loss, r.ppl);
+            report.bleu = Some(bleu.score());
+            report.chrf = Some(chrf.score());
+        }
+    }
+    let path = run.run_dir.join(format!("eval-{name}.json"));
+    kiln_views::run_files::write_atomic(&path, serde_json::to_string_pretty(&report).expect("serialises").as_bytes()).map_err(|m| anyhow!(m))?;
+    Ok(report)
+}

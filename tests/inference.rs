@@ -1,0 +1,90 @@
+//! Using trained runs: `translate`, `generate` and `eval` on real (small) runs of the smoke
+//! recipes, and the one-line refusal of a checkpoint that does not fit the recipe.
+
+mod common;
+use common::*;
+
+fn trained(dir: &std::path::Path, recipe: &str) -> String {
+    let run = dir.join(recipe.trim_end_matches(".toml")).display().to_string();
+    let recipe = root().join("recipes").join(recipe).display().to_string();
+    let o = kiln(&["train", &recipe, "--run-dir", &run, "--no-tui", "--set", "train.epochs=1", "--set", "eval.bleu=false"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    run
+}
+
+fn with_stdin(args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn translate_eval_and_architecture_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained(dir.path(), "smoke.toml");
+    let input = "Ich gehe nach Hause.\nDas Wetter ist heute schön.\n\nWo ist der Bahnhof?\n";
+    for beam in ["1", "3"] {
+        let o = with_stdin(&["translate", &run, "--beam", beam], input);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(stdout(&o).lines().count(), 4, "one line out per line in, empty lines included: {}", stdout(&o));
+    }
+    // --input reads a file and gives what stdin gives.
+    let file = dir.path().join("in.txt");
+    std::fs::write(&file, input).unwrap();
+    let a = kiln(&["translate", &run, "--input", &file.display().to_string()]);
+    let b = with_stdin(&["translate", &run], input);
+    assert_eq!(stdout(&a), stdout(&b));
+    assert_user_error(&kiln(&["translate", &run, "--beam", "0"]), &["--beam"]);
+
+    let o = kiln(&["eval", &run, "--split", "test", "--beam", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&std::path::Path::new(&run).join("eval-test.json"));
+    assert_eq!(report["size"], 20, "the smoke recipe holds out 20 test pairs");
+    assert_eq!(report["beam"], 2);
+    for key in ["bleu", "chrf"] {
+        let v = report[key].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&v), "{key} {v}");
+    }
+    let summary = read_json(&std::path::Path::new(&run).join("summary.json"));
+    assert!((report["loss"].as_f64().unwrap() - summary["test"]["loss"].as_f64().unwrap()).abs() < 1e-6, "eval's test loss is the run's test loss");
+
+    // The LM commands refuse a translation run.
+    assert_user_error(&kiln(&["generate", &run, "--prompt", "x"]), &["translation model", "translate"]);
+
+    // A checkpoint that does not fit the recipe is refused in one line naming what differs.
+    let recipe_path = std::path::Path::new(&run).join("recipe.toml");
+    let text = std::fs::read_to_string(&recipe_path).unwrap();
+    std::fs::write(&recipe_path, text.replacen("d_model = 32", "d_model = 48", 1)).unwrap();
+    assert_user_error(&kiln(&["eval", &run]), &["model.d_model = 32", "48"]);
+    assert_user_error(&kiln(&["train", "--resume", &run, "--set", "train.epochs=2"]), &["model.d_model = 32", "48"]);
+}
+
+#[test]
+fn generate_is_seeded_and_eval_reports_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained(dir.path(), "smoke-lm.toml");
+    let gen = |seed: &str| {
+        let o = kiln(&["generate", &run, "--prompt", "KING.", "--max-tokens", "30", "--seed", seed]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let (a, b, c) = (gen("1"), gen("1"), gen("2"));
+    assert!(a.starts_with("KING.") && a.trim().len() > "KING.".len(), "{a}");
+    assert_eq!(a, b, "same seed, same text");
+    assert_ne!(a, c, "another seed, another text");
+    let o = kiln(&["eval", &run, "--split", "valid"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = read_json(&std::path::Path::new(&run).join("eval-valid.json"));
+    let valid_loss = read_json(&std::path::Path::new(&run).join("summary.json"))["valid_loss"].as_f64().unwrap();
+    assert!((report["loss"].as_f64().unwrap() - valid_loss).abs() < 1e-6);
+    assert!(report["bleu"].is_null());
+    assert_user_error(&with_stdin(&["translate", &run], "x\n"), &["language model", "generate"]);
+}
