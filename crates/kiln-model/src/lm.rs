@@ -1,5 +1,5 @@
 //! Decoder-only Transformer language model, GPT-style as in nanoGPT: token embedding (tied with
-//! the output layer), learned or rotary positions, pre-LN blocks of causal self-attention and a
+//! the output layer), learned, sinusoidal or rotary positions, pre-LN blocks of causal self-attention and a
 //! GELU MLP, a final LayerNorm. Attention is written out here rather than taken from Burn's
 //! layers so that rotary positions apply to queries and keys, and so that generation has a
 //! key/value cache it owns: each new token attends to cached keys and values, so the cost of a
@@ -8,7 +8,7 @@
 use burn::module::Module;
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-    RotaryEncoding, RotaryEncodingConfig,
+    PositionalEncoding, PositionalEncodingConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::backend::Backend;
@@ -85,6 +85,7 @@ pub struct DecoderLm<B: Backend> {
     embedding: Embedding<B>,
     output: Option<Linear<B>>,
     learned_positions: Option<Embedding<B>>,
+    sinusoids: Option<PositionalEncoding<B>>,
     rope: Option<RotaryEncoding<B>>,
     blocks: Vec<Block<B>>,
     final_norm: LayerNorm<B>,
@@ -115,6 +116,7 @@ impl LmConfig {
             embedding: EmbeddingConfig::new(self.vocab_size, d).with_initializer(emb_init.clone()).init(device),
             output: (!m.tie_embeddings).then(|| LinearConfig::new(d, self.vocab_size).init(device)),
             learned_positions: (m.positions == Positions::Learned).then(|| EmbeddingConfig::new(m.max_positions, d).with_initializer(emb_init).init(device)),
+            sinusoids: (m.positions == Positions::Sinusoidal).then(|| PositionalEncodingConfig::new(d).with_max_sequence_size(m.max_positions).init(device)),
             rope: (m.positions == Positions::Rotary).then(|| RotaryEncodingConfig::new(m.max_positions, d / m.n_heads).init(device)),
             blocks,
             final_norm: LayerNormConfig::new(d).init(device),
@@ -137,6 +139,10 @@ impl<B: Backend> DecoderLm<B> {
         if let Some(pos) = &self.learned_positions {
             let idx = Tensor::<B, 1, Int>::arange(start as i64..(start + len) as i64, &x.device()).reshape([1, len]).repeat_dim(0, batch);
             x = x + pos.forward(idx);
+        }
+        if let Some(sin) = &self.sinusoids {
+            let d = x.dims()[2];
+            x = x + sin.sinusoids.clone().slice([0..1, start..start + len, 0..d]);
         }
         x = self.dropout.forward(x);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -207,7 +213,7 @@ mod tests {
 
     #[test]
     fn causal_and_cached_steps_equal_the_full_forward() {
-        for positions in [Positions::Learned, Positions::Rotary] {
+        for positions in [Positions::Learned, Positions::Rotary, Positions::Sinusoidal] {
             let lm = model(positions);
             let seq = [5, 9, 12, 7, 30, 2, 18];
             let full = lm.forward(ids(&seq));

@@ -493,6 +493,9 @@ impl Recipe {
             }
             _ => {}
         }
+        if self.model.family == ModelFamily::Lm && !self.model.pre_ln {
+            return Err(("model.pre_ln".into(), "the language model is pre-LN (GPT-style); post-LN is available for model.family = \"transformer\"".into()));
+        }
         if self.model.family == ModelFamily::Transformer && self.model.positions == Positions::Rotary {
             return Err(("model.positions".into(), "\"rotary\" is available for model.family = \"lm\"; the encoder-decoder takes \"sinusoidal\" or \"learned\"".into()));
         }
