@@ -190,7 +190,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                     anyhow::bail!("{}: differs from {} at `{key}`; a run resumes with its own recipe", path.display(), dir.join("recipe.toml").display());
                 }
             }
-            (recipe, dir.clone(), true, false)
+            let (checkpoint, skipped) = kiln_train::prepare_resume(dir)?;
+            for line in skipped {
+                eprintln!("kiln: warning: {line}");
+            }
+            (recipe, dir.clone(), Some(checkpoint), false)
         }
         None => {
             let Some(path) = &args.recipe else {
@@ -198,7 +202,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             };
             let recipe = Recipe::load(path, &overrides)?;
             let (dir, created) = kiln_train::rundir::create(&recipe, args.run_dir.as_deref())?;
-            (recipe, dir, false, created)
+            (recipe, dir, None, created)
         }
     };
     let control = Control::new();

@@ -294,3 +294,48 @@ fn sigint_stops_after_the_step_saves_and_resumes_to_the_same_end() {
     assert_eq!(a["train_loss"], b["train_loss"], "the resumed run ends exactly where the unbroken one does");
     assert_eq!(a["valid_loss"], b["valid_loss"]);
 }
+
+#[test]
+fn killed_at_a_random_moment_resumes_to_the_unbroken_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    let sets = ["train.epochs=2", "train.save_every_steps=7", "train.sync_interval=3", "train.keep_checkpoints=3", "eval.bleu=false"];
+    train(&whole, &sets);
+    // Pruned to the newest three plus the best by validation loss, which `best` names.
+    let left = std::fs::read_dir(whole.join("checkpoints")).unwrap().flatten().filter(|e| e.path().is_dir()).count();
+    assert!(left <= 4, "{left} checkpoints kept");
+    let best = std::fs::read_to_string(whole.join("checkpoints/best")).unwrap();
+    assert!(whole.join("checkpoints").join(best.trim()).is_dir());
+
+    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), killed.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !killed.join("checkpoints/latest").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // A moment drawn from the clock: anywhere in the next second, mid-step or mid-save.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    std::thread::sleep(std::time::Duration::from_millis(u64::from(nanos % 1000)));
+    child.kill().unwrap(); // SIGKILL: no chance to save or clean up
+    child.wait().unwrap();
+
+    let o = kiln(&["train", "--resume", &killed.display().to_string(), "--no-tui"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (read_json(&whole.join("summary.json")), read_json(&killed.join("summary.json")));
+    assert_eq!(a["steps"], b["steps"]);
+    assert_eq!(a["train_loss"], b["train_loss"], "bit-exact continuation after kill -9");
+    assert_eq!(a["valid_loss"], b["valid_loss"]);
+    // The log continues without the rows of the lost steps: training steps only go forward.
+    let steps: Vec<u64> = windows(&read_jsonl(&killed.join("metrics.jsonl"))).iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+}

@@ -273,6 +273,10 @@ pub struct TrainSection {
     pub sync_interval: usize,
     /// Save a checkpoint every N epochs (0 = only at the end); always at the end.
     pub save_every: usize,
+    /// Also save every N optimizer steps (0 = off).
+    pub save_every_steps: usize,
+    /// Keep the newest N checkpoints (plus the best by validation loss); 0 = keep all.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSection {
@@ -294,6 +298,8 @@ impl Default for TrainSection {
             label_smoothing: 0.1,
             sync_interval: 10,
             save_every: 1,
+            save_every_steps: 0,
+            keep_checkpoints: 5,
         }
     }
 }

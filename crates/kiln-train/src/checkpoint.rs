@@ -1,8 +1,11 @@
 //! Checkpoints: `checkpoints/<name>/` holds `model.mpk`, `optimizer.mpk` (Burn's named
 //! MessagePack recorder, full precision) and `state.json` (counters, data position, the epoch's
-//! running loss sums, sync statistics). A checkpoint is written into a temporary directory and
-//! renamed into place; `checkpoints/latest` then names it, so a crash never leaves a half checkpoint
-//! as the latest. The schedule and the RNG need no state: both are functions of (seed, step, epoch).
+//! running loss sums, sync statistics, the architecture, and a BLAKE3 hash of each weight file).
+//! A checkpoint is written into a temporary directory, fsynced and renamed into place;
+//! `checkpoints/latest` then names it, so a crash never leaves a half checkpoint as the latest.
+//! Resuming verifies the hashes and falls back to the newest checkpoint that passes. The schedule
+//! and the RNG need no state: both are functions of (seed, step, epoch). After each save, all but
+//! the newest `train.keep_checkpoints` and the best by validation loss (`checkpoints/best`) go.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +40,12 @@ pub struct TrainState {
     /// The architecture the weights belong to: checked before loading them anywhere.
     #[serde(default)]
     pub architecture: Option<Architecture>,
+    /// BLAKE3 (hex) of each file of the checkpoint but `state.json`, checked before resuming.
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, String>,
+    /// The best checkpoint so far by validation loss: (name, loss).
+    #[serde(default)]
+    pub best: Option<(String, f64)>,
 }
 
 /// What a checkpoint's weights fit: the model section (minus training-only keys) and the vocabulary.
@@ -124,16 +133,148 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: cannot create: {e}", tmp.display()))?;
     let result = (|| {
         write_files(&tmp)?;
-        let state_text = serde_json::to_string_pretty(state).expect("state serialises");
+        let mut state = state.clone();
+        state.files = hash_files(&tmp)?;
+        let state_text = serde_json::to_string_pretty(&state).expect("state serialises");
         kiln_views::run_files::write_atomic(&tmp.join("state.json"), state_text.as_bytes())?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| format!("{}: cannot replace: {e}", dest.display()))?;
         }
         std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: cannot rename into place: {e}", dest.display()))?;
-        kiln_views::run_files::write_atomic(&root.join("latest"), name.as_bytes())
+        kiln_views::run_files::write_atomic(&root.join("latest"), name.as_bytes())?;
+        if let Some((best, _)) = &state.best {
+            kiln_views::run_files::write_atomic(&root.join("best"), best.as_bytes())?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result.map(|_| dest)
+}
+
+/// BLAKE3 of every file in a checkpoint directory except `state.json`, fsynced on the way.
+fn hash_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == "state.json" || !entry.path().is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path()).map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        std::fs::File::open(entry.path()).and_then(|f| f.sync_all()).map_err(|e| format!("{}: cannot sync: {e}", entry.path().display()))?;
+        out.insert(name, blake3::hash(&bytes).to_hex().to_string());
+    }
+    Ok(out)
+}
+
+/// Reads a checkpoint's state and checks its files against the hashes it records.
+pub fn verify(dir: &Path) -> Result<TrainState, String> {
+    let state = read_state(dir)?;
+    for (name, expected) in &state.files {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        if blake3::hash(&bytes).to_hex().as_str() != expected {
+            return Err(format!("{}: checksum mismatch (corrupted or truncated)", path.display()));
+        }
+    }
+    Ok(state)
+}
+
+/// Checkpoint directories `step-NNNNNNN` with their steps, newest first.
+pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(checkpoints_dir(run_dir))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
+    out
+}
+
+/// The checkpoint to resume from: the latest if it verifies, else the newest one that does.
+/// Returns it and one line per checkpoint passed over.
+pub fn resume_point(run_dir: &Path) -> Result<(PathBuf, Vec<String>), String> {
+    let mut skipped = Vec::new();
+    let latest = latest(run_dir).unwrap_or_else(|e| {
+        skipped.push(e);
+        None
+    });
+    let mut candidates: Vec<PathBuf> = latest.into_iter().collect();
+    candidates.extend(list(run_dir).into_iter().map(|(_, p)| p));
+    let mut seen = std::collections::HashSet::new();
+    for dir in candidates {
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        match verify(&dir) {
+            Ok(_) => return Ok((dir, skipped)),
+            Err(why) => skipped.push(format!("{why}; passing over this checkpoint")),
+        }
+    }
+    let root = checkpoints_dir(run_dir);
+    if skipped.is_empty() {
+        Err(format!("{}: no checkpoint to resume from", root.display()))
+    } else {
+        Err(format!("{}: no intact checkpoint to resume from ({})", root.display(), skipped.join("; ")))
+    }
+}
+
+/// Deletes all but the newest `keep` checkpoints and the best one (`keep` = 0: keeps all).
+pub fn prune(run_dir: &Path, keep: usize, best: Option<&str>) -> Result<(), String> {
+    if keep == 0 {
+        return Ok(());
+    }
+    for (_, dir) in list(run_dir).into_iter().skip(keep) {
+        if best.is_some_and(|b| dir.file_name().is_some_and(|n| n == b)) {
+            continue;
+        }
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: cannot remove old checkpoint: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn save_fake(run: &Path, step: usize, best: Option<(String, f64)>) -> PathBuf {
+        let state = TrainState { format: STATE_FORMAT, step, best, ..Default::default() };
+        save(run, &format!("step-{step:07}"), &state, |dir| std::fs::write(dir.join("model.mpk"), vec![step as u8; 100]).map_err(|e| e.to_string())).unwrap()
+    }
+
+    #[test]
+    fn corrupted_latest_falls_back_and_pruning_keeps_the_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        for step in [10, 20, 30] {
+            save_fake(run, step, Some(("step-0000020".into(), 1.5)));
+        }
+        assert_eq!(resume_point(run).unwrap().0, checkpoints_dir(run).join("step-0000030"));
+        // Flip a byte of the latest checkpoint's weights: resume passes over it, saying why.
+        let model = checkpoints_dir(run).join("step-0000030/model.mpk");
+        let mut bytes = std::fs::read(&model).unwrap();
+        bytes[50] ^= 1;
+        std::fs::write(&model, bytes).unwrap();
+        let (point, skipped) = resume_point(run).unwrap();
+        assert_eq!(point, checkpoints_dir(run).join("step-0000020"));
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("checksum mismatch") && skipped[0].contains("step-0000030"), "{skipped:?}");
+
+        for step in [40, 50] {
+            save_fake(run, step, Some(("step-0000020".into(), 1.5)));
+        }
+        prune(run, 2, Some("step-0000020")).unwrap();
+        let left: Vec<usize> = list(run).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![50, 40, 20], "the newest two and the best");
+        assert_eq!(std::fs::read_to_string(checkpoints_dir(run).join("best")).unwrap(), "step-0000020");
+        prune(run, 0, None).unwrap();
+        assert_eq!(list(run).len(), 3, "keep = 0 keeps all");
+    }
 }

@@ -58,7 +58,8 @@ pub struct Launch {
     /// The resolved recipe (for a resume: the run directory's, with allowed overrides applied).
     pub recipe: Recipe,
     pub run_dir: PathBuf,
-    pub resume: bool,
+    /// Continue from this checkpoint directory (see [`checkpoint::resume_point`]).
+    pub resume: Option<PathBuf>,
     /// Pause and stop requests from the dashboard or signal handlers.
     pub control: kiln_events::Control,
 }
@@ -91,13 +92,8 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
     let recipe = &launch.recipe;
     let run_dir = &launch.run_dir;
     let tokenizer_path = run_dir.join("tokenizer.json");
-    let resume_from = if launch.resume {
-        let latest = checkpoint::latest(run_dir).map_err(|m| anyhow!(m))?;
-        Some(latest.ok_or_else(|| anyhow!("{}: no checkpoint to resume from", checkpoint::checkpoints_dir(run_dir).display()))?)
-    } else {
-        None
-    };
-    let source = if launch.resume { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
+    let resume_from = launch.resume.clone();
+    let source = if resume_from.is_some() { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
     let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
     // Progress of slow preparations, as notes: at most one line every two seconds, after the first.
     let started = std::time::Instant::now();
@@ -196,4 +192,25 @@ pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampl
 /// Evaluates a run's checkpoint on a split and writes `eval-<split>.json` (`kiln eval`).
 pub fn evaluate(run: &infer::RunModel, split: family::Split, beam: kiln_model::seq2seq::BeamSettings) -> Result<infer::EvalReport> {
     on_backend!(&run.recipe.backend.device, evaluate_run(run, split, beam))
+}
+
+/// Where `--resume RUN_DIR` continues: the newest checkpoint that passes its checksums (one line
+/// per checkpoint passed over is returned for the user). `metrics.jsonl` rows past that
+/// checkpoint's step (written before a crash) are dropped, so the log continues exactly as the
+/// resumed run does.
+pub fn prepare_resume(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
+    let (dir, skipped) = checkpoint::resume_point(run_dir).map_err(|m| anyhow!(m))?;
+    let step = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?.step;
+    let metrics = run_dir.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let beyond = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize > step);
+        let kept: Vec<&str> = text.lines().filter(|l| !beyond(l)).collect();
+        let dropped = text.lines().count() - kept.len();
+        if dropped > 0 {
+            let mut out = kept.join("\n");
+            out.push('\n');
+            kiln_views::run_files::write_atomic(&metrics, out.as_bytes()).map_err(|m| anyhow!(m))?;
+        }
+    }
+    Ok((dir, skipped))
 }

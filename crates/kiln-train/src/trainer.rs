@@ -233,8 +233,16 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     let mut last_lr = schedule.at(state.step.max(1));
     let mut last_valid: Option<ValidRow> = state.last_valid.clone();
 
-    let save = |model: &M, optim: &_, state: &TrainState, name: &str| -> Result<std::path::PathBuf> {
-        checkpoint::save(job.run_dir, name, state, |dir| {
+    // Saves `checkpoints/step-N`, records it as the best when the validation just measured beats
+    // the best so far, prunes old checkpoints and tells the sinks.
+    let save = |model: &M, optim: &_, state: &mut TrainState, sink: &mut dyn EventSink| -> Result<()> {
+        let name = format!("step-{:07}", state.step);
+        if let Some(v) = state.last_valid.as_ref().filter(|v| v.step == state.step && v.loss.is_finite()) {
+            if state.best.as_ref().is_none_or(|(_, best)| v.loss < *best) {
+                state.best = Some((name.clone(), v.loss));
+            }
+        }
+        let path = checkpoint::save(job.run_dir, &name, state, |dir| {
             recorder
                 .record(model.clone().into_record(), dir.join("model"))
                 .map_err(|e| format!("{}: cannot write model: {e}", dir.display()))?;
@@ -242,7 +250,9 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 .record(Optimizer::<M, B>::to_record(optim), dir.join("optimizer"))
                 .map_err(|e| format!("{}: cannot write optimizer: {e}", dir.display()))
         })
-        .map_err(|m| anyhow!(m))
+        .map_err(|m| anyhow!(m))?;
+        checkpoint::prune(job.run_dir, tr.keep_checkpoints, state.best.as_ref().map(|(n, _)| n.as_str())).map_err(|m| anyhow!(m))?;
+        sink.emit(&Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() }).map_err(|m| anyhow!(m))
     };
 
     // Loader workers pad batches and put their tensors on the device ahead of the loop.
@@ -326,6 +336,16 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             if window.steps >= tr.sync_interval {
                 flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
             }
+            let last_of_epoch = pos >= plan.len();
+            if tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps) && !last_of_epoch {
+                // The checkpoint's running loss sums must hold every step so far: read the open
+                // window first (one extra sync per save).
+                if window.steps > 0 {
+                    flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                }
+                state.wall_s = clock.wall();
+                save(&model, &optim, &mut state, sink)?;
+            }
         }
         if window.steps > 0 {
             flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
@@ -357,12 +377,11 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         }
         let finished = (stop && !stopped) || state.epoch >= tr.epochs;
         let periodic = epoch_done && tr.save_every > 0 && state.epoch.is_multiple_of(tr.save_every);
-        if finished || periodic || stopped {
+        let step_save = tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps);
+        if finished || periodic || stopped || step_save {
             state.finished = finished;
             state.wall_s = clock.wall();
-            let name = format!("step-{:07}", state.step);
-            let path = save(&model, &optim, &state, &name)?;
-            emit(sink, Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() })?;
+            save(&model, &optim, &mut state, sink)?;
         }
     }
 
