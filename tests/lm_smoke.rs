@@ -50,4 +50,7 @@ fn family_and_format_must_match() {
     assert_user_error(&kiln(&["train", &smoke(), "--set", "model.family=lm"]), &["data.format", "text"]);
     assert_user_error(&kiln(&["train", &smoke(), "--set", "model.family=gpt"]), &["model.family", "gpt"]);
     assert_user_error(&kiln(&["train", &smoke(), "--set", "model.positions=rotary"]), &["model.positions", "rotary"]);
+    let smoke_lm = root().join("recipes/smoke-lm.toml").display().to_string();
+    assert_user_error(&kiln(&["train", &smoke_lm, "--set", "tokenizer.sample_alpha=0.2"]), &["tokenizer.sample_alpha", "sentence pairs"]);
+    assert_user_error(&kiln(&["train", &smoke_lm, "--set", "model.pre_ln=false"]), &["model.pre_ln", "pre-LN"]);
 }

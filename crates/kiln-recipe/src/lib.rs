@@ -506,6 +506,10 @@ impl Recipe {
             return Err(("model.positions".into(), "\"rotary\" is available for model.family = \"lm\"; the encoder-decoder takes \"sinusoidal\" or \"learned\"".into()));
         }
         if d.format == CorpusFormat::Text {
+            if t.sample_alpha > 0.0 || t.bpe_dropout > 0.0 {
+                let key = if t.sample_alpha > 0.0 { "tokenizer.sample_alpha" } else { "tokenizer.bpe_dropout" };
+                return Err((key.into(), "subword regularisation applies to sentence pairs (data.format = \"pairs\"), not to text streams".into()));
+            }
             if self.model.max_positions < d.block_size {
                 return Err(("model.max_positions".into(), format!("expected at least data.block_size = {}, got {}", d.block_size, self.model.max_positions)));
             }

@@ -159,8 +159,6 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         }
     };
 
-    // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
-    // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
     // One epoch's work: its examples (sentence pairs; resampled under regularisation) or the
     // training stream (text), and its batch plan.
     let text_stream = data.text.as_ref().map(|t| Arc::new(t.train.clone()));
@@ -174,6 +172,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             }
         }
     };
+    // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
+    // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
     let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_plan(e).1.len().div_ceil(tr.accumulate)).collect();
     let mut total_steps: usize = epoch_steps.iter().sum();
     if tr.max_steps > 0 {
