@@ -12,7 +12,7 @@ use burn::nn::{
 };
 use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 use kiln_recipe::{Activation, ModelSection, Positions};
 
 use crate::attention::causal_mask;
@@ -46,7 +46,8 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    fn forward(&self, x: Tensor<B, 3>, rope: Option<&RotaryEncoding<B>>, start: usize, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
+    /// `causal`: `[len, start + len]`, true where a query must not look (shared by the blocks).
+    fn forward(&self, x: Tensor<B, 3>, rope: Option<&RotaryEncoding<B>>, start: usize, causal: &Tensor<B, 2, Bool>, cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
         let heads = self.n_heads;
         let hd = d / heads;
@@ -68,8 +69,7 @@ impl<B: Backend> Block<B> {
         let total = k.dims()[2];
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (absolute position start + i) sees keys 0 ..= start + i.
-        let mask = causal_mask::<B>(len, total, start, &scores.device());
-        let scores = scores.mask_fill(mask.unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
+        let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
         let attn = self.dropout.forward(softmax(scores, 3));
         let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
         let x = x + self.dropout.forward(self.attn_out.forward(context));
@@ -145,9 +145,10 @@ impl<B: Backend> DecoderLm<B> {
             x = x + sin.sinusoids.clone().slice([0..1, start..start + len, 0..d]);
         }
         x = self.dropout.forward(x);
+        let causal = causal_mask::<B>(len, start + len, start, &x.device());
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, self.rope.as_ref(), start, slot);
+            x = block.forward(x, self.rope.as_ref(), start, &causal, slot);
         }
         if let Some(c) = cache {
             c.len = start + len;

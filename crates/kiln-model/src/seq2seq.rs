@@ -65,8 +65,9 @@ impl<B: Backend> DecoderLayer<B> {
     }
 
     /// `x`: `[batch, len, d]` at positions `start ..`; `cache`: this layer's self-attention keys
-    /// and values so far (extended here); `src_mask`: `[batch, 1, 1, src_len]`, true on padding.
-    fn forward(&self, x: Tensor<B, 3>, memory: &Kv<B>, src_mask: &Tensor<B, 4, Bool>, start: usize, cache: Option<&mut Option<Kv<B>>>) -> Tensor<B, 3> {
+    /// and values so far (extended here); `src_mask`: `[batch, 1, 1, src_len]`, true on padding;
+    /// `causal`: `[1, 1, len, start + len]`, shared by the layers of one pass.
+    fn forward(&self, x: Tensor<B, 3>, memory: &Kv<B>, src_mask: &Tensor<B, 4, Bool>, causal: &Tensor<B, 4, Bool>, cache: Option<&mut Option<Kv<B>>>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
         let heads = self.n_heads;
         let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
@@ -88,9 +89,7 @@ impl<B: Backend> DecoderLayer<B> {
                 }
                 *slot = Some((k.clone(), v.clone()));
             }
-            let total = k.dims()[2];
-            let mask = causal_mask::<B>(len, total, start, &q.device()).unsqueeze::<4>();
-            self.self_out.forward(merge_heads(attend(q, k, v, Some(mask), &self.dropout)))
+            self.self_out.forward(merge_heads(attend(q, k, v, Some(causal.clone()), &self.dropout)))
         };
         let cross_attn = |h: Tensor<B, 3>| {
             let q = split_heads(self.cross_q.forward(h), heads);
@@ -304,10 +303,11 @@ impl<B: Backend> Seq2Seq<B> {
     fn decode_from(&self, tokens: Tensor<B, 2, Int>, state: &mut DecodeState<B>, cached: bool) -> Tensor<B, 3> {
         let start = state.len;
         let len = tokens.dims()[1];
+        let causal = causal_mask::<B>(len, start + len, start, &tokens.device()).unsqueeze::<4>();
         let mut x = self.embed(self.target_table(), tokens, start);
         for (i, layer) in self.decoder.iter().enumerate() {
             let slot = if cached { Some(&mut state.cache[i]) } else { None };
-            x = layer.forward(x, &state.memory[i], &state.src_mask, start, slot);
+            x = layer.forward(x, &state.memory[i], &state.src_mask, &causal, slot);
         }
         if cached {
             state.len = start + len;
