@@ -34,7 +34,9 @@ fn translate_eval_and_architecture_checks() {
     for beam in ["1", "3"] {
         let o = with_stdin(&["translate", &run, "--beam", beam], input);
         assert!(o.status.success(), "{}", stderr(&o));
-        assert_eq!(stdout(&o).lines().count(), 4, "one line out per line in, empty lines included: {}", stdout(&o));
+        let out = stdout(&o);
+        assert_eq!(out.lines().count(), 4, "one line out per line in, empty lines included: {out}");
+        assert_eq!(out.lines().nth(2), Some(""), "an empty line stays empty");
     }
     // --input reads a file and gives what stdin gives.
     let file = dir.path().join("in.txt");

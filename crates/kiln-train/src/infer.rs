@@ -118,7 +118,8 @@ pub fn translate_lines<B: Backend>(run: &RunModel, lines: &[String], beam: BeamS
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let sources = run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
     let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
-    Ok(hyps.iter().map(|h| run.tokenizer.decode(h)).collect())
+    // An empty line stays empty (the model would otherwise invent a sentence for it).
+    Ok(hyps.iter().zip(lines).map(|(h, line)| if line.trim().is_empty() { String::new() } else { run.tokenizer.decode(h) }).collect())
 }
 
 /// Continues `prompt` with the run's language model; returns the generated text (lines broken at
