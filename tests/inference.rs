@@ -4,10 +4,10 @@
 mod common;
 use common::*;
 
-fn trained(dir: &std::path::Path, recipe: &str) -> String {
+fn trained(dir: &std::path::Path, recipe: &str, bleu: &str) -> String {
     let run = dir.join(recipe.trim_end_matches(".toml")).display().to_string();
     let recipe = root().join("recipes").join(recipe).display().to_string();
-    let o = kiln(&["train", &recipe, "--run-dir", &run, "--no-tui", "--set", "train.epochs=1", "--set", "eval.bleu=false"]);
+    let o = kiln(&["train", &recipe, "--run-dir", &run, "--no-tui", "--set", "train.epochs=1", "--set", bleu]);
     assert!(o.status.success(), "{}", stderr(&o));
     run
 }
@@ -29,7 +29,7 @@ fn with_stdin(args: &[&str], input: &str) -> std::process::Output {
 #[test]
 fn translate_eval_and_architecture_checks() {
     let dir = tempfile::tempdir().unwrap();
-    let run = trained(dir.path(), "smoke.toml");
+    let run = trained(dir.path(), "smoke.toml", "eval.bleu=false");
     let input = "Ich gehe nach Hause.\nDas Wetter ist heute schön.\n\nWo ist der Bahnhof?\n";
     for beam in ["1", "3"] {
         let o = with_stdin(&["translate", &run, "--beam", beam], input);
@@ -72,7 +72,7 @@ fn translate_eval_and_architecture_checks() {
 #[test]
 fn generate_is_seeded_and_eval_reports_perplexity() {
     let dir = tempfile::tempdir().unwrap();
-    let run = trained(dir.path(), "smoke-lm.toml");
+    let run = trained(dir.path(), "smoke-lm.toml", "eval.bleu=false");
     let gen = |seed: &str| {
         let o = kiln(&["generate", &run, "--prompt", "KING.", "--max-tokens", "30", "--seed", seed]);
         assert!(o.status.success(), "{}", stderr(&o));

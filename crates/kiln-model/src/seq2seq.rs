@@ -333,17 +333,29 @@ impl<B: Backend> Seq2Seq<B> {
         log_softmax(logits.mask_fill(banned, -1.0e9), 1)
     }
 
-    /// Greedy decoding through the key/value cache. Returns `[batch, ≤ max_len]` token ids (rows
-    /// continue past `</s>` with padding; readers cut at the first `</s>`). Checks every
-    /// `check_every` steps, with one small device read, whether every row has finished.
+    /// Greedy decoding through the key/value cache, at most `max_len` tokens per row. Returns
+    /// `[batch, ≤ max_len]` token ids (rows continue past `</s>` with padding; readers cut at the
+    /// first `</s>`). Checks every `check_every` steps, with one small device read, whether every
+    /// row has finished.
     pub fn greedy(&self, src: Tensor<B, 2, Int>, max_len: usize, check_every: usize) -> Tensor<B, 2, Int> {
+        let batch = src.dims()[0];
+        self.greedy_rows(src, &vec![max_len; batch], check_every)
+    }
+
+    /// Greedy decoding with a length limit per row (`max_lens[row]` tokens), so a sentence's
+    /// output does not depend on the batch it was decoded in.
+    pub fn greedy_rows(&self, src: Tensor<B, 2, Int>, max_lens: &[usize], check_every: usize) -> Tensor<B, 2, Int> {
         let [batch, _] = src.dims();
         let device = src.device();
+        let longest = max_lens.iter().copied().max().unwrap_or(0);
+        let limits = Tensor::<B, 2, Int>::from_data(TensorData::new(max_lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch, 1]), &device);
         let mut state = self.start_decoding(src);
         let mut next = Tensor::<B, 2, Int>::full([batch, 1], self.bos as i64, &device);
         let mut out: Vec<Tensor<B, 2, Int>> = Vec::new();
         let mut finished = Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch], [batch, 1]), &device);
-        for step in 0..max_len {
+        for step in 0..longest {
+            // Rows past their own limit are finished.
+            finished = finished.bool_or(limits.clone().lower_equal_elem(step as i64));
             let token = self.step(next, &mut state).argmax(1).reshape([batch, 1]);
             // Finished rows emit padding so they stay finished.
             let token = token.mask_fill(finished.clone(), self.pad as i64);
@@ -504,6 +516,17 @@ mod tests {
         let b = model.forward(ids(&[&[5, 6, 3, 0, 0]]), ids(&[&[2, 8]]));
         let diff = (a - b).abs().max().into_scalar();
         assert!(diff < 1e-4, "{diff}");
+    }
+
+    #[test]
+    fn greedy_output_does_not_depend_on_the_batch() {
+        let model: Seq2Seq<Flex> = config(true, Positions::Sinusoidal, true).init(&Default::default());
+        let alone: Vec<i64> = model.greedy_rows(ids(&[&[5, 6, 3]]), &[4], 0).into_data().iter::<i64>().collect();
+        let batch = model.greedy_rows(ids(&[&[5, 6, 3, 0, 0], &[7, 8, 9, 10, 3]]), &[4, 9], 0);
+        assert_eq!(batch.dims(), [2, 9]);
+        let first: Vec<i64> = batch.slice([0..1, 0..9]).into_data().iter::<i64>().collect();
+        assert_eq!(&first[..4], &alone[..]);
+        assert!(first[4..].iter().all(|&t| t == 0), "past its own limit a row only pads: {first:?}");
     }
 
     #[test]

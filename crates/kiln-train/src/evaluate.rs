@@ -31,6 +31,12 @@ fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>
     plan_batches(&lengths, settings, None)
 }
 
+/// Longest hypothesis for a source of `src_len` tokens (with `</s>`): `a × len + b`, capped by the
+/// model's positions.
+pub fn max_len_for(recipe: &Recipe, src_len: usize) -> usize {
+    ((recipe.eval.max_len_a * src_len as f64) as usize + recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
+}
+
 pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalResult {
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
@@ -55,10 +61,9 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
         let mut stats = BleuStats::default();
         for batch in eval_batches(set, recipe, n) {
             let b = HostBatch::build(&set.examples, &batch);
-            let max_len = ((recipe.eval.max_len_a * b.src_len as f64) as usize + recipe.eval.max_len_b)
-                .min(recipe.model.max_positions.saturating_sub(1))
-                .max(1);
-            let out = model.greedy(ids(&b.src, b.size, b.src_len, device), max_len, 8);
+            // Each sentence's own limit, so its translation does not depend on its batch.
+            let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, set.examples[i].src.len() + 1)).collect();
+            let out = model.greedy_rows(ids(&b.src, b.size, b.src_len, device), &max_lens, 8);
             let cols = out.dims()[1];
             let flat: Vec<i64> = out.into_data().iter::<i64>().collect();
             for (row, &i) in batch.iter().enumerate() {

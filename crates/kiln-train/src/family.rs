@@ -86,11 +86,16 @@ impl<B: AutodiffBackend> TrainModel<B> for Seq2Seq<B> {
     }
 
     fn evaluate(&self, data: &Prepared, split: Split, recipe: &Recipe, device: &B::Device) -> EvalResult {
-        let set = match split {
-            Split::Valid => &data.valid,
-            Split::Test => &data.test,
-        };
-        evaluate(&self.valid(), set, &data.tokenizer, recipe, device)
+        match split {
+            Split::Valid => evaluate(&self.valid(), &data.valid, &data.tokenizer, recipe, device),
+            Split::Test => {
+                // `eval.bleu_sentences` only shortens the per-epoch validation; the test figure
+                // is over the whole split.
+                let mut whole = recipe.clone();
+                whole.eval.bleu_sentences = 0;
+                evaluate(&self.valid(), &data.test, &data.tokenizer, &whole, device)
+            }
+        }
     }
 
     fn has_split(data: &Prepared, split: Split) -> bool {

@@ -19,7 +19,7 @@ use kiln_recipe::{ModelFamily, Recipe};
 use serde::Serialize;
 
 use crate::checkpoint::{self, Architecture};
-use crate::evaluate::{evaluate, ids};
+use crate::evaluate::{evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
 use crate::trainer::{lm_config, model_config};
 
@@ -84,9 +84,6 @@ impl RunModel {
 /// Translates token-id sentences (no specials). Beam 1 decodes batches greedily; a wider beam
 /// decodes sentence by sentence, its beams as one batch. Outputs are in input order.
 pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recipe: &Recipe, beam: BeamSettings, device: &B::Device) -> Vec<Vec<u32>> {
-    let max_len_for = |src_len: usize| {
-        ((recipe.eval.max_len_a * src_len as f64) as usize + recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
-    };
     let cap = recipe.data.max_len;
     let examples: Vec<Example> = sources.iter().map(|s| Example { src: s[..s.len().min(cap)].to_vec(), tgt: Vec::new() }).collect();
     let mut out = vec![Vec::new(); sources.len()];
@@ -95,7 +92,8 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
         let settings = BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
         for batch in plan_batches(&lengths, settings, None) {
             let b = HostBatch::build(&examples, &batch);
-            let tokens = model.greedy(ids(&b.src, b.size, b.src_len, device), max_len_for(b.src_len), 8);
+            let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();
+            let tokens = model.greedy_rows(ids(&b.src, b.size, b.src_len, device), &max_lens, 8);
             let cols = tokens.dims()[1];
             let flat: Vec<i64> = tokens.into_data().iter::<i64>().collect();
             for (row, &i) in batch.iter().enumerate() {
@@ -105,7 +103,7 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
     } else {
         for (i, e) in examples.iter().enumerate() {
             let b = HostBatch::build(&examples, &[i]);
-            let settings = BeamSettings { max_len: max_len_for(e.src.len() + 1), ..beam };
+            let settings = BeamSettings { max_len: max_len_for(recipe, e.src.len() + 1), ..beam };
             out[i] = model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true);
         }
     }
