@@ -18,6 +18,30 @@ fn train(run_dir: &std::path::Path, sets: &[&str]) -> std::process::Output {
     o
 }
 
+/// Starts a smoke-recipe training in the background (output captured).
+fn spawn_train(run_dir: &std::path::Path, sets: &[&str]) -> std::process::Child {
+    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), run_dir.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `ready` every 10 ms, for two minutes at most.
+fn wait_for(what: &str, ready: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !ready() {
+        assert!(t0.elapsed().as_secs() < 120, "{what} did not appear");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn windows(rows: &[Value]) -> Vec<&Value> {
     rows.iter().filter(|r| r["kind"] == "train").collect()
 }
@@ -256,24 +280,10 @@ fn sigint_stops_after_the_step_saves_and_resumes_to_the_same_end() {
     let sets = ["train.epochs=3", "train.sync_interval=2", "eval.bleu=false"];
     train(&whole, &sets);
 
-    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), stopped.display().to_string(), "--no-tui".into()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(&args)
-        .current_dir(root())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_train(&stopped, &sets);
     // Wait for the first sync window, then interrupt as a user's Ctrl-C would.
     let metrics = stopped.join("metrics.jsonl");
-    let t0 = std::time::Instant::now();
-    while !std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"kind\":\"train\"") {
-        assert!(t0.elapsed().as_secs() < 120, "no training window appeared");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for("a training window", || std::fs::read_to_string(&metrics).unwrap_or_default().contains("\"kind\":\"train\""));
     let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let o = child.wait_with_output().unwrap();
@@ -307,22 +317,8 @@ fn killed_at_a_random_moment_resumes_to_the_unbroken_end() {
     let best = std::fs::read_to_string(whole.join("checkpoints/best")).unwrap();
     assert!(whole.join("checkpoints").join(best.trim()).is_dir());
 
-    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), killed.display().to_string(), "--no-tui".into()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(&args)
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = std::time::Instant::now();
-    while !killed.join("checkpoints/latest").exists() {
-        assert!(t0.elapsed().as_secs() < 120, "no checkpoint appeared");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut child = spawn_train(&killed, &sets);
+    wait_for("a checkpoint", || killed.join("checkpoints/latest").exists());
     // A moment drawn from the clock: anywhere in the next second, mid-step or mid-save.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     std::thread::sleep(std::time::Duration::from_millis(u64::from(nanos % 1000)));

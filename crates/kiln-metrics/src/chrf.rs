@@ -14,9 +14,8 @@ pub struct ChrfStats {
     counts: [[u64; 3]; CHAR_ORDER],
 }
 
+/// Character n-grams of `text` (already stripped of whitespace) with their counts.
 fn char_ngrams(text: &str, n: usize) -> HashMap<&str, u64> {
-    // Byte offsets of every character of the text with whitespace removed are not contiguous in
-    // the original, so n-grams are taken from a compacted copy by the caller.
     let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
     let chars = bounds.len() - 1;
     let mut out = HashMap::new();
@@ -94,19 +93,8 @@ mod tests {
 
     #[test]
     fn fixture_equals_sacrebleu() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bleu");
-        let hyp = std::fs::read_to_string(format!("{dir}/hyp.txt")).unwrap();
-        let reference = std::fs::read_to_string(format!("{dir}/ref.txt")).unwrap();
-        let expected: f64 = std::fs::read_to_string(format!("{dir}/sacrebleu-chrf.txt"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("score "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let h: Vec<&str> = hyp.lines().collect();
-        let r: Vec<&str> = reference.lines().collect();
+        let (h, r, expected) = crate::tests::fixture("sacrebleu-chrf.txt");
+        let (h, r): (Vec<&str>, Vec<&str>) = (h.iter().map(String::as_str).collect(), r.iter().map(String::as_str).collect());
         let got = corpus_chrf(&h, &r);
         assert!((got - expected).abs() < 1e-9, "kiln {got} vs sacrebleu {expected}");
     }

@@ -136,21 +136,18 @@ mod tests {
         assert_eq!(corpus_bleu(&["x y z w"], &["a b c d"]), 0.0);
     }
 
+    /// The fixture's hypotheses, references and the score sacreBLEU wrote into `score_file`.
+    pub(crate) fn fixture(score_file: &str) -> (Vec<String>, Vec<String>, f64) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bleu");
+        let lines = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap().lines().map(str::to_string).collect::<Vec<_>>();
+        let expected = lines(score_file).iter().find_map(|l| l.strip_prefix("score ").map(|v| v.trim().parse().unwrap())).unwrap();
+        (lines("hyp.txt"), lines("ref.txt"), expected)
+    }
+
     #[test]
     fn fixture_equals_sacrebleu() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/bleu");
-        let hyp = std::fs::read_to_string(format!("{dir}/hyp.txt")).unwrap();
-        let reference = std::fs::read_to_string(format!("{dir}/ref.txt")).unwrap();
-        let expected: f64 = std::fs::read_to_string(format!("{dir}/sacrebleu.txt"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("score "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        let h: Vec<&str> = hyp.lines().collect();
-        let r: Vec<&str> = reference.lines().collect();
+        let (h, r, expected) = fixture("sacrebleu.txt");
+        let (h, r): (Vec<&str>, Vec<&str>) = (h.iter().map(String::as_str).collect(), r.iter().map(String::as_str).collect());
         let got = corpus_bleu(&h, &r);
         assert!((got - expected).abs() < 1e-9, "kiln {got} vs sacrebleu {expected}");
     }
