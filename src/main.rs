@@ -95,6 +95,32 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/bench/data.md")]
         out: PathBuf,
     },
+    /// Training throughput: steady-state target tokens/s after a warm-up, step time, sync / data
+    /// wait / compute shares, memory; and the same batches through the PyTorch reference
+    /// (benches/peer/) when a python3 with torch is found, for the kiln/PyTorch ratio.
+    Train {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Optimizer steps measured after the warm-up (0 = the recipe's whole run).
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        /// Steps run before measuring (rounded up to whole sync windows).
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Markdown file the result row is appended to.
+        #[arg(long, default_value = "docs/bench/train.md")]
+        out: PathBuf,
+        /// What this run measures (a change and its predicted effect), for the history.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Skip the PyTorch reference.
+        #[arg(long)]
+        no_peer: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -168,13 +194,21 @@ fn main() -> ExitCode {
         }
         Command::Eval { run_dir, split, decode } => eval(&run_dir, &split, &decode),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
+        Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer } } => {
+            bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = format!("{e:#}").replace('\n', " ");
             eprintln!("kiln: error: {text}");
-            ExitCode::from(2)
+            // 3: training diverged (non-finite loss); 2: everything else the user can fix.
+            if e.downcast_ref::<kiln_train::trainer::NonFiniteStop>().is_some() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }
@@ -211,7 +245,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let tui = !args.no_tui && std::io::stdout().is_terminal() && std::io::stdin().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
     let result = (|| {
         let files = RunFiles::open(&run_dir).map_err(anyhow::Error::msg)?;
-        let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone() };
+        let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
         let dashboard = if tui {
             match kiln_dashboard::start_live(control.clone()) {
                 Ok(d) => Some(d),
@@ -253,9 +287,15 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 Err(why) => eprintln!("kiln: warning: {why}"),
             }
         }
-        Err(_) if created && !run_dir.join("checkpoints").exists() => {
-            // A run that failed before saving anything (bad corpus, say) leaves no directory behind.
+        Err(_) if created && !run_dir.join("checkpoints").exists() && !run_dir.join("nonfinite.json").exists() => {
+            // A run that failed before saving anything (bad corpus, say) leaves no directory
+            // behind, nor an empty `runs/<name>/` it made.
             let _ = std::fs::remove_dir_all(&run_dir);
+            if args.run_dir.is_none() {
+                if let Some(parent) = run_dir.parent() {
+                    let _ = std::fs::remove_dir(parent);
+                }
+            }
         }
         Err(_) => {}
     }
@@ -353,20 +393,8 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     let scratch = tempfile::tempdir()?;
     eprintln!("bench data: {} (cold prepare, cache hit, loader 1 and 2 workers, padding)…", recipe_path.display());
     let figures = kiln_train::bench::bench_data(&recipe, scratch.path())?;
-    let commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let date = kiln_train::rundir::timestamp(std::time::SystemTime::now());
-    let section = figures.markdown(&recipe.name, &format!("{cpu}, {cores} cores"), &commit, &date);
+    let (machine, commit, date) = provenance();
+    let section = figures.markdown(&recipe.name, &machine, &commit, &date);
     print!("{section}");
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;
@@ -377,6 +405,94 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     text.push_str(&section);
     std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
     eprintln!("appended to {}", out.display());
+    Ok(())
+}
+
+/// The machine (CPU model, cores), the commit (`+dirty` with uncommitted changes) and the UTC date.
+fn provenance() -> (String, String, String) {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let mut commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
+        commit.push_str("+dirty");
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (format!("{cpu}, {cores} cores"), commit, kiln_train::rundir::timestamp(std::time::SystemTime::now()))
+}
+
+struct BenchTrainArgs {
+    steps: usize,
+    warmup: usize,
+    json: Option<PathBuf>,
+    out: PathBuf,
+    note: String,
+    no_peer: bool,
+}
+
+/// A Python with torch for the reference: `KILN_PEER_PYTHON`, `benches/peer/.venv`, or `python3`.
+fn peer_python() -> Option<String> {
+    let candidates = [std::env::var("KILN_PEER_PYTHON").ok(), Some("benches/peer/.venv/bin/python".into()), Some("python3".into())];
+    candidates.into_iter().flatten().find(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import torch"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainArgs) -> anyhow::Result<()> {
+    let overrides = set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let recipe = Recipe::load(recipe_path, &overrides)?;
+    let scratch = tempfile::tempdir()?;
+    eprintln!("bench train: {} — {} warm-up + {} measured steps…", recipe_path.display(), args.warmup, args.steps);
+    let kiln = kiln_train::bench::bench_train(&recipe, args.steps, args.warmup, scratch.path())?;
+    let peer: Option<serde_json::Value> = if args.no_peer {
+        None
+    } else {
+        match (peer_python(), kiln_train::bench::peer_spec(&recipe, scratch.path(), kiln.steps, kiln.warmup_steps)) {
+            (None, _) => {
+                eprintln!("bench train: no python3 with torch found (KILN_PEER_PYTHON, benches/peer/.venv); PyTorch reference skipped, see benches/peer/README.md");
+                None
+            }
+            (_, Err(why)) => {
+                eprintln!("bench train: PyTorch reference skipped: {why}");
+                None
+            }
+            (Some(py), Ok(spec)) => {
+                let spec_path = scratch.path().join("peer.json");
+                std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+                eprintln!("bench train: the same batches through PyTorch ({py})…");
+                let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer_train.py");
+                let o = std::process::Command::new(&py).arg(&script).arg(&spec_path).output()?;
+                if !o.status.success() {
+                    anyhow::bail!("{}: failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+                }
+                Some(serde_json::from_slice(&o.stdout).map_err(|e| anyhow::anyhow!("{}: unreadable output: {e}", script.display()))?)
+            }
+        }
+    };
+    let peer_tps = peer.as_ref().and_then(|p| p["tokens_per_s"].as_f64());
+    let ratio = peer_tps.map(|p| kiln.tokens_per_s / p.max(1e-9));
+    let (machine, commit, date) = provenance();
+    let report = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "note": args.note, "kiln": kiln, "peer": peer, "ratio": ratio });
+    println!("{}", kiln_views::bench_report::table(&report));
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    }
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = std::fs::read_to_string(&args.out).unwrap_or_else(|_| kiln_views::bench_report::HEADER.to_string());
+    text.push_str(&kiln_views::bench_report::row(&report));
+    std::fs::write(&args.out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", args.out.display()))?;
+    eprintln!("appended to {}", args.out.display());
     Ok(())
 }
 

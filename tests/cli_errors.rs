@@ -67,3 +67,92 @@ fn resume_of_a_directory_that_is_not_a_run() {
     let dir = tempfile::tempdir().unwrap();
     assert_user_error(&kiln(&["train", "--resume", &dir.path().display().to_string()]), &["not a kiln run directory"]);
 }
+
+/// Real Ding lines (the first `n` of the corpus), to be spoiled one way or another.
+fn ding_lines(n: usize) -> Vec<String> {
+    std::fs::read_to_string(root().join("assets/de-en.ding.tsv")).unwrap().lines().take(n).map(str::to_string).collect()
+}
+
+/// A recipe training on `corpus` (a tiny model; a run that gets going stops after two steps).
+fn tiny_recipe(dir: &std::path::Path, corpus: &str, extra: &str) -> String {
+    let text = format!(
+        "[data]\ntrain = {corpus:?}\nvalid_size = 20\ntest_size = 0\n[tokenizer]\nvocab_size = 200\n[model]\nd_model = 16\nn_heads = 2\nd_ff = 32\nencoder_layers = 1\ndecoder_layers = 1\n[train]\nepochs = 1\nmax_steps = 2\n[loader]\ncache_dir = \"\"\n{extra}"
+    );
+    write(dir, "r.toml", &text)
+}
+
+#[test]
+fn mistyped_section_negative_and_zero_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = write(dir.path(), "a.toml", &format!("[data]\ntrain = {:?}\n[trian]\nepochs = 1\n", corpus_path()));
+    assert_user_error(&kiln(&["train", &r]), &["a.toml:3", "trian", "unknown field"]);
+    let r = write(dir.path(), "b.toml", &format!("[data]\ntrain = {:?}\n[loader]\nmax_tokens = -5\n", corpus_path()));
+    assert_user_error(&kiln(&["train", &r]), &["b.toml:4", "loader.max_tokens", "-5"]);
+    let r = write(dir.path(), "c.toml", &format!("[data]\ntrain = {:?}\n[model]\nd_model = 0\n", corpus_path()));
+    assert_user_error(&kiln(&["train", &r]), &["c.toml", "model.d_model", "expected an integer > 0"]);
+    assert_user_error(&kiln(&["train", &smoke(), "--set", "train.lr=-1"]), &["--set train.lr=-1", "train.lr"]);
+    assert_user_error(&kiln(&["train", &smoke(), "--set", "train.on_nan=ignore"]), &["train.on_nan", "unknown variant"]);
+}
+
+#[test]
+fn corpus_with_an_empty_side_or_invalid_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run").display().to_string();
+    let mut lines = ding_lines(200);
+    let german = lines[6].split('\t').next().unwrap().to_string();
+    lines[6] = format!("{german}\t   ");
+    let corpus = write(dir.path(), "side.tsv", &(lines.join("\n") + "\n"));
+    assert_user_error(&kiln(&["train", &tiny_recipe(dir.path(), &corpus, ""), "--run-dir", &run]), &["side.tsv:7", "empty"]);
+
+    let mut bytes = ding_lines(200).join("\n").into_bytes();
+    let at = bytes.iter().position(|&b| b == b'\n').unwrap() + 3; // inside line 2
+    bytes.insert(at, 0xff);
+    let corpus = dir.path().join("utf8.tsv");
+    std::fs::write(&corpus, bytes).unwrap();
+    let corpus = corpus.display().to_string();
+    assert_user_error(&kiln(&["train", &tiny_recipe(dir.path(), &corpus, ""), "--run-dir", &run]), &["utf8.tsv:2", "UTF-8"]);
+    assert!(!dir.path().join("run").exists(), "no run directory left behind");
+}
+
+#[test]
+fn empty_corpus_and_missing_validation_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run").display().to_string();
+    let corpus = write(dir.path(), "empty.tsv", "");
+    assert_user_error(&kiln(&["train", &tiny_recipe(dir.path(), &corpus, ""), "--run-dir", &run]), &["empty.tsv", "no sentence pairs"]);
+    let corpus = write(dir.path(), "ok.tsv", &(ding_lines(200).join("\n") + "\n"));
+    let r = write(dir.path(), "v.toml", &format!("[data]\ntrain = {corpus:?}\nvalid = \"nope.tsv\"\n[loader]\ncache_dir = \"\"\n"));
+    assert_user_error(&kiln(&["train", &r, "--run-dir", &run]), &["nope.tsv", "cannot read"]);
+}
+
+#[test]
+fn bom_and_crlf_corpus_reads_like_a_plain_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = ding_lines(300);
+    let plain = write(dir.path(), "plain.tsv", &(lines.join("\n") + "\n"));
+    let windows = write(dir.path(), "windows.tsv", &format!("\u{feff}{}\r\n", lines.join("\r\n")));
+    let mut losses = Vec::new();
+    for (name, corpus) in [("plain", plain), ("windows", windows)] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir(&sub).unwrap();
+        let run = sub.join("run").display().to_string();
+        let o = kiln(&["train", &tiny_recipe(&sub, &corpus, ""), "--run-dir", &run, "--no-tui"]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let s = read_json(&sub.join("run/summary.json"));
+        losses.push((s["train_loss"].clone(), std::fs::read(sub.join("run/tokenizer.json")).unwrap()));
+    }
+    assert_eq!(losses[0], losses[1], "a BOM and CRLF line ends change nothing");
+}
+
+#[test]
+fn tokenizer_file_that_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = write(dir.path(), "tokenizer.json", "{\"version\": \"1.0\", \"model\": ");
+    let corpus = write(dir.path(), "ok.tsv", &(ding_lines(200).join("\n") + "\n"));
+    let text = format!(
+        "[data]\ntrain = {corpus:?}\nvalid_size = 20\ntest_size = 0\n[tokenizer]\npath = {tok:?}\n[train]\nepochs = 1\nmax_steps = 2\n[loader]\ncache_dir = \"\"\n"
+    );
+    let r = write(dir.path(), "t.toml", &text);
+    let run = dir.path().join("run").display().to_string();
+    assert_user_error(&kiln(&["train", &r, "--run-dir", &run]), &["tokenizer.json"]);
+}

@@ -76,6 +76,10 @@ impl DashboardState {
             Event::EpochEnd { .. } => {}
             Event::Validation(v) => self.valids.push(v.clone()),
             Event::Checkpoint { step, path, .. } => self.last_checkpoint = Some((*step, path.clone())),
+            Event::Rollback { step } => {
+                self.windows.retain(|w| w.step <= *step);
+                self.valids.retain(|v| v.step <= *step);
+            }
             Event::Finished(s) => {
                 if self.cache_hit.is_none() {
                     self.cache_hit = Some(s.data.cache_hit);

@@ -447,4 +447,55 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         assert!(list(dir.path(), true).unwrap()[0].status.is_err());
     }
+
+    /// Fuzzing the reader: arbitrary files, and — past the checksum, where the parser works —
+    /// arbitrary payloads under a valid header and checksum. Never a panic or a huge allocation:
+    /// every count is checked against the bytes left.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn sealed(key: &CacheKey, payload: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(MAGIC);
+            out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+            out.extend_from_slice(&key.0);
+            out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            out.extend_from_slice(payload);
+            let sum = blake3::hash(&out);
+            out.extend_from_slice(sum.as_bytes());
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_files_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+                prop_assert!(decode(&bytes, None).is_err());
+            }
+
+            #[test]
+            fn arbitrary_payloads_never_panic(payload in prop::collection::vec(any::<u8>(), 0..300)) {
+                let key = CacheKey([3; 32]);
+                let _ = decode(&sealed(&key, &payload), Some(&key));
+            }
+
+            #[test]
+            fn mutated_payloads_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>()) {
+                let key = CacheKey([3; 32]);
+                let good = encode(&key, &sample());
+                let mut payload = good[HEADER_LEN..good.len() - CHECKSUM_LEN].to_vec();
+                for (at, byte) in edits {
+                    let i = at.index(payload.len());
+                    payload[i] = byte;
+                }
+                payload.truncate(cut.index(payload.len() + 1));
+                if let Ok((_, data)) = decode(&sealed(&key, &payload), Some(&key)) {
+                    // What decodes re-encodes to the same bytes: nothing was invented.
+                    prop_assert_eq!(encode(&key, &data), sealed(&key, &payload));
+                }
+            }
+        }
+    }
 }

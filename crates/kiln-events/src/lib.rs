@@ -106,6 +106,11 @@ pub struct Summary {
     /// checkpoint resumes it.
     #[serde(default)]
     pub stopped: bool,
+    /// Steps whose update was skipped and rollbacks made after non-finite losses (`train.on_nan`).
+    #[serde(default)]
+    pub skipped_steps: usize,
+    #[serde(default)]
+    pub rollbacks: usize,
 }
 
 /// How the data was prepared and fed.
@@ -208,6 +213,9 @@ pub enum Event {
     EpochEnd { epoch: usize, step: usize, train_loss: f64 },
     Validation(ValidRow),
     Checkpoint { epoch: usize, step: usize, path: String },
+    /// Training went back to the checkpoint at `step` (`train.on_nan = "rollback"`): what was
+    /// logged past that step no longer describes the run.
+    Rollback { step: usize },
     Finished(Summary),
 }
 

@@ -85,6 +85,19 @@ pub enum Schedule {
     Constant,
 }
 
+/// What a non-finite training loss or gradient norm does (`train.on_nan`), seen at the sync window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNan {
+    /// Stop the run with a diagnosis (`nonfinite.json`); the last checkpoint stays as it was.
+    #[default]
+    Stop,
+    /// Go back to the window's start and replay it without the offending steps.
+    Skip,
+    /// Go back to the last checkpoint and lower the learning rate.
+    Rollback,
+}
+
 /// What kind of corpus `data.train` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -277,6 +290,12 @@ pub struct TrainSection {
     pub save_every_steps: usize,
     /// Keep the newest N checkpoints (plus the best by validation loss); 0 = keep all.
     pub keep_checkpoints: usize,
+    /// What a non-finite loss or gradient norm does.
+    pub on_nan: OnNan,
+    /// `rollback`: the learning rate is multiplied by this at each rollback.
+    pub nan_lr_factor: f64,
+    /// Recoveries a run may make (steps skipped, or rollbacks) before a non-finite step stops it.
+    pub nan_max_recoveries: usize,
 }
 
 impl Default for TrainSection {
@@ -300,6 +319,9 @@ impl Default for TrainSection {
             save_every: 1,
             save_every_steps: 0,
             keep_checkpoints: 5,
+            on_nan: OnNan::Stop,
+            nan_lr_factor: 0.5,
+            nan_max_recoveries: 5,
         }
     }
 }
@@ -559,6 +581,7 @@ impl Recipe {
         positive("train.accumulate", tr.accumulate)?;
         in_range("train.label_smoothing", tr.label_smoothing, 0.0, 1.0, false, true)?;
         positive("train.sync_interval", tr.sync_interval)?;
+        in_range("train.nan_lr_factor", tr.nan_lr_factor, 0.0, 1.0, true, true)?;
         let dev = self.backend.device.as_str();
         let cuda_ok = dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
         if !(dev == "cpu" || dev == "auto" || cuda_ok) {
@@ -752,5 +775,64 @@ mod tests {
         let r = Recipe::parse(GOOD, "r.toml", &[]).unwrap();
         let again = Recipe::parse(&r.to_toml(), "recipe.toml", &[]).unwrap();
         assert_eq!(r, again);
+    }
+
+    /// Fuzzing: recipe text mutated at random (bytes replaced, inserted, deleted, lines cut) and
+    /// random `--set` overrides never panic; every refusal is one line naming where.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SMOKE: &str = include_str!("../../../recipes/smoke.toml");
+
+        fn check(text: &str, overrides: &[Override]) {
+            match Recipe::parse(text, "r.toml", overrides) {
+                Ok(r) => {
+                    // An accepted recipe is valid and survives its own round trip.
+                    assert!(r.validate().is_ok());
+                    let again = Recipe::parse(&r.to_toml(), "resolved.toml", &[]).expect("a resolved recipe parses");
+                    assert_eq!(again.to_toml(), r.to_toml());
+                }
+                Err(e) => {
+                    let line = e.to_string();
+                    assert!(!line.contains('\n'), "one line: {line:?}");
+                    assert!(line.starts_with("r.toml") || line.starts_with("--set"), "names where: {line:?}");
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+            #[test]
+            fn mutated_recipes_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4, any::<char>()), 1..8)) {
+                let mut text: Vec<char> = SMOKE.chars().collect();
+                for (at, op, c) in edits {
+                    let i = at.index(text.len().max(1)).min(text.len());
+                    match op {
+                        0 if i < text.len() => text[i] = c,
+                        1 => text.insert(i, c),
+                        2 if i < text.len() => { text.remove(i); }
+                        _ => text.truncate(i),
+                    }
+                }
+                check(&text.into_iter().collect::<String>(), &[]);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+                check(&text, &[]);
+            }
+
+            #[test]
+            fn random_overrides_never_panic(
+                key in prop::sample::select(vec!["train.lr", "train.epochs", "model.d_model", "loader.max_tokens", "data.format", "train.on_nan", "tokenizer.kind", "backend.device", "x.y", "train.nope", "model.dropout"]),
+                value in "[-0-9a-z.\"e+\\[\\]{}=:]{0,12}",
+            ) {
+                if let Ok(o) = Override::parse(&format!("{key}={value}")) {
+                    check(SMOKE, &[o]);
+                }
+            }
+        }
     }
 }

@@ -152,3 +152,190 @@ impl DataBench {
         )
     }
 }
+
+/// Figures of one `bench train` run: steady-state training after a warm-up, on the recipe's device.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainBench {
+    pub recipe: String,
+    pub device: String,
+    pub threads: usize,
+    pub warmup_steps: usize,
+    /// Steps measured (after the warm-up).
+    pub steps: usize,
+    /// Target tokens per second over the measured sync windows (their wall time: data wait, sync
+    /// and compute).
+    pub tokens_per_s: f64,
+    /// Host time per optimizer step (batch in hand → update done), over the measured steps.
+    pub step_ms_median: f64,
+    pub step_ms_p90: f64,
+    /// Shares of the measured windows' wall time.
+    pub sync_pct: f64,
+    pub data_wait_pct: f64,
+    pub compute_pct: f64,
+    /// Resident memory: the process's peak, and the largest sample of each epoch run.
+    pub peak_rss_mb: f64,
+    pub rss_per_epoch_mb: Vec<f64>,
+    /// Σ loss of the first sync window (a check that kiln and the peer start alike).
+    pub first_window_loss_sum: f64,
+    pub padding_pct: f64,
+}
+
+/// A sink that keeps the windows and shows a progress line on stderr.
+struct Collect {
+    windows: Vec<kiln_events::WindowRow>,
+    first_window_loss_sum: Option<f64>,
+    device: String,
+}
+
+impl kiln_events::EventSink for Collect {
+    fn emit(&mut self, event: &kiln_events::Event) -> Result<(), String> {
+        match event {
+            kiln_events::Event::RunStarted(info) => self.device = info.device.clone(),
+            kiln_events::Event::Window(w) => {
+                self.first_window_loss_sum.get_or_insert(w.loss * w.tokens as f64);
+                eprint!("\r  step {} | {:.0} tok/s   ", w.step, w.tokens_per_s);
+                self.windows.push(w.clone());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in MiB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((p * sorted.len() as f64) as usize).min(sorted.len() - 1)]
+}
+
+/// Trains `recipe` for `warmup + steps` optimizer steps (`steps` = 0: the recipe's whole length)
+/// in `scratch`, measuring the steps after the warm-up; the warm-up is rounded up to whole sync
+/// windows so that every measured window holds measured steps only.
+pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path) -> Result<TrainBench> {
+    let mut recipe = recipe.clone();
+    let sync = recipe.train.sync_interval;
+    let warmup = warmup.div_ceil(sync) * sync;
+    if steps > 0 {
+        recipe.train.max_steps = warmup + steps;
+    }
+    recipe.eval.bleu = false;
+    let times: crate::trainer::StepTimes = Default::default();
+    let launch = crate::Launch {
+        recipe: recipe.clone(),
+        run_dir: scratch.join("run"),
+        resume: None,
+        control: kiln_events::Control::new(),
+        step_times: Some(times.clone()),
+    };
+    std::fs::create_dir_all(&launch.run_dir)?;
+    let mut sink = Collect { windows: Vec::new(), first_window_loss_sum: None, device: String::new() };
+    crate::launch(&launch, &mut sink)?;
+    eprintln!();
+    let times = times.lock().expect("step times").clone();
+    if times.len() <= warmup {
+        return Err(anyhow!("bench train: the run had {} steps, not more than the {warmup} warm-up steps", times.len()));
+    }
+    let measured: Vec<&kiln_events::WindowRow> = sink.windows.iter().filter(|w| w.step > warmup).collect();
+    let wall: f64 = measured.iter().map(|w| w.window_s).sum();
+    let tokens: u64 = measured.iter().map(|w| w.tokens).sum();
+    let sync_s: f64 = measured.iter().map(|w| w.sync_ms).sum::<f64>() / 1e3;
+    let wait_s: f64 = measured.iter().map(|w| w.data_wait_ms).sum::<f64>() / 1e3;
+    let mut step_ms: Vec<f64> = times[warmup..].to_vec();
+    step_ms.sort_by(f64::total_cmp);
+    let mut rss_per_epoch: Vec<f64> = Vec::new();
+    for w in &sink.windows {
+        if rss_per_epoch.len() < w.epoch {
+            rss_per_epoch.resize(w.epoch, 0.0);
+        }
+        rss_per_epoch[w.epoch - 1] = rss_per_epoch[w.epoch - 1].max(w.rss_mb);
+    }
+    let (real, slots): (f64, f64) = measured.iter().fold((0.0, 0.0), |(r, s), w| {
+        let slots = w.tokens as f64; // weight windows by their tokens
+        (r + slots * (1.0 - w.padding_pct / 100.0), s + slots)
+    });
+    Ok(TrainBench {
+        recipe: recipe.name.clone(),
+        device: sink.device,
+        threads: rayon::current_num_threads(),
+        warmup_steps: warmup,
+        steps: times.len() - warmup,
+        tokens_per_s: if wall > 0.0 { tokens as f64 / wall } else { 0.0 },
+        step_ms_median: percentile(&step_ms, 0.5),
+        step_ms_p90: percentile(&step_ms, 0.9),
+        sync_pct: 100.0 * sync_s / wall.max(1e-9),
+        data_wait_pct: 100.0 * wait_s / wall.max(1e-9),
+        compute_pct: 100.0 * (1.0 - (sync_s + wait_s) / wall.max(1e-9)),
+        peak_rss_mb: peak_rss_mb(),
+        rss_per_epoch_mb: rss_per_epoch,
+        first_window_loss_sum: sink.first_window_loss_sum.unwrap_or(f64::NAN),
+        padding_pct: 100.0 * (1.0 - real / slots.max(1e-9)),
+    })
+}
+
+/// The PyTorch peer's input (`benches/peer/peer_train.py`): the model and training settings and
+/// the batches of the first `steps` optimizer steps, exactly as kiln's loader builds them.
+pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -> Result<serde_json::Value> {
+    if recipe.model.family != kiln_recipe::ModelFamily::Transformer {
+        return Err(anyhow!("the PyTorch peer covers model.family = \"transformer\" only"));
+    }
+    if recipe.tokenizer.sample_alpha > 0.0 || recipe.tokenizer.bpe_dropout > 0.0 {
+        return Err(anyhow!("the PyTorch peer gets the prepared segmentations; turn subword regularisation off to compare"));
+    }
+    let tok = scratch.join("run/tokenizer.json");
+    let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let data = kiln_data::prepare(recipe, TokenizerSource::Load(&tok), cache_dir, &|_| {}).map_err(|e| anyhow!("{e}"))?;
+    let plan = epoch_batches(&data.train, recipe, 0);
+    let per_step = recipe.train.accumulate;
+    let sync = recipe.train.sync_interval;
+    let warmup = warmup.div_ceil(sync) * sync;
+    let total = (warmup + steps).min(plan.len() / per_step);
+    let batches: Vec<Vec<serde_json::Value>> = plan
+        .chunks(per_step)
+        .take(total)
+        .map(|group| {
+            group
+                .iter()
+                .map(|indices| {
+                    let b = HostBatch::build(&data.train, indices);
+                    serde_json::json!({
+                        "src": b.src, "src_shape": [b.size, b.src_len],
+                        "tgt_in": b.tgt_in, "tgt_shape": [b.size, b.tgt_len],
+                        "label_rows": b.label_rows, "labels": b.labels,
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let m = &recipe.model;
+    let tr = &recipe.train;
+    Ok(serde_json::json!({
+        "threads": rayon::current_num_threads(),
+        "seed": tr.seed,
+        "warmup_steps": warmup,
+        "sync_interval": sync,
+        "vocab_size": data.tokenizer.vocab_size(),
+        "pad": kiln_data::PAD,
+        "model": {
+            "d_model": m.d_model, "n_heads": m.n_heads, "d_ff": m.d_ff,
+            "encoder_layers": m.encoder_layers, "decoder_layers": m.decoder_layers,
+            "dropout": m.dropout, "pre_ln": m.pre_ln, "tie_embeddings": m.tie_embeddings,
+            "positions": m.positions, "max_positions": m.max_positions, "activation": m.activation,
+        },
+        "train": {
+            "lr": tr.lr, "schedule": tr.schedule, "warmup_steps": tr.warmup_steps, "min_lr": tr.min_lr,
+            "beta1": tr.beta1, "beta2": tr.beta2, "eps": tr.eps, "weight_decay": tr.weight_decay,
+            "clip_norm": tr.clip_norm, "label_smoothing": tr.label_smoothing,
+        },
+        "steps": batches,
+    }))
+}

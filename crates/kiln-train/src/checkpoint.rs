@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const STATE_FORMAT: u32 = 1;
 
 /// Where training stands; enough to continue exactly.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     pub format: u32,
     /// Optimizer steps done.
@@ -46,6 +46,43 @@ pub struct TrainState {
     /// The best checkpoint so far by validation loss: (name, loss).
     #[serde(default)]
     pub best: Option<(String, f64)>,
+    /// Learning-rate factor left by rollbacks after non-finite losses (1 = none).
+    #[serde(default = "one")]
+    pub lr_scale: f64,
+    /// Steps whose update was skipped, and rollbacks made, after non-finite losses.
+    #[serde(default)]
+    pub skipped_steps: usize,
+    #[serde(default)]
+    pub rollbacks: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for TrainState {
+    fn default() -> Self {
+        Self {
+            format: STATE_FORMAT,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            epoch_loss_sum: 0.0,
+            epoch_tokens: 0,
+            last_epoch_loss: None,
+            total_tokens: 0,
+            sync: SyncStats::default(),
+            wall_s: 0.0,
+            last_valid: None,
+            finished: false,
+            architecture: None,
+            files: Default::default(),
+            best: None,
+            lr_scale: 1.0,
+            skipped_steps: 0,
+            rollbacks: 0,
+        }
+    }
 }
 
 /// What a checkpoint's weights fit: the model section (minus training-only keys) and the vocabulary.
@@ -276,5 +313,70 @@ mod tests {
         assert_eq!(std::fs::read_to_string(checkpoints_dir(run).join("best")).unwrap(), "step-0000020");
         prune(run, 0, None).unwrap();
         assert_eq!(list(run).len(), 3, "keep = 0 keeps all");
+    }
+
+    /// Fuzzing the checkpoint readers: `state.json` mutated at random, and weight files truncated
+    /// or altered under hashes that match (as if state.json were rewritten with them), loaded by
+    /// Burn's recorder into a real model. Never a panic: an error, or a state that is whole.
+    mod fuzz {
+        use super::*;
+        use burn::module::Module;
+        use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+        use proptest::prelude::*;
+
+        type B = burn::backend::Flex;
+
+        fn saved_state() -> String {
+            let state = TrainState { step: 40, epoch: 1, best: Some(("step-0000040".into(), 2.5)), ..Default::default() };
+            serde_json::to_string_pretty(&state).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+            #[test]
+            fn mutated_state_files_never_panic(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<char>()), 1..6)) {
+                let mut text: Vec<char> = saved_state().chars().collect();
+                for (at, c) in edits {
+                    let i = at.index(text.len());
+                    text[i] = c;
+                }
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join("state.json"), text.into_iter().collect::<String>()).unwrap();
+                match read_state(dir.path()) {
+                    Ok(state) => prop_assert_eq!(state.format, STATE_FORMAT),
+                    Err(e) => prop_assert!(e.contains("state.json") && !e.contains('\n'), "{}", e),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+            #[test]
+            fn damaged_weight_files_are_errors_not_panics(cut in any::<prop::sample::Index>(), edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4)) {
+                let device = Default::default();
+                let config = kiln_model::Seq2SeqConfig {
+                    vocab_size: 40, pad: 0, bos: 2, eos: 3,
+                    model: kiln_recipe::ModelSection { d_model: 8, n_heads: 2, d_ff: 16, encoder_layers: 1, decoder_layers: 1, max_positions: 16, ..Default::default() },
+                };
+                let model = config.init::<B>(&device);
+                let dir = tempfile::tempdir().unwrap();
+                let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+                model.clone().save_file(dir.path().join("model"), &recorder).unwrap();
+                let path = dir.path().join("model.mpk");
+                let mut bytes = std::fs::read(&path).unwrap();
+                for (at, b) in edits {
+                    let i = at.index(bytes.len());
+                    bytes[i] = b;
+                }
+                bytes.truncate(cut.index(bytes.len() + 1));
+                std::fs::write(&path, &bytes).unwrap();
+                let loaded = crate::infer::load_weights(model, &path.with_extension(""), &device);
+                if let Err(e) = loaded {
+                    prop_assert!(e.to_string().contains("model.mpk") && !e.to_string().contains('\n'));
+                }
+            }
+        }
     }
 }

@@ -53,15 +53,20 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
             .map_err(|m| anyhow!(m))?
             .ok_or_else(|| anyhow!("{}: the run has no checkpoint yet", checkpoint::checkpoints_dir(run_dir).display()))?,
     };
-    let state = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?;
+    // A corrupted or truncated checkpoint is named here, not met as a decoding error later.
+    let state = checkpoint::verify(&dir).map_err(|m| anyhow!(m))?;
     checkpoint::check_architecture(&dir, &state, &Architecture::new(&recipe.model, tokenizer.vocab_size())).map_err(|m| anyhow!(m))?;
     Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step })
 }
 
 fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
-    let path = run.checkpoint.join("model");
+    load_weights(model, &run.checkpoint.join("model"), device)
+}
+
+/// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
+pub fn load_weights<B: Backend, M: Module<B>>(model: M, path: &Path, device: &B::Device) -> Result<M> {
     model
-        .load_file(path.clone(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
+        .load_file(path.to_path_buf(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
         .map_err(|e| anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", path.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
 }
 

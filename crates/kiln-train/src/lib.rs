@@ -62,6 +62,8 @@ pub struct Launch {
     pub resume: Option<PathBuf>,
     /// Pause and stop requests from the dashboard or signal handlers.
     pub control: kiln_events::Control,
+    /// A measurement run (`kiln bench train`): per-step times go here; no validation, no saves.
+    pub step_times: Option<trainer::StepTimes>,
 }
 
 /// Prepares the run directory and data, then trains on the recipe's device.
@@ -140,7 +142,7 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
     // before (data preparation draws no numbers from the backend).
     B::seed(&device, recipe.train.seed);
     let vocab = data.tokenizer.vocab_size();
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone() };
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone() };
     match recipe.model.family {
         ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
         ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
@@ -201,16 +203,6 @@ pub fn evaluate(run: &infer::RunModel, split: family::Split, beam: kiln_model::s
 pub fn prepare_resume(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
     let (dir, skipped) = checkpoint::resume_point(run_dir).map_err(|m| anyhow!(m))?;
     let step = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?.step;
-    let metrics = run_dir.join("metrics.jsonl");
-    if let Ok(text) = std::fs::read_to_string(&metrics) {
-        let beyond = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize > step);
-        let kept: Vec<&str> = text.lines().filter(|l| !beyond(l)).collect();
-        let dropped = text.lines().count() - kept.len();
-        if dropped > 0 {
-            let mut out = kept.join("\n");
-            out.push('\n');
-            kiln_views::run_files::write_atomic(&metrics, out.as_bytes()).map_err(|m| anyhow!(m))?;
-        }
-    }
+    kiln_views::run_files::drop_rows_after(&run_dir.join("metrics.jsonl"), step).map_err(|m| anyhow!(m))?;
     Ok((dir, skipped))
 }

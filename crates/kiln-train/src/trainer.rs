@@ -6,6 +6,10 @@
 //! `train.sync_interval` steps and at epoch end. Token counts come from the host batches, so they
 //! need no read. Batch order and dropout are functions of (seed, epoch) and (seed, step), which
 //! makes a resumed run see the same batches and masks as an unbroken one.
+//!
+//! The window's read also brings back each step's summed loss and gradient norm (one transfer):
+//! a non-finite one is handled as `train.on_nan` says (stop with a diagnosis, replay the window
+//! without the step, or roll back to the last checkpoint with a lower learning rate).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder as _};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use kiln_data::batching::{plan_batches, BatchSettings};
@@ -22,10 +26,10 @@ use kiln_data::text::{plan_blocks, train_blocks, HostBlocks};
 use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
 use kiln_events::{DataFigures, EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
 use kiln_model::{label_smoothed_loss, LmConfig, Seq2SeqConfig};
-use kiln_recipe::Recipe;
+use kiln_recipe::{OnNan, Recipe};
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
-use crate::clip::clip_global_norm;
+use crate::clip::{clip_global_norm, global_norm};
 pub use crate::family::DeviceBatch;
 use crate::family::{Split, TrainModel};
 use crate::schedule::LrSchedule;
@@ -56,9 +60,16 @@ pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>
     plan_blocks(starts, block, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
-/// Training loss summed on the device over the steps of one sync window.
+/// Training loss summed on the device over the steps of one sync window, and each step's summed
+/// loss and gradient norm: the flags of a non-finite step, read with the sum in the same transfer.
 struct SyncWindow<B: Backend> {
     loss_sum: Option<Tensor<B, 1>>,
+    /// `[loss, gradient norm]` of each step, in order.
+    checks: Vec<Tensor<B, 1>>,
+    /// The host-side sum, for a window replayed without its non-finite steps (`on_nan = "skip"`).
+    host_sum: f64,
+    /// Steps done before the window's first step.
+    first_step: usize,
     tokens: u64,
     sentences: u64,
     real: u64,
@@ -67,27 +78,153 @@ struct SyncWindow<B: Backend> {
     started: Instant,
 }
 
+/// What one window read brought back.
+struct WindowRead {
+    loss_sum: f64,
+    /// `(step, summed loss, gradient norm)` of each step of the window.
+    steps: Vec<(usize, f64, f64)>,
+    ms: f64,
+}
+
+impl WindowRead {
+    fn first_nonfinite(&self) -> Option<usize> {
+        self.steps.iter().find(|(_, loss, norm)| !loss.is_finite() || !norm.is_finite()).map(|s| s.0)
+    }
+}
+
 impl<B: Backend> SyncWindow<B> {
     fn new() -> Self {
-        Self { loss_sum: None, tokens: 0, sentences: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
+        Self { loss_sum: None, checks: Vec::new(), host_sum: 0.0, first_step: 0, tokens: 0, sentences: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
     }
 
-    fn add(&mut self, loss_sum: Tensor<B, 1>) {
+    fn add(&mut self, loss_sum: Tensor<B, 1>, grad_norm: Tensor<B, 1>) {
+        self.checks.push(loss_sum.clone());
+        self.checks.push(grad_norm);
         self.loss_sum = Some(match self.loss_sum.take() {
             Some(acc) => acc + loss_sum,
             None => loss_sum,
         });
     }
 
-    /// The one device→host read of the window; returns (Σ loss, milliseconds waited).
-    fn read(&mut self) -> (f64, f64) {
-        let Some(sum) = self.loss_sum.take() else { return (0.0, 0.0) };
-        let t0 = Instant::now();
-        let data = sum.try_into_data().ok();
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let value = data.and_then(|d| d.iter::<f64>().next()).unwrap_or(f64::NAN);
-        (value, ms)
+    fn count(&mut self, batches: &[DeviceBatch<impl Backend>]) {
+        self.tokens += batches.iter().map(|b| b.stats.target_tokens as u64).sum::<u64>();
+        self.sentences += batches.iter().map(|b| b.stats.size as u64).sum::<u64>();
+        self.real += batches.iter().map(|b| b.stats.real_tokens as u64).sum::<u64>();
+        self.slots += batches.iter().map(|b| b.stats.slots as u64).sum::<u64>();
+        self.steps += 1;
     }
+
+    /// The one device→host read of the window: its loss sum and every step's flags at once.
+    fn read(&mut self) -> WindowRead {
+        let Some(sum) = self.loss_sum.take() else {
+            return WindowRead { loss_sum: self.host_sum, steps: Vec::new(), ms: 0.0 };
+        };
+        let mut parts = vec![sum];
+        parts.append(&mut self.checks);
+        let t0 = Instant::now();
+        let data = Tensor::cat(parts, 0).try_into_data().ok();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let values: Vec<f64> = data.map(|d| d.iter::<f64>().collect()).unwrap_or_default();
+        let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
+        let steps = (0..self.steps).map(|k| (self.first_step + k + 1, value(1 + 2 * k), value(2 + 2 * k))).collect();
+        WindowRead { loss_sum: value(0), steps, ms }
+    }
+}
+
+/// `on_nan = "skip"`: the model, optimizer and state at the open window's start, and the batches
+/// of its steps so far, to replay the window without its non-finite steps.
+struct WindowStart<B: AutodiffBackend, M, O> {
+    model: M,
+    optim: O,
+    step: usize,
+    batches: Vec<Vec<DeviceBatch<B>>>,
+}
+
+/// The run stopped on a non-finite loss or gradient norm (`train.on_nan`); `kiln` exits with 3.
+#[derive(Debug)]
+pub struct NonFiniteStop(pub String);
+
+impl std::fmt::Display for NonFiniteStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFiniteStop {}
+
+/// Forward and backward passes of one optimizer step (`step` = steps done before it): the
+/// gradients, clipped, and, on the device, the step's summed loss and pre-clip gradient norm.
+fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
+    model: &M,
+    batches: &[DeviceBatch<B>],
+    tr: &kiln_recipe::TrainSection,
+    step: usize,
+    device: &B::Device,
+) -> (GradientsParams, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
+    let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
+    // Dropout masks are a function of (seed, step): resuming and replaying reproduce them.
+    B::seed(device, mix_seed(tr.seed, 2, step as u64));
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
+    let poisoned = injected_nonfinite_steps().contains(&(step + 1));
+    for b in batches {
+        let logits = model.logits(b);
+        let mut sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
+        if poisoned {
+            sums.smoothed = sums.smoothed * f64::NAN;
+        }
+        let inner = sums.smoothed.clone().inner();
+        step_loss = Some(match step_loss.take() {
+            Some(acc) => acc + inner,
+            None => inner,
+        });
+        // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
+        let loss = sums.smoothed / step_tokens as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), model);
+        accumulator.accumulate(model, grads);
+    }
+    let mut grads = accumulator.grads();
+    let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
+    let zero = || Tensor::<B, 1>::zeros([1], device).inner();
+    (grads, step_loss.unwrap_or_else(zero), norm.unwrap_or_else(zero))
+}
+
+/// Test hook: `KILN_TEST_NONFINITE_STEPS=3,7` makes those steps' loss NaN before the backward pass
+/// (so their gradients and the model after them are NaN, as in a real divergence), every time
+/// they run. It lets the tests reach `train.on_nan` at a chosen step without a diverging model.
+fn injected_nonfinite_steps() -> &'static [usize] {
+    static STEPS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    STEPS.get_or_init(|| {
+        std::env::var("KILN_TEST_NONFINITE_STEPS").map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect()).unwrap_or_default()
+    })
+}
+
+/// Writes `nonfinite.json` (what the window read showed) and returns the one-line stop error.
+fn nonfinite_stop(run_dir: &Path, read: &WindowRead, epoch: usize, lr_at: impl Fn(usize) -> f64, state: &TrainState, why: &str) -> anyhow::Error {
+    let first = read.first_nonfinite().unwrap_or(state.step);
+    let latest = checkpoint::latest(run_dir).ok().flatten();
+    let diagnosis = serde_json::json!({
+        "reason": why,
+        "first_nonfinite_step": first,
+        "epoch": epoch + 1,
+        // Losses are summed over the step's target tokens; null = not finite.
+        "steps": read.steps.iter().map(|(step, loss, norm)| serde_json::json!({ "step": step, "loss_sum": loss, "grad_norm": norm, "lr": lr_at(*step) })).collect::<Vec<_>>(),
+        "lr_scale": state.lr_scale,
+        "skipped_steps": state.skipped_steps,
+        "rollbacks": state.rollbacks,
+        "last_checkpoint": latest.as_ref().map(|p| p.display().to_string()),
+    });
+    let path = run_dir.join("nonfinite.json");
+    let written = kiln_views::run_files::write_atomic(&path, serde_json::to_string_pretty(&diagnosis).expect("json").as_bytes());
+    let saved = match &latest {
+        Some(p) => format!("the last checkpoint {} is intact; continue with a lower learning rate: kiln train --resume {} --set train.lr=…", p.display(), run_dir.display()),
+        None => "no checkpoint was saved before it".to_string(),
+    };
+    let diagnosis = match written {
+        Ok(()) => format!("diagnosis in {}", path.display()),
+        Err(e) => format!("no diagnosis ({e})"),
+    };
+    anyhow::Error::new(NonFiniteStop(format!("non-finite training loss or gradient at step {first} (epoch {}): {why}; {diagnosis}; {saved}", epoch + 1)))
 }
 
 /// Everything a run needs besides the model: recipe, run directory, prepared data, device.
@@ -101,9 +238,16 @@ pub struct TrainJob<'a, B: AutodiffBackend> {
     pub resume_from: Option<std::path::PathBuf>,
     /// Pause / stop requests, polled between optimizer steps.
     pub control: kiln_events::Control,
+    /// A measurement run (`kiln bench train`): each step's milliseconds (batch in hand to update
+    /// done) go here, and nothing is validated, tested or saved.
+    pub step_times: Option<StepTimes>,
 }
 
-type Recorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+/// Milliseconds of each optimizer step of a measurement run.
+pub type StepTimes = Arc<std::sync::Mutex<Vec<f64>>>;
+
+type FileRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+type BytesRecorder = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
 pub fn model_config(recipe: &Recipe, vocab_size: usize) -> Seq2SeqConfig {
     Seq2SeqConfig { vocab_size, pad: PAD, bos: BOS, eos: EOS, model: recipe.model.clone() }
@@ -129,7 +273,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         .with_epsilon(tr.eps as f32)
         .with_weight_decay(tr.weight_decay as f32)
         .init::<B, M>();
-    let recorder = Recorder::new();
+    let recorder = FileRecorder::new();
 
     let architecture = checkpoint::Architecture::new(&recipe.model, data.tokenizer.vocab_size());
     let mut state = TrainState { format: STATE_FORMAT, architecture: Some(architecture.clone()), ..Default::default() };
@@ -137,10 +281,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         state = checkpoint::read_state(dir).map_err(|m| anyhow!(m))?;
         checkpoint::check_architecture(dir, &state, &architecture).map_err(|m| anyhow!(m))?;
         state.architecture = Some(architecture.clone());
-        let model_path = dir.join("model");
-        model = model.load_file(model_path.clone(), &recorder, device).map_err(|e| {
-            anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", model_path.display(), one_line(&e.to_string()))
-        })?;
+        model = crate::infer::load_weights(model, &dir.join("model"), device)?;
         let optim_path = dir.join("optimizer");
         let record = recorder
             .load(optim_path.clone(), device)
@@ -228,9 +369,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     };
     let control = &job.control;
     let mut stopped = false;
-    let mut accumulator = GradientsAccumulator::<M>::new();
     let mut window = SyncWindow::<B::InnerBackend>::new();
-    let mut last_lr = schedule.at(state.step.max(1));
+    let mut last_lr = schedule.at(state.step.max(1)) * state.lr_scale;
     let mut last_valid: Option<ValidRow> = state.last_valid.clone();
 
     // Saves `checkpoints/step-N`, records it as the best when the validation just measured beats
@@ -243,12 +383,16 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             }
         }
         let path = checkpoint::save(job.run_dir, &name, state, |dir| {
-            recorder
-                .record(model.clone().into_record(), dir.join("model"))
-                .map_err(|e| format!("{}: cannot write model: {e}", dir.display()))?;
-            recorder
-                .record(Optimizer::<M, B>::to_record(optim), dir.join("optimizer"))
-                .map_err(|e| format!("{}: cannot write optimizer: {e}", dir.display()))
+            // Serialised in memory, written by us: a failed write (a full disk) then reports the
+            // operating system's reason, which Burn's file recorder would hide.
+            let bytes = BytesRecorder::new();
+            let write = |file: &str, record: Result<Vec<u8>, burn::record::RecorderError>| -> Result<(), String> {
+                let path = dir.join(file);
+                let bytes = record.map_err(|e| format!("{}: cannot serialise: {e}", path.display()))?;
+                std::fs::write(&path, bytes).map_err(|e| format!("{}: cannot write: {e}", path.display()))
+            };
+            write("model.mpk", Recorder::<B>::record(&bytes, model.clone().into_record(), ()))?;
+            write("optimizer.mpk", Recorder::<B>::record(&bytes, Optimizer::<M, B>::to_record(optim), ()))
         })
         .map_err(|m| anyhow!(m))?;
         checkpoint::prune(job.run_dir, tr.keep_checkpoints, state.best.as_ref().map(|(n, _)| n.as_str())).map_err(|m| anyhow!(m))?;
@@ -273,6 +417,102 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     };
     let mut loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch);
 
+    let policy = tr.on_nan;
+    let measuring = job.step_times.is_some();
+    // `skip`: where the open window started, to replay it without its non-finite steps.
+    let mut window_start: Option<WindowStart<B, M, _>> = None;
+    // `rollback`: the model, optimizer and state of the last checkpoint (or of the start). Held in
+    // memory (the tensors are shared, not copied), so going back reads nothing from disk.
+    let mut last_good = (policy == OnNan::Rollback).then(|| (model.clone(), optim.clone(), state.clone()));
+
+    // Closes the open window: reads it (the one sync) and logs it; a non-finite step is handled as
+    // `train.on_nan` says. Evaluates to `true` when training went back to a checkpoint.
+    macro_rules! close_window {
+        ($epoch:expr) => {{
+            let read = window.read();
+            let mut rolled_back = false;
+            match read.first_nonfinite() {
+                None => {
+                    record_window(&mut window, read.loss_sum, read.ms, &mut state, $epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                }
+                Some(_) if policy == OnNan::Stop => {
+                    return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, "train.on_nan = \"stop\""));
+                }
+                Some(_) if policy == OnNan::Skip => {
+                    // Back to the window's start; its steps again, each read (this is the rare
+                    // path), applying only those with a finite loss and gradient.
+                    let start = window_start.take().expect("skip keeps the window's start");
+                    model = start.model;
+                    optim = start.optim;
+                    state.step = start.step;
+                    let started = window.started;
+                    window = SyncWindow::new();
+                    window.started = started;
+                    let mut skipped = Vec::new();
+                    for batches in &start.batches {
+                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device);
+                        let values: Vec<f64> = Tensor::cat(vec![loss, norm], 0).into_data().iter::<f64>().collect();
+                        state.step += 1;
+                        last_lr = schedule.at(state.step) * state.lr_scale;
+                        if values.iter().all(|v| v.is_finite()) {
+                            model = optim.step(last_lr, model, grads);
+                            window.host_sum += values[0];
+                            window.count(batches);
+                        } else {
+                            if state.skipped_steps >= tr.nan_max_recoveries {
+                                let why = format!("{} steps skipped already (train.nan_max_recoveries)", state.skipped_steps);
+                                return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
+                            }
+                            state.skipped_steps += 1;
+                            skipped.push(state.step);
+                            // The skipped step's batches were consumed: the window still counts it.
+                            window.steps += 1;
+                        }
+                    }
+                    emit(sink, Event::Note(format!(
+                        "non-finite loss or gradient: skipped step{} {} (window replayed from step {})",
+                        if skipped.len() == 1 { "" } else { "s" },
+                        skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+                        start.step + 1
+                    )))?;
+                    let host_sum = window.host_sum;
+                    record_window(&mut window, host_sum, read.ms, &mut state, $epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                }
+                Some(first) => {
+                    if state.rollbacks >= tr.nan_max_recoveries {
+                        let why = format!("{} rollbacks made already (train.nan_max_recoveries)", state.rollbacks);
+                        return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
+                    }
+                    let (good_model, good_optim, good_state) = last_good.clone().expect("rollback keeps the last checkpoint");
+                    let mut sync = state.sync;
+                    sync.record(read.ms);
+                    let (skipped_steps, rollbacks, lr_scale) = (state.skipped_steps, state.rollbacks + 1, state.lr_scale * tr.nan_lr_factor);
+                    model = good_model;
+                    optim = good_optim;
+                    state = good_state;
+                    // The syncs happened; the recoveries and the lowered rate carry on.
+                    state.sync = sync;
+                    state.skipped_steps = skipped_steps;
+                    state.rollbacks = rollbacks;
+                    state.lr_scale = lr_scale;
+                    last_valid = state.last_valid.clone();
+                    last_lr = schedule.at(state.step.max(1)) * state.lr_scale;
+                    window = SyncWindow::new();
+                    // The pending batches belong to the abandoned steps.
+                    loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch);
+                    emit(sink, Event::Rollback { step: state.step })?;
+                    emit(sink, Event::Note(format!(
+                        "non-finite loss or gradient at step {first}: rolled back to step {} (rollback {}), learning rate × {:.3e} from here",
+                        state.step, state.rollbacks, state.lr_scale
+                    )))?;
+                    rolled_back = true;
+                }
+            }
+            window_start = None;
+            rolled_back
+        }};
+    }
+
     // A finished run resumed with more epochs or steps continues; `finished` is informational.
     let mut stop = tr.max_steps > 0 && state.step >= tr.max_steps;
     while !stop && state.epoch < tr.epochs {
@@ -280,6 +520,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         let (examples, plan) = epoch_plan(epoch);
         let mut pos = state.batch_in_epoch;
         loader.start(jobs(&examples, &plan[pos..]));
+        let mut rolled_back = false;
         while pos < plan.len() {
             if tr.max_steps > 0 && state.step >= tr.max_steps {
                 stop = true;
@@ -304,51 +545,55 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 // The window's clock starts with its first step (data wait included), not after
                 // the previous window's validation or checkpoint.
                 window.started = Instant::now();
+                window.first_step = state.step;
+                if policy == OnNan::Skip {
+                    window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
+                }
             }
             let group = tr.accumulate.min(plan.len() - pos);
             let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
-            let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
-            // Dropout masks are a function of (seed, step): resuming reproduces them.
-            B::seed(device, mix_seed(tr.seed, 2, state.step as u64));
-            for b in &batches {
-                let logits = model.logits(b);
-                let sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
-                window.add(sums.smoothed.clone().inner());
-                // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
-                let loss = sums.smoothed / step_tokens as f64;
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                accumulator.accumulate(&model, grads);
-            }
-            let mut grads = accumulator.grads();
-            if tr.clip_norm > 0.0 {
-                clip_global_norm::<B, _>(&model, &mut grads, tr.clip_norm);
-            }
+            let step_started = Instant::now();
+            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device);
+            window.add(loss_sum, norm);
             state.step += 1;
-            last_lr = schedule.at(state.step);
+            last_lr = schedule.at(state.step) * state.lr_scale;
             model = optim.step(last_lr, model, grads);
+            if let Some(times) = &job.step_times {
+                // Host time: the step's whole cost on an eager backend (Flex); queueing time on CUDA.
+                times.lock().expect("step times").push(step_started.elapsed().as_secs_f64() * 1e3);
+            }
             pos += group;
             state.batch_in_epoch = pos;
-            window.tokens += step_tokens as u64;
-            window.sentences += batches.iter().map(|b| b.stats.size as u64).sum::<u64>();
-            window.real += batches.iter().map(|b| b.stats.real_tokens as u64).sum::<u64>();
-            window.slots += batches.iter().map(|b| b.stats.slots as u64).sum::<u64>();
-            window.steps += 1;
-            if window.steps >= tr.sync_interval {
-                flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+            window.count(&batches);
+            if let Some(start) = &mut window_start {
+                start.batches.push(batches);
             }
             let last_of_epoch = pos >= plan.len();
-            if tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps) && !last_of_epoch {
-                // The checkpoint's running loss sums must hold every step so far: read the open
-                // window first (one extra sync per save).
-                if window.steps > 0 {
-                    flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
-                }
+            let save_now = tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps) && !last_of_epoch;
+            let at_limit = tr.max_steps > 0 && state.step >= tr.max_steps;
+            // A save needs every step so far in its running loss sums; the epoch's end and the
+            // step limit close the window too.
+            let close_now = window.steps >= tr.sync_interval || save_now || last_of_epoch || at_limit || control.stop_requested();
+            if close_now && close_window!(epoch) {
+                rolled_back = true;
+                break;
+            }
+            if save_now && !measuring {
                 state.wall_s = clock.wall();
                 save(&model, &optim, &mut state, sink)?;
+                if let Some(good) = &mut last_good {
+                    *good = (model.clone(), optim.clone(), state.clone());
+                }
             }
         }
-        if window.steps > 0 {
-            flush_window(&mut window, &mut state, epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+        // A stop request between a step and the next leaves a window open.
+        if !rolled_back && window.steps > 0 && close_window!(epoch) {
+            rolled_back = true;
+        }
+        if rolled_back {
+            stop = false;
+            stopped = false;
+            continue;
         }
         let epoch_loss = state.epoch_loss_sum / state.epoch_tokens.max(1) as f64;
         state.last_epoch_loss = Some(epoch_loss);
@@ -361,7 +606,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         }
         // Validate at each epoch end, and once more when `max_steps` ends the run mid-epoch (not
         // on a stop request: the user wants out, and the checkpoint resumes the run).
-        if epoch_done || (stop && !stopped) {
+        if (epoch_done || (stop && !stopped)) && !measuring {
             let valid = model.evaluate(data, Split::Valid, recipe, device);
             let row = ValidRow { epoch: epoch + 1, step: state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu };
             emit(sink, Event::Validation(row.clone()))?;
@@ -378,10 +623,13 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         let finished = (stop && !stopped) || state.epoch >= tr.epochs;
         let periodic = epoch_done && tr.save_every > 0 && state.epoch.is_multiple_of(tr.save_every);
         let step_save = tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps);
-        if finished || periodic || stopped || step_save {
+        if (finished || periodic || stopped || step_save) && !measuring {
             state.finished = finished;
             state.wall_s = clock.wall();
             save(&model, &optim, &mut state, sink)?;
+            if let Some(good) = &mut last_good {
+                *good = (model.clone(), optim.clone(), state.clone());
+            }
         }
     }
 
@@ -391,7 +639,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             Event::Note(format!("stopped on request at step {}; continue with: kiln train --resume {}", state.step, job.run_dir.display())),
         )?;
     }
-    let test = if !M::has_split(data, Split::Test) || stopped {
+    let test = if !M::has_split(data, Split::Test) || stopped || measuring {
         None
     } else {
         let t = model.evaluate(data, Split::Test, recipe, device);
@@ -423,6 +671,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
         data: DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: padding_pct(clock.real, clock.slots) },
         test,
         stopped,
+        skipped_steps: state.skipped_steps,
+        rollbacks: state.rollbacks,
     };
     emit(sink, Event::Finished(summary.clone()))?;
     Ok(summary)
@@ -449,9 +699,12 @@ impl Clock {
     }
 }
 
+/// Logs a read window: its loss sum joins the epoch's, its figures go to the sinks.
 #[allow(clippy::too_many_arguments)] // the window's inputs, each from a different owner
-fn flush_window<B: Backend>(
+fn record_window<B: Backend>(
     window: &mut SyncWindow<B>,
+    loss_sum: f64,
+    ms: f64,
     state: &mut TrainState,
     epoch: usize,
     lr: f64,
@@ -460,7 +713,6 @@ fn flush_window<B: Backend>(
     prefetch_ready: usize,
     sink: &mut dyn EventSink,
 ) -> Result<()> {
-    let (loss_sum, ms) = window.read();
     state.sync.record(ms);
     state.epoch_loss_sum += loss_sum;
     state.epoch_tokens += window.tokens;

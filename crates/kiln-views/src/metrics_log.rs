@@ -75,6 +75,7 @@ fn parse_row(line: &[u8]) -> Option<Option<Event>> {
             step: value.get("step")?.as_u64()? as usize,
             path: value.get("path")?.as_str()?.to_string(),
         }),
+        "rollback" => Some(Event::Rollback { step: value.get("step")?.as_u64()? as usize }),
         _ => None,
     })
 }

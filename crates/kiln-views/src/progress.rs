@@ -78,6 +78,7 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 v.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())
             ),
             Event::Checkpoint { path, step, .. } => format!("checkpoint | step {step} | {path}"),
+            Event::Rollback { step } => format!("rollback | back to step {step}"),
             Event::Finished(s) => format!(
                 "done | {} steps, {} epochs in {:.1} s | train loss {:.4} | valid loss {} | bleu {} | {} tok/s | {} syncs, {:.1} ms total, {:.2} ms avg, {:.2} ms max",
                 s.steps,

@@ -2,7 +2,8 @@
 //! per line so a live run can be followed) and `summary.json` (written atomically at the end).
 //!
 //! Rows of `metrics.jsonl` by `"kind"`: `start` (the run's facts, once per process), `train` (a
-//! sync window), `valid` (a validation), `note` (`{"text":…}`), `checkpoint`. Readers skip kinds
+//! sync window), `valid` (a validation), `note` (`{"text":…}`), `checkpoint`, `rollback` (`{"step":…}`: training went back to that step's
+//! checkpoint; the rows past it were removed). Readers skip kinds
 //! they do not know.
 
 use std::fs::{File, OpenOptions};
@@ -44,6 +45,27 @@ impl RunFiles {
     }
 }
 
+/// Drops the rows of a `metrics.jsonl` whose `step` is past `step` (a resume or a rollback goes back
+/// there, so the log continues as the run does); returns how many went.
+pub fn drop_rows_after(path: &Path, step: usize) -> Result<usize, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(format!("{}: cannot read: {e}", path.display())),
+    };
+    let beyond = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step").and_then(|s| s.as_u64())).is_some_and(|s| s as usize > step)
+    };
+    let kept: Vec<&str> = text.lines().filter(|l| !beyond(l)).collect();
+    let dropped = text.lines().count() - kept.len();
+    if dropped > 0 {
+        let mut out = kept.join("\n");
+        out.push('\n');
+        write_atomic(path, out.as_bytes())?;
+    }
+    Ok(dropped)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
@@ -70,6 +92,13 @@ impl EventSink for RunFiles {
             Event::Finished(summary) => {
                 let text = serde_json::to_string_pretty(summary).expect("summary serialises");
                 write_atomic(&self.dir.join("summary.json"), text.as_bytes())
+            }
+            Event::Rollback { step } => {
+                let path = self.dir.join("metrics.jsonl");
+                drop_rows_after(&path, *step)?;
+                // The file was replaced: append to the new one.
+                *self = Self::open(&self.dir)?;
+                self.line("rollback", &serde_json::json!({ "step": step }))
             }
             Event::EpochEnd { .. } => Ok(()),
         }

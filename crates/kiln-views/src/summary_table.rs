@@ -16,6 +16,9 @@ pub fn summary_table(s: &Summary, run_dir: &str) -> String {
         ("valid loss", opt(s.valid_loss, 4)),
         ("valid BLEU", opt(s.bleu, 2)),
     ];
+    if s.skipped_steps > 0 || s.rollbacks > 0 {
+        rows.push(("non-finite losses", format!("{} steps skipped, {} rollbacks", s.skipped_steps, s.rollbacks)));
+    }
     if let Some(t) = &s.test {
         rows.push(("test loss / ppl / BLEU", format!("{:.4} / {:.2} / {}", t.loss, t.ppl, opt(t.bleu, 2))));
     }
@@ -52,6 +55,8 @@ mod tests {
             data: DataFigures { cache_hit: true, prepare_s: 0.05, padding_pct: 4.1 },
             test: None,
             stopped: false,
+            skipped_steps: 0,
+            rollbacks: 0,
         };
         let t = summary_table(&s, "runs/q");
         assert!(t.contains("1108 / 4") && t.contains("1,030 target tok/s") && t.contains("112 (avg 0.00 ms") && t.contains("padding 4.1 %"), "{t}");

@@ -1,0 +1,88 @@
+//! `kiln bench train`'s report (the JSON it writes) for humans: the table printed at the end and
+//! the row appended to `docs/bench/train.md`, whose history the rows make.
+
+use serde_json::Value;
+
+/// The head of a new `docs/bench/train.md`.
+pub const HEADER: &str = "# Training throughput\n\n\
+Appended by `cargo xtask bench train <recipe> [--steps N] [--note \"...\"]`; one row per run. Tokens/s are target \
+tokens per second of steady-state training (after the warm-up) over the measured sync windows' wall time; the PyTorch \
+column is the reference in `benches/peer/` on the same batches, architecture, loss, optimizer and thread count, run \
+right after kiln by the same command. Ratios measured in one run are the figures to compare; absolute values move with \
+the machine's load.\n\n\
+| date | commit | change measured (prediction) | recipe | steps | kiln tok/s | PyTorch tok/s | kiln / PyTorch | step ms median / p90 | sync % | data wait % | peak RSS MiB (per epoch) |\n\
+|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+
+fn num(v: &Value, digits: usize) -> String {
+    v.as_f64().map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+/// One Markdown row of a report.
+pub fn row(r: &Value) -> String {
+    let k = &r["kiln"];
+    let per_epoch: Vec<String> = k["rss_per_epoch_mb"].as_array().map(|a| a.iter().map(|v| num(v, 0)).collect()).unwrap_or_default();
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | **{}** | {} / {} | {} | {} | {} ({}) |\n",
+        r["date"].as_str().unwrap_or("-"),
+        r["commit"].as_str().unwrap_or("-"),
+        r["note"].as_str().filter(|n| !n.is_empty()).unwrap_or("-").replace('|', "/"),
+        k["recipe"].as_str().unwrap_or("-"),
+        k["steps"],
+        num(&k["tokens_per_s"], 0),
+        num(&r["peer"]["tokens_per_s"], 0),
+        r["ratio"].as_f64().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "-".into()),
+        num(&k["step_ms_median"], 0),
+        num(&k["step_ms_p90"], 0),
+        num(&k["sync_pct"], 2),
+        num(&k["data_wait_pct"], 2),
+        num(&k["peak_rss_mb"], 0),
+        per_epoch.join(", "),
+    )
+}
+
+/// The table printed at the end of a run.
+pub fn table(r: &Value) -> String {
+    let k = &r["kiln"];
+    let p = &r["peer"];
+    let mut rows: Vec<(&str, String)> = vec![
+        ("recipe / device", format!("{} / {} ({} threads)", k["recipe"].as_str().unwrap_or("-"), k["device"].as_str().unwrap_or("-"), k["threads"])),
+        ("steps (after warm-up)", format!("{} (warm-up {})", k["steps"], k["warmup_steps"])),
+        ("kiln target tok/s", num(&k["tokens_per_s"], 0)),
+        ("kiln step ms median / p90", format!("{} / {}", num(&k["step_ms_median"], 1), num(&k["step_ms_p90"], 1))),
+        ("kiln wall: sync / data wait / compute", format!("{} % / {} % / {} %", num(&k["sync_pct"], 2), num(&k["data_wait_pct"], 2), num(&k["compute_pct"], 2))),
+        ("kiln peak RSS (per epoch)", format!("{} MiB ({})", num(&k["peak_rss_mb"], 0), k["rss_per_epoch_mb"])),
+        ("kiln first window Σ loss", num(&k["first_window_loss_sum"], 2)),
+    ];
+    if p.is_object() {
+        rows.push(("PyTorch target tok/s", format!("{} (torch {}, {} threads, {})", num(&p["tokens_per_s"], 0), p["torch"].as_str().unwrap_or("?"), p["threads"], p["cpu_capability"].as_str().unwrap_or("?"))));
+        rows.push(("PyTorch step ms median / p90", format!("{} / {}", num(&p["step_ms_median"], 1), num(&p["step_ms_p90"], 1))));
+        rows.push(("PyTorch first window Σ loss", num(&p["first_window_loss_sum"], 2)));
+        rows.push(("kiln / PyTorch", r["ratio"].as_f64().map(|x| format!("{x:.3}×")).unwrap_or_else(|| "-".into())));
+    }
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    rows.iter().map(|(k, v)| format!("  {k:<width$}  {v}\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_and_table_show_the_ratio_and_the_peer() {
+        let r = serde_json::json!({
+            "date": "2026-11-29T10-00-00", "commit": "abc1234", "note": "baseline | first",
+            "kiln": { "recipe": "quickstart", "device": "cpu", "threads": 2, "steps": 60, "warmup_steps": 10, "tokens_per_s": 1234.4,
+                      "step_ms_median": 800.0, "step_ms_p90": 900.0, "sync_pct": 0.01, "data_wait_pct": 0.2, "compute_pct": 99.79,
+                      "peak_rss_mb": 512.0, "rss_per_epoch_mb": [500.0, 510.0], "first_window_loss_sum": 100.0 },
+            "peer": { "tokens_per_s": 2468.8, "torch": "2.15.0", "threads": 2, "cpu_capability": "AVX512", "step_ms_median": 400.0, "step_ms_p90": 450.0, "first_window_loss_sum": 101.0 },
+            "ratio": 0.5,
+        });
+        let line = row(&r);
+        assert!(line.contains("| 1234 | 2469 | **0.50×** | 800 / 900 |") && line.contains("baseline / first") && line.contains("512 (500, 510)"), "{line}");
+        assert_eq!(line.matches('|').count(), HEADER.lines().last().unwrap().matches('|').count(), "as many columns as the header");
+        let t = table(&r);
+        assert!(t.contains("kiln / PyTorch") && t.contains("0.500×") && t.contains("torch 2.15.0"), "{t}");
+        let alone = table(&serde_json::json!({ "kiln": r["kiln"], "peer": null, "ratio": null }));
+        assert!(!alone.contains("PyTorch"), "{alone}");
+    }
+}

@@ -1,0 +1,153 @@
+//! Non-finite losses (`train.on_nan`): a learning rate of 1e30 makes the smoke model's loss NaN at
+//! its second step; each mode must catch it at the sync window. `stop` ends with exit code 3 and a
+//! diagnosis, leaving the last checkpoint intact; `skip` replays the window without the bad steps;
+//! `rollback` goes back to the last checkpoint with a lower learning rate.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+
+fn train_env(run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), run_dir.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).envs(env.iter().copied()).current_dir(root()).output().expect("kiln runs")
+}
+
+fn resume(run_dir: &Path, sets: &[&str]) -> Output {
+    let mut args = vec!["train".to_string(), "--resume".into(), run_dir.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    kiln(&args)
+}
+
+/// Exit code 3, one line on stderr naming the diagnosis file, no panic.
+fn assert_nonfinite_stop(o: &Output, run: &Path) -> Value {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(3), "exit code; stderr: {err}\nstdout: {}", stdout(o));
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected, got: {err}");
+    assert!(err.contains("non-finite") && err.contains("nonfinite.json") && !err.contains("panicked"), "{err}");
+    read_json(&run.join("nonfinite.json"))
+}
+
+fn train_rows(run: &Path) -> Vec<Value> {
+    read_jsonl(&run.join("metrics.jsonl")).into_iter().filter(|r| r["kind"] == "train").collect()
+}
+
+#[test]
+fn stop_ends_with_a_diagnosis_and_leaves_the_last_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = train_env(&run, &["train.epochs=1"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let latest = run.join("checkpoints/step-0000040");
+    let before: Vec<(String, Vec<u8>)> =
+        ["model.mpk", "optimizer.mpk", "state.json"].iter().map(|f| (f.to_string(), std::fs::read(latest.join(f)).unwrap())).collect();
+
+    // The second epoch diverges at once.
+    let o = resume(&run, &["train.epochs=2", "train.lr=1e30"]);
+    let diagnosis = assert_nonfinite_stop(&o, &run);
+    let err = stderr(&o);
+    assert!(err.contains("step-0000040 is intact") && err.contains("--resume"), "{err}");
+    let first = diagnosis["first_nonfinite_step"].as_u64().unwrap();
+    assert!(first > 40 && first <= 50, "first non-finite step {first}");
+    let steps = diagnosis["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["loss_sum"].is_null()), "{diagnosis}");
+    assert!(steps.iter().all(|s| s["lr"].is_number()), "{diagnosis}");
+
+    // Nothing saved after the divergence: the checkpoint is byte for byte what it was.
+    assert_eq!(std::fs::read_to_string(run.join("checkpoints/latest")).unwrap(), "step-0000040");
+    for (f, bytes) in before {
+        assert_eq!(std::fs::read(latest.join(&f)).unwrap(), bytes, "{f} changed");
+    }
+    assert!(train_rows(&run).iter().all(|r| r["loss"].is_number()), "a non-finite window is not logged as a loss");
+
+    // The advice works: resuming with a sane learning rate finishes the run.
+    let o = resume(&run, &["train.epochs=2", "train.lr=3e-3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(read_json(&run.join("summary.json"))["steps"], 80);
+}
+
+#[test]
+fn stop_before_any_checkpoint_keeps_the_run_directory_for_its_diagnosis() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = train_env(&run, &["train.lr=1e30"], &[]);
+    let diagnosis = assert_nonfinite_stop(&o, &run);
+    assert!(stderr(&o).contains("no checkpoint was saved"), "{}", stderr(&o));
+    assert_eq!(diagnosis["first_nonfinite_step"], 2, "{diagnosis}");
+    assert!(diagnosis["last_checkpoint"].is_null());
+    assert!(!run.join("checkpoints").exists());
+}
+
+#[test]
+fn skip_replays_the_window_without_the_bad_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean");
+    let o = train_env(&clean, &[], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let skipped = dir.path().join("skipped");
+    let o = train_env(&skipped, &["train.on_nan=skip"], &[("KILN_TEST_NONFINITE_STEPS", "13")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("skipped step 13 (window replayed from step 11)"), "{}", stdout(&o));
+
+    let (a, b) = (read_json(&clean.join("summary.json")), read_json(&skipped.join("summary.json")));
+    assert_eq!(b["skipped_steps"], 1);
+    assert_eq!(a["steps"], b["steps"], "a skipped step still consumes its batches");
+    assert!(b["train_loss"].as_f64().unwrap().is_finite() && b["valid_loss"].as_f64().unwrap().is_finite());
+    let (ra, rb) = (train_rows(&clean), train_rows(&skipped));
+    assert_eq!(ra[0]["loss"], rb[0]["loss"], "the window before the bad step is untouched");
+    assert_ne!(ra[1]["loss"], rb[1]["loss"], "the replayed window lacks step 13");
+    assert!(rb[1]["tokens"].as_u64() < ra[1]["tokens"].as_u64(), "the skipped step's tokens do not count");
+}
+
+#[test]
+fn skip_stops_once_its_recoveries_are_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // With lr 1e30 every step after the first diverges: skipping cannot save the run.
+    let o = train_env(&run, &["train.lr=1e30", "train.on_nan=skip", "train.nan_max_recoveries=3"], &[]);
+    let diagnosis = assert_nonfinite_stop(&o, &run);
+    assert_eq!(diagnosis["skipped_steps"], 3, "{diagnosis}");
+    assert!(diagnosis["reason"].as_str().unwrap().contains("nan_max_recoveries"), "{diagnosis}");
+}
+
+#[test]
+fn rollback_goes_back_with_a_lower_learning_rate_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // One rollback brings the rate from 1e30 to 1e-3.
+    let o = train_env(&run, &["train.lr=1e30", "train.on_nan=rollback", "train.nan_lr_factor=1e-33"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("rolled back to step 0 (rollback 1)"), "{}", stdout(&o));
+    let s = read_json(&run.join("summary.json"));
+    assert_eq!((s["rollbacks"].as_u64(), s["steps"].as_u64()), (Some(1), Some(80)));
+    let rows = train_rows(&run);
+    assert!(rows.iter().all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)));
+    let steps: Vec<u64> = rows.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps go forward in the log: {steps:?}");
+    assert!(rows.iter().all(|r| r["lr"].as_f64().unwrap() <= 1e-2), "the lowered rate is logged");
+    assert!(f64_of(&rows.last().unwrap()["loss"]) < f64_of(&rows[0]["loss"]), "it learns after the rollback");
+    let state = read_json(&run.join("checkpoints/step-0000080/state.json"));
+    assert_eq!(state["rollbacks"], 1);
+    assert!((state["lr_scale"].as_f64().unwrap() - 1e-33).abs() < 1e-45, "{state}");
+}
+
+#[test]
+fn rollback_stops_once_its_recoveries_are_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = train_env(&run, &["train.lr=1e30", "train.on_nan=rollback", "train.nan_max_recoveries=2"], &[]);
+    let diagnosis = assert_nonfinite_stop(&o, &run);
+    assert_eq!(diagnosis["rollbacks"], 2, "{diagnosis}");
+    assert!((diagnosis["lr_scale"].as_f64().unwrap() - 0.25).abs() < 1e-12, "{diagnosis}");
+}
+
+fn f64_of(v: &Value) -> f64 {
+    v.as_f64().unwrap()
+}
