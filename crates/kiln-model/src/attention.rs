@@ -28,7 +28,7 @@ pub(crate) fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 
     if let Some(mask) = mask {
         scores = scores.mask_fill(mask.expand([batch, heads, len_q, len_k]), -1.0e9);
     }
-    dropout.forward(softmax(scores, 3)).matmul(v)
+    crate::dropout::apply(dropout, softmax(scores, 3)).matmul(v)
 }
 
 /// `[len, total]`, true where query `i` (absolute position `start + i`) must not see key `j`.

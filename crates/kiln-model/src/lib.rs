@@ -4,6 +4,7 @@
 //! padding and returns *sums* so windows of steps add up exactly.
 
 mod attention;
+pub mod dropout;
 pub mod lm;
 pub mod loss;
 pub mod sampling;

@@ -70,12 +70,12 @@ impl<B: Backend> Block<B> {
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (absolute position start + i) sees keys 0 ..= start + i.
         let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
-        let attn = self.dropout.forward(softmax(scores, 3));
+        let attn = crate::dropout::apply(&self.dropout, softmax(scores, 3));
         let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
-        let x = x + self.dropout.forward(self.attn_out.forward(context));
+        let x = x + crate::dropout::apply(&self.dropout, self.attn_out.forward(context));
         let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));
         let h = if self.relu { relu(h) } else { gelu(h) };
-        x + self.dropout.forward(self.mlp_out.forward(h))
+        x + crate::dropout::apply(&self.dropout, self.mlp_out.forward(h))
     }
 }
 
@@ -144,7 +144,7 @@ impl<B: Backend> DecoderLm<B> {
             let d = x.dims()[2];
             x = x + sin.sinusoids.clone().slice([0..1, start..start + len, 0..d]);
         }
-        x = self.dropout.forward(x);
+        x = crate::dropout::apply(&self.dropout, x);
         let causal = causal_mask::<B>(len, start + len, start, &x.device());
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);

@@ -72,9 +72,9 @@ impl<B: Backend> DecoderLayer<B> {
         let heads = self.n_heads;
         let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
             if self.pre_ln {
-                x.clone() + self.dropout.forward(f(norm.forward(x)))
+                x.clone() + crate::dropout::apply(&self.dropout, f(norm.forward(x)))
             } else {
-                norm.forward(x.clone() + self.dropout.forward(f(x)))
+                norm.forward(x.clone() + crate::dropout::apply(&self.dropout, f(x)))
             }
         };
         let cache = std::cell::RefCell::new(cache);
@@ -232,7 +232,7 @@ impl<B: Backend> Seq2Seq<B> {
             }
             (None, None) => x,
         };
-        self.dropout.forward(x)
+        crate::dropout::apply(&self.dropout, x)
     }
 
     fn target_table(&self) -> &Embedding<B> {

@@ -160,10 +160,13 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
     tr: &kiln_recipe::TrainSection,
     step: usize,
     device: &B::Device,
+    host_masks: bool,
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
     let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
-    // Dropout masks are a function of (seed, step): resuming and replaying reproduce them.
+    // Dropout masks are a function of (seed, step): resuming and replaying reproduce them. On the
+    // CPU kiln draws them on the host (kiln_model::dropout), elsewhere the backend does.
     B::seed(device, mix_seed(tr.seed, 2, step as u64));
+    kiln_model::dropout::seed_step(host_masks.then(|| mix_seed(tr.seed, 5, step as u64)));
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
     let poisoned = injected_nonfinite_steps().contains(&(step + 1));
@@ -183,6 +186,7 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
         let grads = GradientsParams::from_grads(loss.backward(), model);
         accumulator.accumulate(model, grads);
     }
+    kiln_model::dropout::seed_step(None);
     let mut grads = accumulator.grads();
     let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
     let zero = || Tensor::<B, 1>::zeros([1], device).inner();
@@ -419,6 +423,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
 
     let policy = tr.on_nan;
     let measuring = job.step_times.is_some();
+    let host_masks = job.device_name.starts_with("cpu");
     // `skip`: where the open window started, to replay it without its non-finite steps.
     let mut window_start: Option<WindowStart<B, M, _>> = None;
     // `rollback`: the model, optimizer and state of the last checkpoint (or of the start). Held in
@@ -450,7 +455,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     window.started = started;
                     let mut skipped = Vec::new();
                     for batches in &start.batches {
-                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device);
+                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host_masks);
                         let values: Vec<f64> = Tensor::cat(vec![loss, norm], 0).into_data().iter::<f64>().collect();
                         state.step += 1;
                         last_lr = schedule.at(state.step) * state.lr_scale;
@@ -553,7 +558,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             let group = tr.accumulate.min(plan.len() - pos);
             let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
             let step_started = Instant::now();
-            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device);
+            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks);
             window.add(loss_sum, norm);
             state.step += 1;
             last_lr = schedule.at(state.step) * state.lr_scale;
