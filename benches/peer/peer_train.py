@@ -11,7 +11,7 @@ What matches kiln (crates/kiln-model/src/seq2seq.rs): pre-LN or post-LN layers w
 LayerNorm after each pre-LN stack; one embedding tied across encoder input, decoder input and
 output projection (or separate ones); embeddings scaled by sqrt(d) and initialised N(0, d^-1/2);
 sinusoidal or learned positions; dropout on embeddings, attention probabilities, residual
-branches and (encoder only) the feed-forward hidden layer; the output layer runs only on labelled positions;
+branches (not inside the feed-forward); one fused query/key/value product for self-attention; the output layer runs only on labelled positions;
 label-smoothed cross-entropy summed over tokens and divided by the step's target tokens; AdamW;
 global-norm clipping; the learning-rate schedule. Attention uses
 `F.scaled_dot_product_attention`, PyTorch's own fused path: the reference is PyTorch as a user
@@ -86,10 +86,10 @@ class Layer(nn.Module):
         super().__init__()
         d = m["d_model"]
         self.pre_ln = m["pre_ln"]
-        self.self_attn = Attention(d, m["n_heads"], m["dropout"], fused_qkv=decoder)
+        self.self_attn = Attention(d, m["n_heads"], m["dropout"], fused_qkv=True)
         self.cross_attn = Attention(d, m["n_heads"], m["dropout"], fused_qkv=False) if decoder else None
-        # Burn's encoder layer drops out inside the feed-forward; kiln's decoder layer does not.
-        self.ff = FeedForward(d, m["d_ff"], 0.0 if decoder else m["dropout"], m["activation"] == "relu")
+        # kiln's layers drop out after each sub-layer, not inside the feed-forward.
+        self.ff = FeedForward(d, m["d_ff"], 0.0, m["activation"] == "relu")
         self.norms = nn.ModuleList([nn.LayerNorm(d) for _ in range(3 if decoder else 2)])
         self.drop = nn.Dropout(m["dropout"])
 

@@ -1,7 +1,8 @@
-//! Encoder-decoder Transformer (Vaswani et al.): Burn's transformer encoder, and a decoder of
-//! kiln's own layers (self-attention, cross-attention, feed-forward) so that decoding has a
-//! key/value cache kiln can reorder: beam search keeps every beam's cached keys and values and
-//! gathers them when beams are re-ranked, so each step costs one new position per beam.
+//! Encoder-decoder Transformer (Vaswani et al.) of kiln's own layers: the encoder's (self-attention,
+//! feed-forward) and the decoder's (self-attention, cross-attention, feed-forward), each with one
+//! fused query/key/value product and kiln's dropout masks. The decoder has a key/value cache kiln
+//! can reorder: beam search keeps every beam's cached keys and values and gathers them when beams
+//! are re-ranked, so each step costs one new position per beam.
 //!
 //! Options: pre-LN (with a final LayerNorm after each stack, which Burn's layers leave out) or
 //! post-LN; one embedding matrix tied across encoder input, decoder input and output projection,
@@ -9,13 +10,11 @@
 //! initialised N(0, d^-½) so tied output logits start small.
 
 use burn::module::Module;
-use burn::nn::activation::ActivationConfig;
-use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     PositionalEncoding, PositionalEncodingConfig,
 };
-use burn::tensor::activation::{gelu, log_softmax, relu};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use kiln_recipe::{Activation, ModelSection, Positions};
@@ -30,6 +29,52 @@ pub struct Seq2SeqConfig {
     pub bos: u32,
     pub eos: u32,
     pub model: ModelSection,
+}
+
+/// A residual sub-layer: pre-LN `x + dropout(f(norm(x)))` or post-LN `norm(x + dropout(f(x)))`.
+fn residual<B: Backend>(x: Tensor<B, 3>, norm: &LayerNorm<B>, pre_ln: bool, dropout: &Dropout, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
+    if pre_ln {
+        x.clone() + crate::dropout::apply(dropout, f(norm.forward(x)))
+    } else {
+        norm.forward(x.clone() + crate::dropout::apply(dropout, f(x)))
+    }
+}
+
+/// Feed-forward: `out(act(in(x)))`.
+fn feed_forward<B: Backend>(ff_in: &Linear<B>, ff_out: &Linear<B>, relu: bool, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let h = ff_in.forward(x);
+    ff_out.forward(if relu { burn::tensor::activation::relu(h) } else { burn::tensor::activation::gelu(h) })
+}
+
+/// One encoder layer: self-attention over the source (padding masked), feed-forward. Written out
+/// like the decoder layer — one fused query/key/value product, kiln's dropout masks — rather than
+/// Burn's `TransformerEncoderLayer` (three products, Burn's per-element dropout sampling).
+#[derive(Module, Debug)]
+struct EncoderLayer<B: Backend> {
+    self_qkv: Linear<B>,
+    self_out: Linear<B>,
+    ff_in: Linear<B>,
+    ff_out: Linear<B>,
+    norm_self: LayerNorm<B>,
+    norm_ff: LayerNorm<B>,
+    dropout: Dropout,
+    n_heads: usize,
+    pre_ln: bool,
+    relu: bool,
+}
+
+impl<B: Backend> EncoderLayer<B> {
+    /// `x`: `[batch, len, d]`; `src_mask`: `[batch, 1, 1, len]`, true on padding.
+    fn forward(&self, x: Tensor<B, 3>, src_mask: &Tensor<B, 4, Bool>) -> Tensor<B, 3> {
+        let [batch, len, d] = x.dims();
+        let self_attn = |h: Tensor<B, 3>| {
+            let qkv = self.self_qkv.forward(h);
+            let part = |i: usize| split_heads(qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]), self.n_heads);
+            self.self_out.forward(merge_heads(attend(part(0), part(1), part(2), Some(src_mask.clone()), &self.dropout)))
+        };
+        let x = residual(x, &self.norm_self, self.pre_ln, &self.dropout, &self_attn);
+        residual(x, &self.norm_ff, self.pre_ln, &self.dropout, &|h| feed_forward(&self.ff_in, &self.ff_out, self.relu, h))
+    }
 }
 
 /// One decoder layer: causal self-attention, cross-attention over the encoder, feed-forward.
@@ -70,13 +115,7 @@ impl<B: Backend> DecoderLayer<B> {
     fn forward(&self, x: Tensor<B, 3>, memory: &Kv<B>, src_mask: &Tensor<B, 4, Bool>, causal: &Tensor<B, 4, Bool>, cache: Option<&mut Option<Kv<B>>>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
         let heads = self.n_heads;
-        let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| {
-            if self.pre_ln {
-                x.clone() + crate::dropout::apply(&self.dropout, f(norm.forward(x)))
-            } else {
-                norm.forward(x.clone() + crate::dropout::apply(&self.dropout, f(x)))
-            }
-        };
+        let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| residual(x, norm, self.pre_ln, &self.dropout, f);
         let cache = std::cell::RefCell::new(cache);
         let self_attn = |h: Tensor<B, 3>| {
             let qkv = self.self_qkv.forward(h);
@@ -95,10 +134,7 @@ impl<B: Backend> DecoderLayer<B> {
             let q = split_heads(self.cross_q.forward(h), heads);
             self.cross_out.forward(merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.dropout)))
         };
-        let ff = |h: Tensor<B, 3>| {
-            let h = self.ff_in.forward(h);
-            self.ff_out.forward(if self.relu { relu(h) } else { gelu(h) })
-        };
+        let ff = |h: Tensor<B, 3>| feed_forward(&self.ff_in, &self.ff_out, self.relu, h);
         let x = sub(x, &self.norm_self, &self_attn);
         let x = sub(x, &self.norm_cross, &cross_attn);
         sub(x, &self.norm_ff, &ff)
@@ -114,7 +150,7 @@ pub struct Seq2Seq<B: Backend> {
     output: Option<Linear<B>>,
     learned_positions: Option<Embedding<B>>,
     sinusoids: Option<PositionalEncoding<B>>,
-    encoder: TransformerEncoder<B>,
+    encoder: Vec<EncoderLayer<B>>,
     decoder: Vec<DecoderLayer<B>>,
     encoder_norm: Option<LayerNorm<B>>,
     decoder_norm: Option<LayerNorm<B>>,
@@ -131,15 +167,20 @@ impl Seq2SeqConfig {
         let d = m.d_model;
         let emb_init = Initializer::Normal { mean: 0.0, std: (d as f64).powf(-0.5) };
         let embedding = || EmbeddingConfig::new(self.vocab_size, d).with_initializer(emb_init.clone()).init(device);
-        let activation = match m.activation {
-            Activation::Gelu => ActivationConfig::Gelu,
-            Activation::Relu => ActivationConfig::Relu,
-        };
-        let encoder = TransformerEncoderConfig::new(d, m.d_ff, m.n_heads, m.encoder_layers)
-            .with_dropout(m.dropout)
-            .with_norm_first(m.pre_ln)
-            .with_activation(activation)
-            .init(device);
+        let encoder = (0..m.encoder_layers)
+            .map(|_| EncoderLayer {
+                self_qkv: LinearConfig::new(d, 3 * d).init(device),
+                self_out: LinearConfig::new(d, d).init(device),
+                ff_in: LinearConfig::new(d, m.d_ff).init(device),
+                ff_out: LinearConfig::new(m.d_ff, d).init(device),
+                norm_self: LayerNormConfig::new(d).init(device),
+                norm_ff: LayerNormConfig::new(d).init(device),
+                dropout: DropoutConfig::new(m.dropout).init(),
+                n_heads: m.n_heads,
+                pre_ln: m.pre_ln,
+                relu: m.activation == Activation::Relu,
+            })
+            .collect();
         let decoder = (0..m.decoder_layers)
             .map(|_| DecoderLayer {
                 self_qkv: LinearConfig::new(d, 3 * d).init(device),
@@ -262,7 +303,9 @@ impl<B: Backend> Seq2Seq<B> {
     pub fn encode(&self, src: Tensor<B, 2, Int>) -> Memory<B> {
         let pad_mask = src.clone().equal_elem(self.pad as i64);
         let x = self.embed(&self.embedding, src, 0);
-        let states = self.encoder.forward(TransformerEncoderInput::new(x).mask_pad(pad_mask.clone()));
+        let [batch, src_len] = pad_mask.dims();
+        let src_mask = pad_mask.clone().reshape([batch, 1, 1, src_len]);
+        let states = self.encoder.iter().fold(x, |x, layer| layer.forward(x, &src_mask));
         let states = match &self.encoder_norm {
             Some(norm) => norm.forward(states),
             None => states,
