@@ -10,20 +10,11 @@ use std::path::Path;
 use std::process::Output;
 
 fn train_env(run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), run_dir.display().to_string(), "--no-tui".into()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).envs(env.iter().copied()).current_dir(root()).output().expect("kiln runs")
+    train_with(&smoke(), run_dir, sets, env)
 }
 
 fn resume(run_dir: &Path, sets: &[&str]) -> Output {
-    let mut args = vec!["train".to_string(), "--resume".into(), run_dir.display().to_string(), "--no-tui".into()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    kiln(&args)
+    resume_with(run_dir, sets)
 }
 
 /// Exit code 3, one line on stderr naming the diagnosis file, no panic.
@@ -107,17 +98,6 @@ fn skip_replays_the_window_without_the_bad_step() {
 }
 
 #[test]
-fn skip_stops_once_its_recoveries_are_spent() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    // With lr 1e30 every step after the first diverges: skipping cannot save the run.
-    let o = train_env(&run, &["train.lr=1e30", "train.on_nan=skip", "train.nan_max_recoveries=3"], &[]);
-    let diagnosis = assert_nonfinite_stop(&o, &run);
-    assert_eq!(diagnosis["skipped_steps"], 3, "{diagnosis}");
-    assert!(diagnosis["reason"].as_str().unwrap().contains("nan_max_recoveries"), "{diagnosis}");
-}
-
-#[test]
 fn rollback_goes_back_with_a_lower_learning_rate_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
@@ -138,14 +118,22 @@ fn rollback_goes_back_with_a_lower_learning_rate_and_finishes() {
     assert!((state["lr_scale"].as_f64().unwrap() - 1e-33).abs() < 1e-45, "{state}");
 }
 
+/// With lr 1e30 every step after the first diverges: neither skipping nor rolling back (at the
+/// default factor) can save the run, which stops once its recoveries are spent.
 #[test]
-fn rollback_stops_once_its_recoveries_are_spent() {
+fn skip_and_rollback_stop_once_their_recoveries_are_spent() {
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let o = train_env(&run, &["train.lr=1e30", "train.on_nan=rollback", "train.nan_max_recoveries=2"], &[]);
-    let diagnosis = assert_nonfinite_stop(&o, &run);
-    assert_eq!(diagnosis["rollbacks"], 2, "{diagnosis}");
-    assert!((diagnosis["lr_scale"].as_f64().unwrap() - 0.25).abs() < 1e-12, "{diagnosis}");
+    for (mode, counter, expected) in [("skip", "skipped_steps", 3), ("rollback", "rollbacks", 2)] {
+        let run = dir.path().join(mode);
+        let recoveries = format!("train.nan_max_recoveries={expected}");
+        let o = train_env(&run, &["train.lr=1e30", &format!("train.on_nan={mode}"), &recoveries], &[]);
+        let diagnosis = assert_nonfinite_stop(&o, &run);
+        assert_eq!(diagnosis[counter], expected, "{mode}: {diagnosis}");
+        assert!(diagnosis["reason"].as_str().unwrap().contains("nan_max_recoveries"), "{diagnosis}");
+        if mode == "rollback" {
+            assert!((diagnosis["lr_scale"].as_f64().unwrap() - 0.25).abs() < 1e-12, "two halvings: {diagnosis}");
+        }
+    }
 }
 
 fn f64_of(v: &Value) -> f64 {

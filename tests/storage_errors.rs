@@ -8,12 +8,7 @@ use std::path::Path;
 use std::process::Output;
 
 fn train(run_dir: &Path, sets: &[&str]) -> Output {
-    let mut args = vec!["train".to_string(), smoke(), "--run-dir".into(), run_dir.display().to_string(), "--no-tui".into()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    kiln(&args)
+    train_with(&smoke(), run_dir, sets, &[])
 }
 
 fn truncate(path: &Path) {
@@ -78,7 +73,7 @@ fn a_full_disk_while_saving_names_the_path_and_keeps_the_previous_checkpoint() {
     let names: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.contains("tmp") && n != "step-0000080"), "{names:?}");
     // With room again, the run resumes from it and finishes.
-    let o = kiln(&["train", "--resume", &run.display().to_string(), "--set", "train.epochs=2", "--no-tui"]);
+    let o = resume_with(&run, &["train.epochs=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(read_json(&run.join("summary.json"))["steps"], 80);
 }

@@ -48,3 +48,21 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// `kiln train <recipe> --run-dir RUN --no-tui [--set K=V]...`, with extra environment variables.
+pub fn train_with(recipe: &str, run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut args = vec!["train".to_string(), recipe.to_string(), "--run-dir".into(), run_dir.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).envs(env.iter().copied()).current_dir(root()).output().expect("kiln runs")
+}
+
+/// `kiln train --resume RUN --no-tui [--set K=V]...`.
+pub fn resume_with(run_dir: &Path, sets: &[&str]) -> Output {
+    let mut args = vec!["train".to_string(), "--resume".into(), run_dir.display().to_string(), "--no-tui".into()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).current_dir(root()).output().expect("kiln runs")
+}

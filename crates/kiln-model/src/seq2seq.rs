@@ -64,6 +64,22 @@ struct EncoderLayer<B: Backend> {
 }
 
 impl<B: Backend> EncoderLayer<B> {
+    fn new(m: &ModelSection, device: &B::Device) -> Self {
+        let d = m.d_model;
+        Self {
+            self_qkv: LinearConfig::new(d, 3 * d).init(device),
+            self_out: LinearConfig::new(d, d).init(device),
+            ff_in: LinearConfig::new(d, m.d_ff).init(device),
+            ff_out: LinearConfig::new(m.d_ff, d).init(device),
+            norm_self: LayerNormConfig::new(d).init(device),
+            norm_ff: LayerNormConfig::new(d).init(device),
+            dropout: DropoutConfig::new(m.dropout).init(),
+            n_heads: m.n_heads,
+            pre_ln: m.pre_ln,
+            relu: m.activation == Activation::Relu,
+        }
+    }
+
     /// `x`: `[batch, len, d]`; `src_mask`: `[batch, 1, 1, len]`, true on padding.
     fn forward(&self, x: Tensor<B, 3>, src_mask: &Tensor<B, 4, Bool>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
@@ -80,20 +96,12 @@ impl<B: Backend> EncoderLayer<B> {
 /// One decoder layer: causal self-attention, cross-attention over the encoder, feed-forward.
 #[derive(Module, Debug)]
 struct DecoderLayer<B: Backend> {
-    self_qkv: Linear<B>,
-    self_out: Linear<B>,
+    /// Self-attention (causal here), feed-forward, their norms and dropout: an encoder layer's parts.
+    base: EncoderLayer<B>,
     cross_q: Linear<B>,
     cross_kv: Linear<B>,
     cross_out: Linear<B>,
-    ff_in: Linear<B>,
-    ff_out: Linear<B>,
-    norm_self: LayerNorm<B>,
     norm_cross: LayerNorm<B>,
-    norm_ff: LayerNorm<B>,
-    dropout: Dropout,
-    n_heads: usize,
-    pre_ln: bool,
-    relu: bool,
 }
 
 /// Keys and values `[batch, heads, len, head_dim]`.
@@ -106,7 +114,7 @@ impl<B: Backend> DecoderLayer<B> {
         let kv = self.cross_kv.forward(memory);
         let k = kv.clone().slice([0..batch, 0..len, 0..d]);
         let v = kv.slice([0..batch, 0..len, d..2 * d]);
-        (split_heads(k, self.n_heads), split_heads(v, self.n_heads))
+        (split_heads(k, self.base.n_heads), split_heads(v, self.base.n_heads))
     }
 
     /// `x`: `[batch, len, d]` at positions `start ..`; `cache`: this layer's self-attention keys
@@ -114,11 +122,11 @@ impl<B: Backend> DecoderLayer<B> {
     /// `causal`: `[1, 1, len, start + len]`, shared by the layers of one pass.
     fn forward(&self, x: Tensor<B, 3>, memory: &Kv<B>, src_mask: &Tensor<B, 4, Bool>, causal: &Tensor<B, 4, Bool>, cache: Option<&mut Option<Kv<B>>>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
-        let heads = self.n_heads;
-        let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| residual(x, norm, self.pre_ln, &self.dropout, f);
+        let heads = self.base.n_heads;
+        let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| residual(x, norm, self.base.pre_ln, &self.base.dropout, f);
         let cache = std::cell::RefCell::new(cache);
         let self_attn = |h: Tensor<B, 3>| {
-            let qkv = self.self_qkv.forward(h);
+            let qkv = self.base.self_qkv.forward(h);
             let part = |i: usize| split_heads(qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]), heads);
             let (q, mut k, mut v) = (part(0), part(1), part(2));
             if let Some(slot) = cache.borrow_mut().as_deref_mut() {
@@ -128,16 +136,16 @@ impl<B: Backend> DecoderLayer<B> {
                 }
                 *slot = Some((k.clone(), v.clone()));
             }
-            self.self_out.forward(merge_heads(attend(q, k, v, Some(causal.clone()), &self.dropout)))
+            self.base.self_out.forward(merge_heads(attend(q, k, v, Some(causal.clone()), &self.base.dropout)))
         };
         let cross_attn = |h: Tensor<B, 3>| {
             let q = split_heads(self.cross_q.forward(h), heads);
-            self.cross_out.forward(merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.dropout)))
+            self.cross_out.forward(merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.base.dropout)))
         };
-        let ff = |h: Tensor<B, 3>| feed_forward(&self.ff_in, &self.ff_out, self.relu, h);
-        let x = sub(x, &self.norm_self, &self_attn);
+        let ff = |h: Tensor<B, 3>| feed_forward(&self.base.ff_in, &self.base.ff_out, self.base.relu, h);
+        let x = sub(x, &self.base.norm_self, &self_attn);
         let x = sub(x, &self.norm_cross, &cross_attn);
-        sub(x, &self.norm_ff, &ff)
+        sub(x, &self.base.norm_ff, &ff)
     }
 }
 
@@ -167,36 +175,14 @@ impl Seq2SeqConfig {
         let d = m.d_model;
         let emb_init = Initializer::Normal { mean: 0.0, std: (d as f64).powf(-0.5) };
         let embedding = || EmbeddingConfig::new(self.vocab_size, d).with_initializer(emb_init.clone()).init(device);
-        let encoder = (0..m.encoder_layers)
-            .map(|_| EncoderLayer {
-                self_qkv: LinearConfig::new(d, 3 * d).init(device),
-                self_out: LinearConfig::new(d, d).init(device),
-                ff_in: LinearConfig::new(d, m.d_ff).init(device),
-                ff_out: LinearConfig::new(m.d_ff, d).init(device),
-                norm_self: LayerNormConfig::new(d).init(device),
-                norm_ff: LayerNormConfig::new(d).init(device),
-                dropout: DropoutConfig::new(m.dropout).init(),
-                n_heads: m.n_heads,
-                pre_ln: m.pre_ln,
-                relu: m.activation == Activation::Relu,
-            })
-            .collect();
+        let encoder = (0..m.encoder_layers).map(|_| EncoderLayer::new(m, device)).collect();
         let decoder = (0..m.decoder_layers)
             .map(|_| DecoderLayer {
-                self_qkv: LinearConfig::new(d, 3 * d).init(device),
-                self_out: LinearConfig::new(d, d).init(device),
+                base: EncoderLayer::new(m, device),
                 cross_q: LinearConfig::new(d, d).init(device),
                 cross_kv: LinearConfig::new(d, 2 * d).init(device),
                 cross_out: LinearConfig::new(d, d).init(device),
-                ff_in: LinearConfig::new(d, m.d_ff).init(device),
-                ff_out: LinearConfig::new(m.d_ff, d).init(device),
-                norm_self: LayerNormConfig::new(d).init(device),
                 norm_cross: LayerNormConfig::new(d).init(device),
-                norm_ff: LayerNormConfig::new(d).init(device),
-                dropout: DropoutConfig::new(m.dropout).init(),
-                n_heads: m.n_heads,
-                pre_ln: m.pre_ln,
-                relu: m.activation == Activation::Relu,
             })
             .collect();
         let final_norm = || m.pre_ln.then(|| LayerNormConfig::new(d).init(device));
