@@ -156,3 +156,23 @@ fn tokenizer_file_that_does_not_parse() {
     let run = dir.path().join("run").display().to_string();
     assert_user_error(&kiln(&["train", &r, "--run-dir", &run]), &["tokenizer.json"]);
 }
+
+#[test]
+fn device_and_precision_requests_this_build_cannot_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    if !cfg!(feature = "cuda") {
+        assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cuda:0"]), &["backend.device = \"cuda:0\"", "built without CUDA"]);
+    }
+    assert_user_error(
+        &kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cpu", "--set", "train.precision=bf16"]),
+        &["train.precision = \"bf16\"", "f32 only"],
+    );
+    assert!(!run.exists(), "no run directory left behind");
+    // `auto` without CUDA trains on the CPU and says so, in a note and in the header.
+    let o = kiln(&["train", &smoke(), "--run-dir", &run_s, "--no-tui", "--set", "backend.device=auto", "--set", "train.max_steps=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("backend.device = \"auto\"") && out.contains("training on the CPU") && out.contains("threads; auto)"), "{out}");
+}

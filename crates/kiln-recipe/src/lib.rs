@@ -98,6 +98,17 @@ pub enum OnNan {
     Rollback,
 }
 
+/// Arithmetic of the forward and backward passes (`train.precision`); weights and optimizer state
+/// stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
 /// What kind of corpus `data.train` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -296,6 +307,8 @@ pub struct TrainSection {
     pub nan_lr_factor: f64,
     /// Recoveries a run may make (steps skipped, or rollbacks) before a non-finite step stops it.
     pub nan_max_recoveries: usize,
+    /// Compute precision of the passes.
+    pub precision: Precision,
 }
 
 impl Default for TrainSection {
@@ -322,6 +335,7 @@ impl Default for TrainSection {
             on_nan: OnNan::Stop,
             nan_lr_factor: 0.5,
             nan_max_recoveries: 5,
+            precision: Precision::F32,
         }
     }
 }

@@ -4,8 +4,10 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod device;
 pub mod clip;
 pub mod evaluate;
+pub mod loss_scale;
 pub mod family;
 pub mod infer;
 pub mod rundir;
@@ -25,33 +27,7 @@ pub use family::Split;
 pub use kiln_model::sampling::Sampling;
 pub use kiln_model::seq2seq::BeamSettings;
 
-/// Which device the recipe's `backend.device` resolves to in this build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
-}
-
-/// Resolves `backend.device`. CUDA needs a build with the `cuda` feature; without it, asking for
-/// CUDA is an error and `auto` means CPU.
-pub fn resolve_device(spec: &str) -> Result<DeviceChoice> {
-    let cuda_index = |s: &str| -> Option<usize> {
-        if s == "cuda" {
-            Some(0)
-        } else {
-            s.strip_prefix("cuda:").and_then(|n| n.parse().ok())
-        }
-    };
-    match spec {
-        "cpu" => Ok(DeviceChoice::Cpu),
-        "auto" => Ok(if cfg!(feature = "cuda") { DeviceChoice::Cuda(0) } else { DeviceChoice::Cpu }),
-        s => match cuda_index(s) {
-            Some(i) if cfg!(feature = "cuda") => Ok(DeviceChoice::Cuda(i)),
-            Some(_) => bail!("backend.device = {s:?}: this kiln was built without CUDA; build with the `cuda` feature (`cargo xtask train --cuda ...`) or use \"cpu\""),
-            None => bail!("backend.device = {s:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
-        },
-    }
-}
+pub use device::{resolve_device, DeviceChoice};
 
 /// A run to start or continue.
 pub struct Launch {
@@ -69,21 +45,32 @@ pub struct Launch {
 /// Prepares the run directory and data, then trains on the recipe's device.
 pub fn launch(launch: &Launch, sink: &mut dyn EventSink) -> Result<Summary> {
     let recipe = &launch.recipe;
-    let choice = resolve_device(&recipe.backend.device)?;
+    let resolved = resolve_device(&recipe.backend.device)?;
+    if let Some(why) = &resolved.note {
+        note(sink, why.clone())?;
+    }
+    let auto = if recipe.backend.device == "auto" { "; auto" } else { "" };
+    if recipe.train.precision != kiln_recipe::Precision::F32 {
+        let p = toml::Value::try_from(recipe.train.precision).map(|v| v.to_string()).unwrap_or_default();
+        match resolved.choice {
+            DeviceChoice::Cpu => bail!("train.precision = {p}: the CPU backend (Burn Flex) trains in f32 only; use \"f32\", or a CUDA device"),
+            DeviceChoice::Cuda(_) => bail!("train.precision = {p}: half-precision training is not implemented in kiln yet; use \"f32\""),
+        }
+    }
     if recipe.backend.threads > 0 {
         // Only the first call in a process can size the global pool; later calls keep it.
         let _ = rayon::ThreadPoolBuilder::new().num_threads(recipe.backend.threads).build_global();
     }
-    match choice {
+    match resolved.choice {
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
-            train_on::<B>(launch, Default::default(), format!("cpu (flex, {} threads)", rayon::current_num_threads()), sink)
+            train_on::<B>(launch, Default::default(), format!("cpu (flex, {} threads{auto})", rayon::current_num_threads()), sink)
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
             let device = burn::backend::cuda::CudaDevice::new(index);
-            train_on::<B>(launch, device, format!("cuda:{index}"), sink)
+            train_on::<B>(launch, device, format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), sink)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
@@ -171,7 +158,7 @@ pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Res
 /// Runs `f` on the inference backend `spec` names (`backend.device` of the run, or an override).
 macro_rules! on_backend {
     ($spec:expr, $f:ident ( $($arg:expr),* )) => {{
-        match resolve_device($spec)? {
+        match resolve_device($spec)?.choice {
             DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
