@@ -188,8 +188,8 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> ExitCode {
     // Keep freed memory instead of handing it back to the OS after a delay: a training step frees
     // and reallocates the same large buffers, and pages handed back return zeroed by the kernel
-    // (page faults and clearing were 10-14 % of a CPU step). Measured: +9 % tokens/s, +7 % peak
-    // RSS (docs/bench/train.md).
+    // (page faults and clearing were 10-14 % of a CPU step). Measured: +9 % tokens/s, peak RSS
+    // 277 → 308-334 MiB on the quickstart (docs/bench/train.md).
     // SAFETY: sets a process-wide allocator option; no pointers are involved.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
