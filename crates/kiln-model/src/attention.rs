@@ -3,7 +3,6 @@
 //! the translation decoder. Heads live in dimension 1: `[batch, heads, len, head_dim]`.
 
 use burn::nn::Dropout;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Tensor, TensorData};
 
@@ -28,7 +27,7 @@ pub(crate) fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 
     if let Some(mask) = mask {
         scores = scores.mask_fill(mask.expand([batch, heads, len_q, len_k]), -1.0e9);
     }
-    crate::dropout::apply(dropout, softmax(scores, 3)).matmul(v)
+    crate::dropout::apply(dropout, crate::fused::softmax_last(scores)).matmul(v)
 }
 
 /// `[len, total]`, true where query `i` (absolute position `start + i`) must not see key `j`.

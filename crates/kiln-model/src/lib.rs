@@ -5,11 +5,12 @@
 
 mod attention;
 pub mod dropout;
+pub mod fused;
 pub mod lm;
 pub mod loss;
 pub mod sampling;
 pub mod seq2seq;
 
-pub use loss::{label_smoothed_loss, LossSums};
+pub use loss::{label_smoothed_loss, label_smoothed_loss_composed, LossSums};
 pub use lm::{DecoderLm, LmConfig};
 pub use seq2seq::{Seq2Seq, Seq2SeqConfig};

@@ -10,7 +10,8 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig,
     PositionalEncoding, PositionalEncodingConfig, RotaryEncoding, RotaryEncodingConfig,
 };
-use burn::tensor::activation::{gelu, relu, softmax};
+use burn::tensor::activation::relu;
+use crate::fused::{gelu, softmax_last};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Bool, Int, Tensor};
 use kiln_recipe::{Activation, ModelSection, Positions};
@@ -70,7 +71,7 @@ impl<B: Backend> Block<B> {
         let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (absolute position start + i) sees keys 0 ..= start + i.
         let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
-        let attn = crate::dropout::apply(&self.dropout, softmax(scores, 3));
+        let attn = crate::dropout::apply(&self.dropout, softmax_last(scores));
         let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
         let x = x + crate::dropout::apply(&self.dropout, self.attn_out.forward(context));
         let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));

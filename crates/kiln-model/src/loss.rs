@@ -17,7 +17,20 @@ pub struct LossSums<B: Backend> {
 }
 
 /// `logits`: `[rows, vocab]`; `labels`: `[rows]`, with `pad` for rows that do not count.
+/// One fused pass on the CPU backend ([`crate::fused`]), Burn's composition elsewhere.
 pub fn label_smoothed_loss<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> LossSums<B> {
+    match crate::fused::cross_entropy_rows(logits, labels, pad, epsilon) {
+        Ok(rows) => {
+            let sums = rows.sum_dim(0);
+            LossSums { smoothed: sums.clone().slice([0..1, 0..1]).reshape([1]), nll: sums.slice([0..1, 1..2]).reshape([1]) }
+        }
+        Err((logits, labels)) => label_smoothed_loss_composed(logits, labels, pad, epsilon),
+    }
+}
+
+/// The same loss from Burn's tensor operations (log-softmax, gather, mean): the reference the
+/// fused kernel is tested against, and the implementation on backends without one.
+pub fn label_smoothed_loss_composed<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> LossSums<B> {
     let logp = log_softmax(logits, 1);
     let mask = labels.clone().not_equal_elem(pad as i64).float();
     let nll: Tensor<B, 1> = logp.clone().gather(1, labels.unsqueeze_dim(1)).squeeze_dim::<1>(1).neg() * mask.clone();

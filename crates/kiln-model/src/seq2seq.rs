@@ -43,7 +43,7 @@ fn residual<B: Backend>(x: Tensor<B, 3>, norm: &LayerNorm<B>, pre_ln: bool, drop
 /// Feed-forward: `out(act(in(x)))`.
 fn feed_forward<B: Backend>(ff_in: &Linear<B>, ff_out: &Linear<B>, relu: bool, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let h = ff_in.forward(x);
-    ff_out.forward(if relu { burn::tensor::activation::relu(h) } else { burn::tensor::activation::gelu(h) })
+    ff_out.forward(if relu { burn::tensor::activation::relu(h) } else { crate::fused::gelu(h) })
 }
 
 /// One encoder layer: self-attention over the source (padding masked), feed-forward. Written out

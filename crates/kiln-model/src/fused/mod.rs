@@ -1,0 +1,309 @@
+//! Fused CPU operations: label-smoothed cross-entropy, exact GELU and the last-axis softmax,
+//! each one pass forward and one backward over its tensor, instead of the chain of element-wise
+//! passes (and autodiff nodes) that Burn composes them from.
+//!
+//! They exist for Burn's CPU backend, Flex, and the autodiff over it, kiln's training backend.
+//! The functions here are generic over any backend and specialise at run time by type: for
+//! `Flex` and `Autodiff<Flex>` they run kiln's kernels ([`math`]) and register their own backward
+//! step with Burn's autodiff (Burn's backend-extension mechanism, without threading a trait bound
+//! through every model type); for any other backend (CUDA) they are Burn's composition.
+//! `KILN_UNFUSED=1` turns them off, for comparison and for the tests that check each against the
+//! composition.
+
+pub mod math;
+
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+type Ad = Autodiff<Flex>;
+
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("KILN_UNFUSED").is_none_or(|v| v.is_empty() || v == "0"))
+}
+
+/// Which implementation a backend gets.
+enum Kind {
+    Flex,
+    AutodiffFlex,
+    Other,
+}
+
+fn kind<B: Backend>() -> Kind {
+    if !enabled() {
+        Kind::Other
+    } else if TypeId::of::<B>() == TypeId::of::<Flex>() {
+        Kind::Flex
+    } else if TypeId::of::<B>() == TypeId::of::<Ad>() {
+        Kind::AutodiffFlex
+    } else {
+        Kind::Other
+    }
+}
+
+/// Moves a value to the type it is known (by `TypeId`) to have.
+fn cast<T: 'static, U: 'static>(value: T) -> U {
+    *(Box::new(value) as Box<dyn Any>).downcast::<U>().expect("fused: type checked by TypeId")
+}
+
+fn float_primitive<const D: usize>(x: Tensor<Ad, D>) -> FloatTensor<Ad> {
+    x.into_primitive().tensor()
+}
+
+/// A contiguous f32 tensor whose storage starts at its first element.
+fn dense(t: FlexTensor) -> FlexTensor {
+    let t = if t.dtype() == DType::F32 { t } else { FlexTensor::from_data(t.into_data().convert::<f32>()) };
+    if t.as_slice::<f32>().is_some_and(|s| s.len() == t.layout().num_elements()) {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    let s = t.as_slice::<f32>().expect("fused: dense f32 tensor");
+    &s[..t.layout().num_elements()]
+}
+
+fn from_vec(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// `f(values)` written into the tensor's own buffer when nothing else holds it, else a new one.
+fn map_in_place(t: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
+    let mut t = dense(t);
+    let n = t.layout().num_elements();
+    if let Some(s) = t.try_storage_mut::<f32>() {
+        if s.len() == n {
+            f(s);
+            return t;
+        }
+    }
+    let mut copy = values(&t).to_vec();
+    f(&mut copy);
+    from_vec(copy, t.layout().shape().to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU
+
+fn gelu_flex(x: &FlexTensor) -> FlexTensor {
+    let x = dense(x.clone());
+    let mut out = vec![0.0; x.layout().num_elements()];
+    math::gelu(values(&x), &mut out);
+    from_vec(out, x.layout().shape().to_vec())
+}
+
+#[derive(Debug)]
+struct GeluBackward;
+
+impl Backward<Flex, 1> for GeluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let x = dense(ops.state);
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| map_in_place(grad, |g| math::gelu_backward(values(&x), g)));
+    }
+}
+
+/// Exact GELU, `x·Φ(x)`.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match kind::<B>() {
+        Kind::Flex => {
+            let x: Tensor<Flex, D> = cast(x);
+            cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(gelu_flex(&x.into_primitive().tensor()))))
+        }
+        Kind::AutodiffFlex => {
+            let x = float_primitive(cast::<_, Tensor<Ad, D>>(x));
+            let out = match GeluBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = gelu_flex(&x.primitive);
+                    prep.finish(x.primitive, y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(gelu_flex(&x.primitive)),
+            };
+            cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+        }
+        Kind::Other => burn::tensor::activation::gelu(x),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last axis
+
+fn softmax_flex(x: FlexTensor) -> FlexTensor {
+    let width = *x.layout().shape().last().expect("softmax of a scalar");
+    // The input buffer is reused when the caller no longer needs it (the scores usually are not).
+    map_in_place(x, |v| math::softmax_rows(v, width))
+}
+
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl Backward<Flex, 1> for SoftmaxBackward {
+    /// The softmax output.
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let y = dense(ops.state);
+        let width = *y.layout().shape().last().expect("softmax of a scalar");
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| map_in_place(grad, |g| math::softmax_backward_rows(values(&y), g, width)));
+    }
+}
+
+/// Softmax over the last axis.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    match kind::<B>() {
+        Kind::Flex => {
+            let x: Tensor<Flex, D> = cast(x);
+            cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(softmax_flex(x.into_primitive().tensor()))))
+        }
+        Kind::AutodiffFlex => {
+            let x = float_primitive(cast::<_, Tensor<Ad, D>>(x));
+            let node = x.node.clone();
+            // Computed from the primitive alone: the autodiff tensor (and with it our reference to
+            // the scores) is dropped first, so the scores' buffer can take the result.
+            let primitive = x.primitive.clone();
+            let out = match SoftmaxBackward.prepare::<NoCheckpointing>([node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    drop(x);
+                    let y = softmax_flex(primitive);
+                    prep.finish(y.clone(), y)
+                }
+                OpsKind::UnTracked(prep) => {
+                    drop(x);
+                    prep.finish(softmax_flex(primitive))
+                }
+            };
+            cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
+        }
+        Kind::Other => burn::tensor::activation::softmax(x, D - 1),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Label-smoothed cross-entropy
+
+/// The per-row results: columns `[smoothed loss, nll]`, zero for padding rows.
+fn cross_entropy_flex(logits: &FlexTensor, labels: &[i64], pad: i64, epsilon: f32) -> (FlexTensor, Vec<f32>) {
+    let logits = dense(logits.clone());
+    let vocab = logits.layout().shape()[1];
+    let rows = labels.len();
+    let mut out = vec![0.0f32; rows * 2];
+    let mut lse = vec![0.0f32; rows];
+    out.par_chunks_mut(2)
+        .zip(lse.par_iter_mut())
+        .zip(values(&logits).par_chunks(vocab))
+        .zip(labels.par_iter())
+        .for_each(|(((out, lse), row), &label)| {
+            if label == pad {
+                return;
+            }
+            let (log_sum, sum) = math::log_sum_exp_and_sum(row);
+            let nll = log_sum - row[label as usize];
+            let uniform = log_sum - sum / vocab as f32;
+            out[0] = (1.0 - epsilon) * nll + epsilon * uniform;
+            out[1] = nll;
+            *lse = log_sum;
+        });
+    (from_vec(out, vec![rows, 2]), lse)
+}
+
+#[derive(Debug, Clone)]
+struct CrossEntropyState {
+    logits: FlexTensor,
+    labels: Vec<i64>,
+    lse: Vec<f32>,
+    pad: i64,
+    epsilon: f32,
+}
+
+#[derive(Debug)]
+struct CrossEntropyBackward;
+
+impl Backward<Flex, 1> for CrossEntropyBackward {
+    type State = CrossEntropyState;
+
+    /// With `g = (g_smoothed, g_nll)` per row and `p = softmax(row)`:
+    /// `∂/∂z = (g_s + g_n)·p − g_s·ε/V − [v = gold]·(g_s·(1 − ε) + g_n)`.
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let CrossEntropyState { logits, labels, lse, pad, epsilon } = ops.state;
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            let grad = dense(grad);
+            let g = values(&grad);
+            let vocab = logits.layout().shape()[1];
+            // The logits are usually held by nothing else by now: the gradient is written over them.
+            map_in_place(logits, |z| {
+                z.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+                    if labels[i] == pad {
+                        row.fill(0.0);
+                        return;
+                    }
+                    let (gs, gn) = (g[2 * i], g[2 * i + 1]);
+                    math::scaled_softmax_minus_in_place(row, lse[i], gs + gn, gs * epsilon / vocab as f32);
+                    row[labels[i] as usize] -= gs * (1.0 - epsilon) + gn;
+                });
+            })
+        });
+    }
+}
+
+fn labels_of(labels: FlexTensor) -> Vec<i64> {
+    match labels.dtype() {
+        DType::I64 => labels.into_data().to_vec::<i64>().expect("i64 labels"),
+        _ => labels.into_data().convert::<i64>().to_vec::<i64>().expect("integer labels"),
+    }
+}
+
+/// Per-row label-smoothed cross-entropy and negative log-likelihood, `[rows, 2]`, zero where the
+/// label is `pad`. Fused on Flex; `None` on other backends (the caller composes it there).
+pub fn cross_entropy_rows<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+    let vocab = logits.dims()[1] as i64;
+    match kind::<B>() {
+        Kind::Flex => {
+            let logits: Tensor<Flex, 2> = cast(logits);
+            let labels = labels_of(cast::<_, Tensor<Flex, 1, Int>>(labels).into_primitive());
+            check_labels(&labels, vocab, pad);
+            let (rows, _) = cross_entropy_flex(&logits.into_primitive().tensor(), &labels, pad as i64, epsilon as f32);
+            Ok(cast(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(rows))))
+        }
+        Kind::AutodiffFlex => {
+            let logits = float_primitive(cast::<_, Tensor<Ad, 2>>(logits));
+            let labels = labels_of(cast::<_, Tensor<Ad, 1, Int>>(labels).into_primitive());
+            check_labels(&labels, vocab, pad);
+            let (pad, epsilon) = (pad as i64, epsilon as f32);
+            let out = match CrossEntropyBackward.prepare::<NoCheckpointing>([logits.node.clone()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (rows, lse) = cross_entropy_flex(&logits.primitive, &labels, pad, epsilon);
+                    let primitive = logits.primitive.clone();
+                    drop(logits);
+                    prep.finish(CrossEntropyState { logits: primitive, labels, lse, pad, epsilon }, rows)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(cross_entropy_flex(&logits.primitive, &labels, pad, epsilon).0),
+            };
+            Ok(cast(Tensor::<Ad, 2>::from_primitive(TensorPrimitive::Float(out))))
+        }
+        Kind::Other => Err((logits, labels)),
+    }
+}
+
+/// Labels index the vocabulary: one out of range is a bug upstream (the tokenizer and the model
+/// disagree), reported as such rather than read out of bounds.
+fn check_labels(labels: &[i64], vocab: i64, pad: u32) {
+    if let Some(bad) = labels.iter().find(|&&l| l != pad as i64 && !(0..vocab).contains(&l)) {
+        panic!("cross-entropy label {bad} outside the vocabulary of {vocab}");
+    }
+}
+
+#[cfg(test)]
+mod tests;
