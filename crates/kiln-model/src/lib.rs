@@ -6,6 +6,7 @@
 mod attention;
 pub mod dropout;
 pub mod fused;
+mod linear;
 pub mod lm;
 pub mod loss;
 pub mod sampling;

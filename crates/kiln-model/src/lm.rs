@@ -13,6 +13,7 @@ use burn::nn::{
 use burn::tensor::activation::relu;
 use crate::fused::{gelu, softmax_last};
 use burn::tensor::backend::Backend;
+use crate::linear::over_rows;
 use burn::tensor::{Bool, Int, Tensor};
 use kiln_recipe::{Activation, ModelSection, Positions};
 
@@ -53,7 +54,7 @@ impl<B: Backend> Block<B> {
         let heads = self.n_heads;
         let hd = d / heads;
         let h = self.norm_attn.forward(x.clone());
-        let qkv = self.qkv.forward(h);
+        let qkv = over_rows(&self.qkv, h);
         let split = |i: usize| qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]).reshape([batch, len, heads, hd]).swap_dims(1, 2);
         let (mut q, mut k, mut v) = (split(0), split(1), split(2));
         if let Some(rope) = rope {
@@ -73,10 +74,10 @@ impl<B: Backend> Block<B> {
         let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
         let attn = crate::dropout::apply(&self.dropout, softmax_last(scores));
         let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
-        let x = x + crate::dropout::apply(&self.dropout, self.attn_out.forward(context));
-        let h = self.mlp_in.forward(self.norm_mlp.forward(x.clone()));
+        let x = x + crate::dropout::apply(&self.dropout, over_rows(&self.attn_out, context));
+        let h = over_rows(&self.mlp_in, self.norm_mlp.forward(x.clone()));
         let h = if self.relu { relu(h) } else { gelu(h) };
-        x + crate::dropout::apply(&self.dropout, self.mlp_out.forward(h))
+        x + crate::dropout::apply(&self.dropout, over_rows(&self.mlp_out, h))
     }
 }
 

@@ -16,6 +16,7 @@ use burn::nn::{
 };
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
+use crate::linear::over_rows;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use kiln_recipe::{Activation, ModelSection, Positions};
 
@@ -42,8 +43,8 @@ fn residual<B: Backend>(x: Tensor<B, 3>, norm: &LayerNorm<B>, pre_ln: bool, drop
 
 /// Feed-forward: `out(act(in(x)))`.
 fn feed_forward<B: Backend>(ff_in: &Linear<B>, ff_out: &Linear<B>, relu: bool, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let h = ff_in.forward(x);
-    ff_out.forward(if relu { burn::tensor::activation::relu(h) } else { crate::fused::gelu(h) })
+    let h = over_rows(ff_in, x);
+    over_rows(ff_out, if relu { burn::tensor::activation::relu(h) } else { crate::fused::gelu(h) })
 }
 
 /// One encoder layer: self-attention over the source (padding masked), feed-forward. Written out
@@ -84,9 +85,9 @@ impl<B: Backend> EncoderLayer<B> {
     fn forward(&self, x: Tensor<B, 3>, src_mask: &Tensor<B, 4, Bool>) -> Tensor<B, 3> {
         let [batch, len, d] = x.dims();
         let self_attn = |h: Tensor<B, 3>| {
-            let qkv = self.self_qkv.forward(h);
+            let qkv = over_rows(&self.self_qkv, h);
             let part = |i: usize| split_heads(qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]), self.n_heads);
-            self.self_out.forward(merge_heads(attend(part(0), part(1), part(2), Some(src_mask.clone()), &self.dropout)))
+            over_rows(&self.self_out, merge_heads(attend(part(0), part(1), part(2), Some(src_mask.clone()), &self.dropout)))
         };
         let x = residual(x, &self.norm_self, self.pre_ln, &self.dropout, &self_attn);
         residual(x, &self.norm_ff, self.pre_ln, &self.dropout, &|h| feed_forward(&self.ff_in, &self.ff_out, self.relu, h))
@@ -111,7 +112,7 @@ impl<B: Backend> DecoderLayer<B> {
     /// Cross-attention keys and values of the encoder states (computed once per sentence).
     fn memory_kv(&self, memory: Tensor<B, 3>) -> Kv<B> {
         let [batch, len, d] = memory.dims();
-        let kv = self.cross_kv.forward(memory);
+        let kv = over_rows(&self.cross_kv, memory);
         let k = kv.clone().slice([0..batch, 0..len, 0..d]);
         let v = kv.slice([0..batch, 0..len, d..2 * d]);
         (split_heads(k, self.base.n_heads), split_heads(v, self.base.n_heads))
@@ -126,7 +127,7 @@ impl<B: Backend> DecoderLayer<B> {
         let sub = |x: Tensor<B, 3>, norm: &LayerNorm<B>, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>| residual(x, norm, self.base.pre_ln, &self.base.dropout, f);
         let cache = std::cell::RefCell::new(cache);
         let self_attn = |h: Tensor<B, 3>| {
-            let qkv = self.base.self_qkv.forward(h);
+            let qkv = over_rows(&self.base.self_qkv, h);
             let part = |i: usize| split_heads(qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]), heads);
             let (q, mut k, mut v) = (part(0), part(1), part(2));
             if let Some(slot) = cache.borrow_mut().as_deref_mut() {
@@ -136,11 +137,11 @@ impl<B: Backend> DecoderLayer<B> {
                 }
                 *slot = Some((k.clone(), v.clone()));
             }
-            self.base.self_out.forward(merge_heads(attend(q, k, v, Some(causal.clone()), &self.base.dropout)))
+            over_rows(&self.base.self_out, merge_heads(attend(q, k, v, Some(causal.clone()), &self.base.dropout)))
         };
         let cross_attn = |h: Tensor<B, 3>| {
-            let q = split_heads(self.cross_q.forward(h), heads);
-            self.cross_out.forward(merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.base.dropout)))
+            let q = split_heads(over_rows(&self.cross_q, h), heads);
+            over_rows(&self.cross_out, merge_heads(attend(q, memory.0.clone(), memory.1.clone(), Some(src_mask.clone()), &self.base.dropout)))
         };
         let ff = |h: Tensor<B, 3>| feed_forward(&self.base.ff_in, &self.base.ff_out, self.base.relu, h);
         let x = sub(x, &self.base.norm_self, &self_attn);

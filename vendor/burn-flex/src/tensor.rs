@@ -384,6 +384,27 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive && strides.last() == Some(&1) && shape.last().is_some_and(|&w| w > 1) {
+            // kiln patch (vendor/README.md): an ND layout whose innermost dimension is unit-stride
+            // (attention heads split or merged: `[b, h, len, hd]` ↔ `[b, len, h, hd]`) is copied
+            // a run of `hd` elements at a time instead of an index walk per element.
+            let width = *shape.last().unwrap();
+            let outer = &shape[..shape.len() - 1];
+            let outer_strides = &strides[..shape.len() - 1];
+            let mut index = alloc::vec![0usize; outer.len()];
+            let mut start = offset;
+            for _ in 0..n / width {
+                dst.extend_from_slice(&src[start as usize..start as usize + width]);
+                for d in (0..outer.len()).rev() {
+                    index[d] += 1;
+                    start += outer_strides[d];
+                    if index[d] < outer[d] {
+                        break;
+                    }
+                    start -= outer_strides[d] * outer[d] as isize;
+                    index[d] = 0;
+                }
+            }
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.
