@@ -11,7 +11,7 @@ use burn::nn::{
     PositionalEncoding, PositionalEncodingConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::activation::relu;
-use crate::fused::{gelu, softmax_last};
+use crate::fused::{gelu, layer_norm, softmax_last};
 use burn::tensor::backend::Backend;
 use crate::linear::over_rows;
 use burn::tensor::{Bool, Int, Tensor};
@@ -53,7 +53,7 @@ impl<B: Backend> Block<B> {
         let [batch, len, d] = x.dims();
         let heads = self.n_heads;
         let hd = d / heads;
-        let h = self.norm_attn.forward(x.clone());
+        let h = layer_norm(&self.norm_attn, x.clone());
         let qkv = over_rows(&self.qkv, h);
         let split = |i: usize| qkv.clone().slice([0..batch, 0..len, i * d..(i + 1) * d]).reshape([batch, len, heads, hd]).swap_dims(1, 2);
         let (mut q, mut k, mut v) = (split(0), split(1), split(2));
@@ -75,7 +75,7 @@ impl<B: Backend> Block<B> {
         let attn = crate::dropout::apply(&self.dropout, softmax_last(scores));
         let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
         let x = x + crate::dropout::apply(&self.dropout, over_rows(&self.attn_out, context));
-        let h = over_rows(&self.mlp_in, self.norm_mlp.forward(x.clone()));
+        let h = over_rows(&self.mlp_in, layer_norm(&self.norm_mlp, x.clone()));
         let h = if self.relu { relu(h) } else { gelu(h) };
         x + crate::dropout::apply(&self.dropout, over_rows(&self.mlp_out, h))
     }
@@ -155,7 +155,7 @@ impl<B: Backend> DecoderLm<B> {
         if let Some(c) = cache {
             c.len = start + len;
         }
-        self.final_norm.forward(x)
+        layer_norm(&self.final_norm, x)
     }
 
     fn project_rows(&self, states: Tensor<B, 2>) -> Tensor<B, 2> {

@@ -16,6 +16,7 @@ use burn::nn::{
 };
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::Backend;
+use crate::fused::layer_norm;
 use crate::linear::over_rows;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
 use kiln_recipe::{Activation, ModelSection, Positions};
@@ -35,9 +36,9 @@ pub struct Seq2SeqConfig {
 /// A residual sub-layer: pre-LN `x + dropout(f(norm(x)))` or post-LN `norm(x + dropout(f(x)))`.
 fn residual<B: Backend>(x: Tensor<B, 3>, norm: &LayerNorm<B>, pre_ln: bool, dropout: &Dropout, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
     if pre_ln {
-        x.clone() + crate::dropout::apply(dropout, f(norm.forward(x)))
+        x.clone() + crate::dropout::apply(dropout, f(layer_norm(norm, x)))
     } else {
-        norm.forward(x.clone() + crate::dropout::apply(dropout, f(x)))
+        layer_norm(norm, x.clone() + crate::dropout::apply(dropout, f(x)))
     }
 }
 
@@ -278,7 +279,7 @@ impl<B: Backend> Seq2Seq<B> {
     /// Output logits `[rows, vocab]` of flat decoder states `[rows, d]`.
     fn project_rows(&self, states: Tensor<B, 2>) -> Tensor<B, 2> {
         let states = match &self.decoder_norm {
-            Some(norm) => norm.forward(states),
+            Some(norm) => layer_norm(norm, states),
             None => states,
         };
         match &self.output {
@@ -294,7 +295,7 @@ impl<B: Backend> Seq2Seq<B> {
         let src_mask = pad_mask.clone().reshape([batch, 1, 1, src_len]);
         let states = self.encoder.iter().fold(x, |x, layer| layer.forward(x, &src_mask));
         let states = match &self.encoder_norm {
-            Some(norm) => norm.forward(states),
+            Some(norm) => layer_norm(norm, states),
             None => states,
         };
         Memory { states, pad_mask }

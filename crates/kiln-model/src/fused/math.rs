@@ -21,7 +21,11 @@ pub fn exp(x: f32) -> f32 {
     let n = (x * LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let p = (((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1) * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from bits. `n as i32` would be a saturating conversion, which LLVM does not vectorise;
+    // adding 1.5·2²³ instead leaves the integer n (|n| ≤ 127) in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let k = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(k.wrapping_add(127) << 23)
 }
 
 /// `erfc(z)` for `z ≥ 0`.
@@ -53,10 +57,15 @@ fn gelu_forward_body(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `out = x·Φ(x)` and, in place, `x ← Φ(x) + x·φ(x)`, the derivative the backward needs: both
+/// from the same Φ, so the backward is a multiplication instead of a second round of `exp`s.
 #[inline(always)]
-fn gelu_backward_body(x: &[f32], grad: &mut [f32]) {
-    for (g, &v) in grad.iter_mut().zip(x) {
-        *g *= normal_cdf(v) + v * exp(-0.5 * v * v) * FRAC_1_SQRT_2PI;
+fn gelu_and_derivative_body(x: &mut [f32], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x.iter_mut()) {
+        let a = *v;
+        let cdf = normal_cdf(a);
+        *o = a * cdf;
+        *v = cdf + a * exp(-0.5 * a * a) * FRAC_1_SQRT_2PI;
     }
 }
 
@@ -168,7 +177,7 @@ macro_rules! dispatch {
 }
 
 dispatch!(gelu_forward_chunk, gelu_forward_avx2, gelu_forward_body, (x: &[f32], out: &mut [f32]) -> ());
-dispatch!(gelu_backward_chunk, gelu_backward_avx2, gelu_backward_body, (x: &[f32], grad: &mut [f32]) -> ());
+dispatch!(gelu_and_derivative_chunk, gelu_and_derivative_avx2, gelu_and_derivative_body, (x: &mut [f32], out: &mut [f32]) -> ());
 dispatch!(max_and_sum, max_and_sum_avx2, max_and_sum_body, (row: &[f32]) -> (f32, f32));
 dispatch!(sum_exp, sum_exp_avx2, sum_exp_body, (row: &[f32], shift: f32) -> f32);
 dispatch!(scaled_exp_minus, scaled_exp_minus_avx2, scaled_exp_minus_body, (row: &mut [f32], shift: f32, a: f32, b: f32) -> ());
@@ -180,9 +189,14 @@ pub fn gelu(x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_forward_chunk(x, o));
 }
 
-/// `grad ← grad·(Φ(x) + x·φ(x))`.
-pub fn gelu_backward(x: &[f32], grad: &mut [f32]) {
-    grad.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(g, x)| gelu_backward_chunk(x, g));
+/// `out = x·Φ(x)`; `x ← Φ(x) + x·φ(x)` (GELU's derivative, kept for the backward).
+pub fn gelu_and_derivative(x: &mut [f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks_mut(CHUNK)).for_each(|(o, x)| gelu_and_derivative_chunk(x, o));
+}
+
+/// `grad ← grad·factor`, element-wise.
+pub fn multiply_in_place(grad: &mut [f32], factor: &[f32]) {
+    grad.par_chunks_mut(CHUNK).zip(factor.par_chunks(CHUNK)).for_each(|(g, f)| g.iter_mut().zip(f).for_each(|(g, f)| *g *= f));
 }
 
 /// Softmax over rows of `width`, in place.
@@ -197,6 +211,67 @@ pub fn softmax_backward_rows(y: &[f32], grad: &mut [f32], width: usize) {
     grad.par_chunks_mut(rows_per_task * width)
         .zip(y.par_chunks(rows_per_task * width))
         .for_each(|(g, y)| g.chunks_exact_mut(width).zip(y.chunks_exact(width)).for_each(|(g, y)| softmax_backward_row(y, g)));
+}
+
+/// Layer normalisation of rows of `gamma.len()`: `out = (x − μ)·r·γ + β` with the biased
+/// variance (as Burn and PyTorch), `r = 1/√(var + ε)`; each row's `μ` and `r` kept for the backward.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+    let width = gamma.len();
+    let rows_per_task = (CHUNK / width).max(1);
+    out.par_chunks_mut(rows_per_task * width)
+        .zip(x.par_chunks(rows_per_task * width))
+        .zip(mean.par_chunks_mut(rows_per_task).zip(rstd.par_chunks_mut(rows_per_task)))
+        .for_each(|((out, x), (mean, rstd))| {
+            for (((out, x), mean), rstd) in out.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(mean.iter_mut()).zip(rstd.iter_mut()) {
+                let mu = x.iter().sum::<f32>() / width as f32;
+                let var = x.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / width as f32;
+                let r = 1.0 / (var + epsilon).sqrt();
+                for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+                    *o = (v - mu) * r * g + b;
+                }
+                (*mean, *rstd) = (mu, r);
+            }
+        });
+}
+
+/// Layer normalisation's backward: with `x̂ = (x − μ)·r` and `h = g·γ` per row,
+/// `dx = r·(h − mean(h) − x̂·mean(h·x̂))`, `dγ = Σ_rows g·x̂`, `dβ = Σ_rows g`.
+/// Returns `(dγ, dβ)`; `grad` is overwritten with `dx`.
+pub fn layer_norm_backward(x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], grad: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    let width = gamma.len();
+    let rows_per_task = (CHUNK / width).max(1);
+    grad.par_chunks_mut(rows_per_task * width)
+        .zip(x.par_chunks(rows_per_task * width))
+        .zip(mean.par_chunks(rows_per_task).zip(rstd.par_chunks(rows_per_task)))
+        .map(|((grad, x), (mean, rstd))| {
+            let (mut dgamma, mut dbeta) = (vec![0.0f32; width], vec![0.0f32; width]);
+            let mut h = vec![0.0f32; width];
+            for (((g, x), &mu), &r) in grad.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(mean).zip(rstd) {
+                let (mut sum_h, mut sum_hx) = (0.0f32, 0.0f32);
+                for j in 0..width {
+                    let xhat = (x[j] - mu) * r;
+                    h[j] = g[j] * gamma[j];
+                    sum_h += h[j];
+                    sum_hx += h[j] * xhat;
+                    dgamma[j] += g[j] * xhat;
+                    dbeta[j] += g[j];
+                }
+                let (mean_h, mean_hx) = (sum_h / width as f32, sum_hx / width as f32);
+                for j in 0..width {
+                    let xhat = (x[j] - mu) * r;
+                    g[j] = r * (h[j] - mean_h - xhat * mean_hx);
+                }
+            }
+            (dgamma, dbeta)
+        })
+        .reduce(
+            || (vec![0.0; width], vec![0.0; width]),
+            |(mut ga, mut ba), (gb, bb)| {
+                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
+                ba.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+                (ga, ba)
+            },
+        )
 }
 
 /// Per row: `(log Σ exp, Σ logits)`.
@@ -256,8 +331,11 @@ mod tests {
     #[test]
     fn gelu_backward_matches_the_derivative() {
         let xs: Vec<f32> = (0..801).map(|i| -6.0 + i as f32 * 0.015).collect();
-        let mut grad = vec![1.0; xs.len()];
-        gelu_backward(&xs, &mut grad);
+        let (mut grad, mut out) = (xs.clone(), vec![0.0; xs.len()]);
+        gelu_and_derivative(&mut grad, &mut out);
+        let mut plain = vec![0.0; xs.len()];
+        gelu(&xs, &mut plain);
+        assert_eq!(out, plain, "the same GELU either way");
         for (&x, &g) in xs.iter().zip(&grad) {
             let x = x as f64;
             let want = cdf_reference(x) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();

@@ -104,15 +104,24 @@ fn gelu_flex(x: &FlexTensor) -> FlexTensor {
     from_vec(out, x.layout().shape().to_vec())
 }
 
+/// GELU of `x` and its derivative, the latter written over `x` when nothing else holds it.
+fn gelu_and_derivative_flex(x: FlexTensor) -> (FlexTensor, FlexTensor) {
+    let shape = x.layout().shape().to_vec();
+    let mut out = vec![0.0; x.layout().num_elements()];
+    let derivative = map_in_place(x, |v| math::gelu_and_derivative(v, &mut out));
+    (from_vec(out, shape), derivative)
+}
+
 #[derive(Debug)]
 struct GeluBackward;
 
 impl Backward<Flex, 1> for GeluBackward {
+    /// GELU's derivative at the input.
     type State = FlexTensor;
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let x = dense(ops.state);
-        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| map_in_place(grad, |g| math::gelu_backward(values(&x), g)));
+        let derivative = dense(ops.state);
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| map_in_place(grad, |g| math::multiply_in_place(g, values(&derivative))));
     }
 }
 
@@ -127,8 +136,8 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
             let x = float_primitive(cast::<_, Tensor<Ad, D>>(x));
             let out = match GeluBackward.prepare::<NoCheckpointing>([x.node.clone()]).compute_bound().stateful() {
                 OpsKind::Tracked(prep) => {
-                    let y = gelu_flex(&x.primitive);
-                    prep.finish(x.primitive, y)
+                    let (y, derivative) = gelu_and_derivative_flex(x.primitive);
+                    prep.finish(derivative, y)
                 }
                 OpsKind::UnTracked(prep) => prep.finish(gelu_flex(&x.primitive)),
             };
@@ -136,6 +145,77 @@ pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         }
         Kind::Other => burn::tensor::activation::gelu(x),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layer normalisation
+
+/// The ε of every kiln layer norm (`LayerNormConfig`'s default; Burn keeps the module's own private).
+/// The tests compare against `LayerNorm::forward`, so a different ε there would fail them.
+const LAYER_NORM_EPSILON: f32 = 1e-5;
+
+#[derive(Debug, Clone)]
+struct LayerNormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+#[derive(Debug)]
+struct LayerNormBackward;
+
+impl Backward<Flex, 3> for LayerNormBackward {
+    type State = LayerNormState;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let LayerNormState { x, gamma, mean, rstd } = ops.state;
+        let grad = grads.consume::<Flex>(&ops.node);
+        let (x, gamma) = (dense(x), dense(gamma));
+        let width = gamma.layout().num_elements();
+        let mut sums = None;
+        let dx = map_in_place(grad, |g| sums = Some(math::layer_norm_backward(values(&x), values(&gamma), &mean, &rstd, g)));
+        let (dgamma, dbeta) = sums.expect("computed above");
+        let [parent_x, parent_gamma, parent_beta] = ops.parents;
+        if let Some(node) = parent_x {
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = parent_gamma {
+            grads.register::<Flex>(node.id, from_vec(dgamma, vec![width]));
+        }
+        if let Some(node) = parent_beta {
+            grads.register::<Flex>(node.id, from_vec(dbeta, vec![width]));
+        }
+    }
+}
+
+fn layer_norm_flex(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor) -> (FlexTensor, Vec<f32>, Vec<f32>) {
+    let (x, gamma, beta) = (dense(x.clone()), dense(gamma.clone()), dense(beta.clone()));
+    let n = x.layout().num_elements();
+    let rows = n / gamma.layout().num_elements().max(1);
+    let (mut out, mut mean, mut rstd) = (vec![0.0; n], vec![0.0; rows], vec![0.0; rows]);
+    math::layer_norm(values(&x), values(&gamma), values(&beta), LAYER_NORM_EPSILON, &mut out, &mut mean, &mut rstd);
+    (from_vec(out, x.layout().shape().to_vec()), mean, rstd)
+}
+
+/// `norm(x)` over the last axis: one pass forward and one backward (γ's and β's gradients
+/// included) under `Autodiff<Flex>`; Burn's own `LayerNorm::forward` elsewhere (Flex's forward is
+/// already one pass; Burn's autodiff composes it from a dozen operations).
+pub fn layer_norm<B: Backend, const D: usize>(norm: &burn::nn::LayerNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let Some(beta) = &norm.beta else { return norm.forward(x) };
+    let Kind::AutodiffFlex = kind::<B>() else { return norm.forward(x) };
+    let x = float_primitive(cast::<_, Tensor<Ad, D>>(x));
+    let gamma = float_primitive(cast::<_, Tensor<Ad, 1>>(norm.gamma.val()));
+    let beta = float_primitive(cast::<_, Tensor<Ad, 1>>(beta.val()));
+    let nodes = [x.node.clone(), gamma.node.clone(), beta.node.clone()];
+    let out = match LayerNormBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let (y, mean, rstd) = layer_norm_flex(&x.primitive, &gamma.primitive, &beta.primitive);
+            prep.finish(LayerNormState { x: x.primitive.clone(), gamma: gamma.primitive.clone(), mean, rstd }, y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(layer_norm_flex(&x.primitive, &gamma.primitive, &beta.primitive).0),
+    };
+    cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
 }
 
 // ---------------------------------------------------------------------------------------------

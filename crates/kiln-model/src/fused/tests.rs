@@ -108,3 +108,37 @@ fn the_input_a_caller_still_holds_is_not_overwritten() {
     let after: Vec<f32> = x.into_data().to_vec().unwrap();
     assert_eq!(before, after);
 }
+
+#[test]
+fn layer_norm_matches_burns_with_all_three_gradients() {
+    use burn::module::Param;
+    let device = Default::default();
+    let mut norm = burn::nn::LayerNormConfig::new(40).init::<Ad>(&device);
+    // Non-trivial scale and shift, so their gradients and their use in the forward both count.
+    norm.gamma = Param::from_tensor(random::<Ad, 1>([40], 1.0) + 1.0);
+    norm.beta = Some(Param::from_tensor(random::<Ad, 1>([40], 0.5)));
+    let x = random::<Ad, 3>([3, 7, 40], 2.0) + 0.7;
+    let w = random::<Ad, 3>([3, 7, 40], 1.0).detach();
+    let (a, b) = (x.clone().detach().require_grad(), x.detach().require_grad());
+    let fa = layer_norm(&norm, a.clone());
+    let fb = norm.forward(b.clone());
+    assert_close(fa.clone(), fb.clone(), "layer norm");
+    let (ga, gb) = ((fa * w.clone()).sum().backward(), (fb * w).sum().backward());
+    assert_close(a.grad(&ga).unwrap(), b.grad(&gb).unwrap(), "d x");
+    assert_close(norm.gamma.grad(&ga).unwrap(), norm.gamma.grad(&gb).unwrap(), "d gamma");
+    let beta = norm.beta.as_ref().unwrap();
+    assert_close(beta.grad(&ga).unwrap(), beta.grad(&gb).unwrap(), "d beta");
+}
+
+#[test]
+fn layer_norm_over_many_rows_splits_its_parameter_gradients_exactly() {
+    // More rows than one parallel task takes, so the partial γ/β sums are reduced across tasks.
+    let device = Default::default();
+    let norm = burn::nn::LayerNormConfig::new(64).init::<Ad>(&device);
+    let x = random::<Ad, 2>([700, 64], 1.5);
+    let w = random::<Ad, 2>([700, 64], 1.0).detach();
+    let (ga, gb) = ((layer_norm(&norm, x.clone()) * w.clone()).sum().backward(), (norm.forward(x) * w).sum().backward());
+    assert_close(norm.gamma.grad(&ga).unwrap(), norm.gamma.grad(&gb).unwrap(), "d gamma");
+    let beta = norm.beta.as_ref().unwrap();
+    assert_close(beta.grad(&ga).unwrap(), beta.grad(&gb).unwrap(), "d beta");
+}
