@@ -43,7 +43,7 @@ pub struct Launch {
 }
 
 /// Prepares the run directory and data, then trains on the recipe's device.
-pub fn launch(launch: &Launch, sink: &mut dyn EventSink) -> Result<Summary> {
+pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
     let recipe = &launch.recipe;
     let resolved = resolve_device(&recipe.backend.device)?;
     if let Some(why) = &resolved.note {
@@ -64,7 +64,16 @@ pub fn launch(launch: &Launch, sink: &mut dyn EventSink) -> Result<Summary> {
     match resolved.choice {
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
-            train_on::<B>(launch, Default::default(), format!("cpu (flex, {} threads{auto})", rayon::current_num_threads()), sink)
+            let name = format!("cpu (flex, {} threads{auto})", rayon::current_num_threads());
+            if rayon::current_num_threads() < 2 {
+                return train_on::<B>(launch, Default::default(), name, sink);
+            }
+            // Flex's kernels run on rayon's pool. The loop runs on a pool thread too, so that each
+            // parallel kernel starts on a worker that takes part in it, instead of this thread
+            // handing it over and sleeping until it is done: two thread switches fewer per
+            // operation, 8-20 % of the quickstart step (docs/bench/train.md, step 12). With one
+            // thread it stays here: nothing would be left to serve other threads' rayon work.
+            rayon::scope(|_| train_on::<B>(launch, Default::default(), name, sink))
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
@@ -193,3 +202,4 @@ pub fn prepare_resume(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
     kiln_views::run_files::drop_rows_after(&run_dir.join("metrics.jsonl"), step).map_err(|m| anyhow!(m))?;
     Ok((dir, skipped))
 }
+
