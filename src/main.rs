@@ -120,6 +120,10 @@ enum BenchWhat {
         /// Skip the PyTorch reference.
         #[arg(long)]
         no_peer: bool,
+        /// Alternate kiln and PyTorch this many times and report the round with the median
+        /// ratio (the machine's load moves both; adjacent runs share it).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
     },
 }
 
@@ -203,8 +207,8 @@ fn main() -> ExitCode {
         }
         Command::Eval { run_dir, split, decode } => eval(&run_dir, &split, &decode),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
-        Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer } } => {
-            bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer })
+        Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, rounds } } => {
+            bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, rounds })
         }
     };
     match result {
@@ -441,6 +445,7 @@ struct BenchTrainArgs {
     out: PathBuf,
     note: String,
     no_peer: bool,
+    rounds: u32,
 }
 
 /// A Python with torch for the reference: `KILN_PEER_PYTHON`, `benches/peer/.venv`, or `python3`.
@@ -456,41 +461,62 @@ fn peer_python() -> Option<String> {
     })
 }
 
+/// The PyTorch reference on the batches kiln's bench round just trained on; `None` where it
+/// cannot run them (said why).
+fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_train::bench::TrainBench) -> anyhow::Result<Option<serde_json::Value>> {
+    let spec = match kiln_train::bench::peer_spec(recipe, dir, kiln.steps, kiln.warmup_steps) {
+        Ok(spec) => spec,
+        Err(why) => {
+            eprintln!("bench train: PyTorch reference skipped: {why}");
+            return Ok(None);
+        }
+    };
+    let spec_path = dir.join("peer.json");
+    std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
+    eprintln!("bench train: the same batches through PyTorch ({py})…");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer_train.py");
+    let o = std::process::Command::new(py).arg(&script).arg(&spec_path).output()?;
+    if !o.status.success() {
+        anyhow::bail!("{}: failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+    }
+    Ok(Some(serde_json::from_slice(&o.stdout).map_err(|e| anyhow::anyhow!("{}: unreadable output: {e}", script.display()))?))
+}
+
 fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainArgs) -> anyhow::Result<()> {
     let overrides = set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let recipe = Recipe::load(recipe_path, &overrides)?;
     let scratch = tempfile::tempdir()?;
-    eprintln!("bench train: {} — {} warm-up + {} measured steps…", recipe_path.display(), args.warmup, args.steps);
-    let kiln = kiln_train::bench::bench_train(&recipe, args.steps, args.warmup, scratch.path())?;
-    let peer: Option<serde_json::Value> = if args.no_peer {
-        None
-    } else {
-        match (peer_python(), kiln_train::bench::peer_spec(&recipe, scratch.path(), kiln.steps, kiln.warmup_steps)) {
-            (None, _) => {
-                eprintln!("bench train: no python3 with torch found (KILN_PEER_PYTHON, benches/peer/.venv); PyTorch reference skipped, see benches/peer/README.md");
-                None
-            }
-            (_, Err(why)) => {
-                eprintln!("bench train: PyTorch reference skipped: {why}");
-                None
-            }
-            (Some(py), Ok(spec)) => {
-                let spec_path = scratch.path().join("peer.json");
-                std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-                eprintln!("bench train: the same batches through PyTorch ({py})…");
-                let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer_train.py");
-                let o = std::process::Command::new(&py).arg(&script).arg(&spec_path).output()?;
-                if !o.status.success() {
-                    anyhow::bail!("{}: failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
-                }
-                Some(serde_json::from_slice(&o.stdout).map_err(|e| anyhow::anyhow!("{}: unreadable output: {e}", script.display()))?)
-            }
-        }
-    };
-    let peer_tps = peer.as_ref().and_then(|p| p["tokens_per_s"].as_f64());
-    let ratio = peer_tps.map(|p| kiln.tokens_per_s / p.max(1e-9));
+    let python = if args.no_peer { None } else { peer_python() };
+    if !args.no_peer && python.is_none() {
+        eprintln!("bench train: no python3 with torch found (KILN_PEER_PYTHON, benches/peer/.venv); PyTorch reference skipped, see benches/peer/README.md");
+    }
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let dir = scratch.path().join(format!("round-{round}"));
+        std::fs::create_dir_all(&dir)?;
+        let of = if args.rounds > 1 { format!(" (round {} of {})", round + 1, args.rounds) } else { String::new() };
+        eprintln!("bench train: {} — {} warm-up + {} measured steps{of}…", recipe_path.display(), args.warmup, args.steps);
+        let kiln = kiln_train::bench::bench_train(&recipe, args.steps, args.warmup, &dir)?;
+        let peer = match &python {
+            Some(py) => run_peer(py, &recipe, &dir, &kiln)?,
+            None => None,
+        };
+        let ratio = peer.as_ref().and_then(|p| p["tokens_per_s"].as_f64()).map(|p| kiln.tokens_per_s / p.max(1e-9));
+        rounds.push((kiln, peer, ratio));
+    }
+    // The round with the median ratio (or median kiln figure without a peer) is the one reported.
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| {
+        let key = |i: usize| rounds[i].2.unwrap_or(rounds[i].0.tokens_per_s);
+        key(a).total_cmp(&key(b))
+    });
+    let all: Vec<serde_json::Value> = rounds
+        .iter()
+        .map(|(k, p, r)| serde_json::json!({ "kiln_tokens_per_s": k.tokens_per_s, "peer_tokens_per_s": p.as_ref().map(|p| p["tokens_per_s"].clone()), "ratio": r }))
+        .collect();
+    let (kiln, peer, ratio) = rounds.swap_remove(order[order.len() / 2]);
     let (machine, commit, date) = provenance();
-    let report = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "note": args.note, "kiln": kiln, "peer": peer, "ratio": ratio });
+    let report = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "note": args.note, "kiln": kiln, "peer": peer, "ratio": ratio, "rounds": all });
     println!("{}", kiln_views::bench_report::table(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;

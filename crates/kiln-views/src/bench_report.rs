@@ -30,7 +30,7 @@ pub fn row(r: &Value) -> String {
         k["steps"],
         num(&k["tokens_per_s"], 0),
         num(&r["peer"]["tokens_per_s"], 0),
-        r["ratio"].as_f64().map(|x| format!("{x:.2}×")).unwrap_or_else(|| "-".into()),
+        ratio_cell(r),
         num(&k["step_ms_median"], 0),
         num(&k["step_ms_p90"], 0),
         num(&k["sync_pct"], 2),
@@ -38,6 +38,17 @@ pub fn row(r: &Value) -> String {
         num(&k["peak_rss_mb"], 0),
         per_epoch.join(", "),
     )
+}
+
+/// The ratio, and with several rounds the range it is the median of.
+fn ratio_cell(r: &Value) -> String {
+    let Some(ratio) = r["ratio"].as_f64() else { return "-".into() };
+    let ratios: Vec<f64> = r["rounds"].as_array().map(|a| a.iter().filter_map(|x| x["ratio"].as_f64()).collect()).unwrap_or_default();
+    if ratios.len() < 2 {
+        return format!("{ratio:.2}×");
+    }
+    let (lo, hi) = ratios.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{ratio:.2}× (median of {}: {lo:.2}–{hi:.2})", ratios.len())
 }
 
 /// The table printed at the end of a run.
@@ -57,7 +68,11 @@ pub fn table(r: &Value) -> String {
         rows.push(("PyTorch target tok/s", format!("{} (torch {}, {} threads, {})", num(&p["tokens_per_s"], 0), p["torch"].as_str().unwrap_or("?"), p["threads"], p["cpu_capability"].as_str().unwrap_or("?"))));
         rows.push(("PyTorch step ms median / p90", format!("{} / {}", num(&p["step_ms_median"], 1), num(&p["step_ms_p90"], 1))));
         rows.push(("PyTorch first window Σ loss", num(&p["first_window_loss_sum"], 2)));
-        rows.push(("kiln / PyTorch", r["ratio"].as_f64().map(|x| format!("{x:.3}×")).unwrap_or_else(|| "-".into())));
+        rows.push(("kiln / PyTorch", ratio_cell(r)));
+        if let Some(rounds) = r["rounds"].as_array().filter(|a| a.len() > 1) {
+            let each: Vec<String> = rounds.iter().map(|x| format!("{} / {} = {}", num(&x["kiln_tokens_per_s"], 0), num(&x["peer_tokens_per_s"], 0), num(&x["ratio"], 3))).collect();
+            rows.push(("rounds (kiln / PyTorch tok/s)", each.join("; ")));
+        }
     }
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("  {k:<width$}  {v}\n")).collect()
@@ -81,8 +96,24 @@ mod tests {
         assert!(line.contains("| 1234 | 2469 | **0.50×** | 800 / 900 |") && line.contains("baseline / first") && line.contains("512 (500, 510)"), "{line}");
         assert_eq!(line.matches('|').count(), HEADER.lines().last().unwrap().matches('|').count(), "as many columns as the header");
         let t = table(&r);
-        assert!(t.contains("kiln / PyTorch") && t.contains("0.500×") && t.contains("torch 2.15.0"), "{t}");
+        assert!(t.contains("kiln / PyTorch") && t.contains("0.50×") && t.contains("torch 2.15.0"), "{t}");
         let alone = table(&serde_json::json!({ "kiln": r["kiln"], "peer": null, "ratio": null }));
         assert!(!alone.contains("PyTorch"), "{alone}");
+    }
+
+    #[test]
+    fn several_rounds_show_the_median_and_the_range() {
+        let mut r = serde_json::json!({
+            "kiln": { "recipe": "quickstart", "tokens_per_s": 1000.0 }, "peer": { "tokens_per_s": 2000.0 }, "ratio": 0.5,
+            "rounds": [
+                { "kiln_tokens_per_s": 900.0, "peer_tokens_per_s": 2250.0, "ratio": 0.4 },
+                { "kiln_tokens_per_s": 1000.0, "peer_tokens_per_s": 2000.0, "ratio": 0.5 },
+                { "kiln_tokens_per_s": 1400.0, "peer_tokens_per_s": 2000.0, "ratio": 0.7 },
+            ],
+        });
+        assert!(row(&r).contains("**0.50× (median of 3: 0.40–0.70)**"), "{}", row(&r));
+        assert!(table(&r).contains("900 / 2250 = 0.400; 1000 / 2000 = 0.500; 1400 / 2000 = 0.700"), "{}", table(&r));
+        r["rounds"] = serde_json::json!([{ "ratio": 0.5 }]);
+        assert!(row(&r).contains("**0.50×**"), "one round: the ratio alone");
     }
 }
