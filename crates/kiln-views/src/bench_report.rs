@@ -5,7 +5,7 @@ use serde_json::Value;
 
 /// The head of a new `docs/bench/train.md`.
 pub const HEADER: &str = "# Training throughput\n\n\
-Appended by `cargo xtask bench train <recipe> [--steps N] [--note \"...\"]`; one row per run. Tokens/s are target \
+Appended by `cargo xtask bench train <recipe> [--steps N] [--rounds N] [--note \"...\"]`; one row per run. Tokens/s are target \
 tokens per second of steady-state training (after the warm-up) over the measured sync windows' wall time; the PyTorch \
 column is the reference in `benches/peer/` on the same batches, architecture, loss, optimizer and thread count, run \
 right after kiln by the same command. Ratios measured in one run are the figures to compare; absolute values move with \

@@ -345,9 +345,12 @@ fn labels_of(labels: FlexTensor) -> Vec<i64> {
     }
 }
 
+/// The inputs handed back where no fused kernel applies.
+pub type Unfused<B> = (Tensor<B, 2>, Tensor<B, 1, Int>);
+
 /// Per-row label-smoothed cross-entropy and negative log-likelihood, `[rows, 2]`, zero where the
-/// label is `pad`. Fused on Flex; `None` on other backends (the caller composes it there).
-pub fn cross_entropy_rows<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> Result<Tensor<B, 2>, (Tensor<B, 2>, Tensor<B, 1, Int>)> {
+/// label is `pad`. Fused on Flex; on other backends the inputs come back (the caller composes it).
+pub fn cross_entropy_rows<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>, pad: u32, epsilon: f64) -> Result<Tensor<B, 2>, Unfused<B>> {
     let vocab = logits.dims()[1] as i64;
     match kind::<B>() {
         Kind::Flex => {
