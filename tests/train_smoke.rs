@@ -335,3 +335,31 @@ fn killed_at_a_random_moment_resumes_to_the_unbroken_end() {
     let steps: Vec<u64> = windows(&read_jsonl(&killed.join("metrics.jsonl"))).iter().map(|r| r["step"].as_u64().unwrap()).collect();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
 }
+
+/// The fused CPU kernels (`kiln_model::fused`: cross-entropy, GELU, softmax, layer norm) against
+/// Burn's composition of the same functions (`KILN_UNFUSED=1`) over a real run: same batches, same
+/// dropout masks, same steps. Rounding differs, so the losses are close rather than equal; a
+/// kernel that computed something else (a smoothing term, a gradient) would move them by far more.
+#[test]
+fn fused_kernels_train_like_burns_composition() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("fused"), dir.path().join("composed"));
+    // GELU and smoothing are the smoke recipe's defaults; named so that a change there keeps them.
+    let sets = ["train.epochs=2", "model.activation=gelu", "train.label_smoothing=0.1"];
+    let oa = train_with(&smoke(), &a, &sets, &[]);
+    let ob = train_with(&smoke(), &b, &sets, &[("KILN_UNFUSED", "1")]);
+    assert!(oa.status.success() && ob.status.success(), "{}\n{}", stderr(&oa), stderr(&ob));
+    let (ra, rb) = (read_jsonl(&a.join("metrics.jsonl")), read_jsonl(&b.join("metrics.jsonl")));
+    let (wa, wb) = (windows(&ra), windows(&rb));
+    assert_eq!(wa.len(), wb.len());
+    assert!(wa.len() >= 4, "need several windows, got {}", wa.len());
+    for (i, (x, y)) in wa.iter().zip(&wb).enumerate() {
+        assert_eq!(x["step"], y["step"]);
+        let (lx, ly) = (f(&x["loss"]), f(&y["loss"]));
+        // Measured: within 3e-7 over two epochs; rounding does not snowball at this size.
+        assert!((lx - ly).abs() / ly <= 1e-5, "window {i}: loss {lx} fused vs {ly} composed");
+    }
+    let (va, vb) = (read_json(&a.join("summary.json")), read_json(&b.join("summary.json")));
+    let (la, lb) = (f(&va["valid_loss"]), f(&vb["valid_loss"]));
+    assert!((la - lb).abs() / lb <= 1e-5, "validation loss {la} fused vs {lb} composed");
+}
