@@ -201,12 +201,18 @@ pub fn multiply_in_place(grad: &mut [f32], factor: &[f32]) {
 
 /// Softmax over rows of `width`, in place.
 pub fn softmax_rows(data: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
     let rows_per_task = (CHUNK / width.max(1)).max(1);
     data.par_chunks_mut(rows_per_task * width).for_each(|block| block.chunks_exact_mut(width).for_each(softmax_row));
 }
 
 /// Softmax's backward over rows of `width`: `grad ← y·(grad − Σ grad·y)` row by row.
 pub fn softmax_backward_rows(y: &[f32], grad: &mut [f32], width: usize) {
+    if width == 0 {
+        return;
+    }
     let rows_per_task = (CHUNK / width.max(1)).max(1);
     grad.par_chunks_mut(rows_per_task * width)
         .zip(y.par_chunks(rows_per_task * width))
@@ -217,6 +223,9 @@ pub fn softmax_backward_rows(y: &[f32], grad: &mut [f32], width: usize) {
 /// variance (as Burn and PyTorch), `r = 1/√(var + ε)`; each row's `μ` and `r` kept for the backward.
 pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
     let width = gamma.len();
+    if width == 0 {
+        return;
+    }
     let rows_per_task = (CHUNK / width).max(1);
     out.par_chunks_mut(rows_per_task * width)
         .zip(x.par_chunks(rows_per_task * width))
@@ -239,6 +248,9 @@ pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], epsilon: f32, out: &mu
 /// Returns `(dγ, dβ)`; `grad` is overwritten with `dx`.
 pub fn layer_norm_backward(x: &[f32], gamma: &[f32], mean: &[f32], rstd: &[f32], grad: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
     let width = gamma.len();
+    if width == 0 {
+        return (Vec::new(), Vec::new());
+    }
     let rows_per_task = (CHUNK / width).max(1);
     grad.par_chunks_mut(rows_per_task * width)
         .zip(x.par_chunks(rows_per_task * width))
@@ -341,6 +353,30 @@ mod tests {
             let want = cdf_reference(x) + x * (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
             assert!((g as f64 - want).abs() < 1e-6, "x = {x}: {g} vs {want}");
         }
+    }
+
+    /// Machines without AVX2 run the plain compilation of the same loops: it must agree with the
+    /// dispatched one (on this machine, the AVX2 one).
+    #[test]
+    fn the_plain_build_of_each_loop_agrees_with_the_dispatched_one() {
+        let xs: Vec<f32> = (0..1003).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.13).collect();
+        let (mut plain, mut fast) = (vec![0.0; xs.len()], vec![0.0; xs.len()]);
+        gelu_forward_body(&xs, &mut plain);
+        gelu(&xs, &mut fast);
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * y.abs().max(1.0));
+        assert!(close(&plain, &fast), "gelu");
+        let (mut dp, mut df) = (xs.clone(), xs.clone());
+        gelu_and_derivative_body(&mut dp, &mut plain);
+        gelu_and_derivative(&mut df, &mut fast);
+        assert!(close(&dp, &df), "gelu derivative");
+        let (mut sp, mut sf) = (xs.clone(), xs.clone());
+        softmax_row_body(&mut sp);
+        softmax_rows(&mut sf, xs.len());
+        assert!(close(&sp, &sf), "softmax");
+        let (m, s) = max_and_sum_body(&xs);
+        let plain_lse = m + sum_exp_body(&xs, m).ln();
+        assert!((plain_lse - log_sum_exp_and_sum(&xs).0).abs() <= 1e-6 * plain_lse.abs(), "log Σ exp");
+        assert_eq!(s, log_sum_exp_and_sum(&xs).1);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Fused CPU operations: label-smoothed cross-entropy, exact GELU and the last-axis softmax,
-//! each one pass forward and one backward over its tensor, instead of the chain of element-wise
-//! passes (and autodiff nodes) that Burn composes them from.
+//! Fused CPU operations: label-smoothed cross-entropy, exact GELU, the last-axis softmax and
+//! layer normalisation, each one pass forward and one backward over its tensor, instead of the
+//! chain of element-wise passes (and autodiff nodes) that Burn composes them from.
 //!
 //! They exist for Burn's CPU backend, Flex, and the autodiff over it, kiln's training backend.
 //! The functions here are generic over any backend and specialise at run time by type: for
