@@ -1,7 +1,8 @@
 //! Models as Burn modules, their loss and their decoding. Families: the encoder-decoder
 //! Transformer for translation ([`seq2seq`]) and the decoder-only language model ([`lm`], with
 //! [`sampling`] for generation); [`loss`] is the label-smoothed cross-entropy that ignores
-//! padding and returns *sums* so windows of steps add up exactly.
+//! padding and returns *sums* so windows of steps add up exactly; [`fused`] holds the CPU
+//! kernels (with their own backward steps) that replace Burn's compositions on Flex.
 
 mod attention;
 pub mod dropout;
