@@ -166,8 +166,8 @@ fn device_and_precision_requests_this_build_cannot_serve() {
         assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cuda:0"]), &["backend.device = \"cuda:0\"", "built without CUDA"]);
     }
     assert_user_error(
-        &kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cpu", "--set", "train.precision=bf16"]),
-        &["train.precision = \"bf16\"", "f32 only"],
+        &kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cpu", "--set", "train.precision=f16"]),
+        &["train.precision = \"f16\"", "loss scaling", "\"bf16\""],
     );
     assert!(!run.exists(), "no run directory left behind");
     // `auto` without CUDA trains on the CPU and says so, in a note and in the header.

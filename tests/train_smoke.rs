@@ -136,6 +136,55 @@ fn sync_interval_does_not_change_the_summed_loss() {
     assert!((l1 - l10).abs() / l1 <= 1e-5, "train_loss {l1} vs {l10}");
 }
 
+/// Reading each window while the next one runs (`train.sync_overlap`) changes when the loop
+/// waits, not what it computes or logs: the same rows, bit for bit, and the same end.
+#[test]
+fn sync_overlap_changes_when_windows_are_read_not_what_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("overlap"), dir.path().join("at-once"));
+    train(&a, &["train.sync_overlap=true", "train.sync_interval=3"]);
+    train(&b, &["train.sync_overlap=false", "train.sync_interval=3"]);
+    let rows = |run: &std::path::Path| -> Vec<(Value, Value, Value, Value)> {
+        read_jsonl(&run.join("metrics.jsonl"))
+            .into_iter()
+            .filter(|r| r["kind"] == "train")
+            .map(|r| (r["step"].clone(), r["loss"].clone(), r["tokens"].clone(), r["lr"].clone()))
+            .collect()
+    };
+    let (ra, rb) = (rows(&a), rows(&b));
+    assert!(ra.len() > 5, "need several windows: {ra:?}");
+    assert_eq!(ra, rb);
+    let steps: Vec<u64> = ra.iter().map(|r| r.0.as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "each row names its own window's last step: {steps:?}");
+    let (sa, sb) = (read_json(&a.join("summary.json")), read_json(&b.join("summary.json")));
+    assert_eq!((&sa["train_loss"], &sa["valid_loss"], &sa["steps"]), (&sb["train_loss"], &sb["valid_loss"], &sb["steps"]));
+    assert_eq!(sa["sync"]["count"], sb["sync"]["count"], "one read per window either way");
+}
+
+/// `train.precision = "bf16"`: the matrix products run in bf16 (on Flex: operands and results
+/// rounded to bf16), everything else in f32. It learns like the f32 run, close but not equal,
+/// and says so in the header.
+#[test]
+fn bf16_products_train_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("f32"), dir.path().join("bf16"));
+    train(&a, &["train.precision=f32"]);
+    let o = train(&b, &["train.precision=bf16"]);
+    assert!(stdout(&o).contains("bf16 products"), "{}", stdout(&o));
+    let losses = |run: &std::path::Path| -> Vec<f64> {
+        read_jsonl(&run.join("metrics.jsonl")).into_iter().filter(|r| r["kind"] == "train").map(|r| f(&r["loss"])).collect()
+    };
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), lb.len());
+    assert!(lb.last() < lb.first(), "bf16 learns: {lb:?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() / x <= 0.02, "window loss f32 {x} vs bf16 {y}");
+    }
+    assert_ne!(la, lb, "bf16 gave f32's losses exactly: the products did not run in bf16");
+    let (sa, sb) = (read_json(&a.join("summary.json")), read_json(&b.join("summary.json")));
+    assert!((f(&sa["valid_loss"]) - f(&sb["valid_loss"])).abs() / f(&sa["valid_loss"]) <= 0.02, "{sa} vs {sb}");
+}
+
 #[test]
 fn resume_continues_to_the_same_end() {
     let dir = tempfile::tempdir().unwrap();

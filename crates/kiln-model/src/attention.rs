@@ -23,11 +23,11 @@ pub(crate) fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
 pub(crate) fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>, dropout: &Dropout) -> Tensor<B, 4> {
     let [batch, heads, len_q, hd] = q.dims();
     let len_k = k.dims()[2];
-    let mut scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+    let mut scores = crate::autocast::matmul(q, k.swap_dims(2, 3)) / (hd as f64).sqrt();
     if let Some(mask) = mask {
         scores = scores.mask_fill(mask.expand([batch, heads, len_q, len_k]), -1.0e9);
     }
-    crate::dropout::apply(dropout, crate::fused::softmax_last(scores)).matmul(v)
+    crate::autocast::matmul(crate::dropout::apply(dropout, crate::fused::softmax_last(scores)), v)
 }
 
 /// `[len, total]`, true where query `i` (absolute position `start + i`) must not see key `j`.

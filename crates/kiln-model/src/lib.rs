@@ -5,6 +5,7 @@
 //! kernels (with their own backward steps) that replace Burn's compositions on Flex.
 
 mod attention;
+pub mod autocast;
 pub mod dropout;
 pub mod fused;
 mod linear;

@@ -13,7 +13,7 @@ use burn::tensor::Tensor;
 /// `layer(x)` for `x`: `[batch, len, d_in]`.
 pub(crate) fn over_rows<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [batch, len, d] = x.dims();
-    let y = layer.forward(x.reshape([batch * len, d]));
+    let y = crate::autocast::linear(layer, x.reshape([batch * len, d]));
     let out = y.dims()[1];
     y.reshape([batch, len, out])
 }

@@ -69,11 +69,11 @@ impl<B: Backend> Block<B> {
             *slot = Some((k.clone(), v.clone()));
         }
         let total = k.dims()[2];
-        let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+        let scores = crate::autocast::matmul(q, k.swap_dims(2, 3)) / (hd as f64).sqrt();
         // Query i (absolute position start + i) sees keys 0 ..= start + i.
         let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
         let attn = crate::dropout::apply(&self.dropout, softmax_last(scores));
-        let context = attn.matmul(v).swap_dims(1, 2).reshape([batch, len, d]);
+        let context = crate::autocast::matmul(attn, v).swap_dims(1, 2).reshape([batch, len, d]);
         let x = x + crate::dropout::apply(&self.dropout, over_rows(&self.attn_out, context));
         let h = over_rows(&self.mlp_in, layer_norm(&self.norm_mlp, x.clone()));
         let h = if self.relu { relu(h) } else { gelu(h) };
@@ -160,8 +160,8 @@ impl<B: Backend> DecoderLm<B> {
 
     fn project_rows(&self, states: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.output {
-            Some(linear) => linear.forward(states),
-            None => states.matmul(self.embedding.weight.val().transpose()),
+            Some(linear) => crate::autocast::linear(linear, states),
+            None => crate::autocast::matmul(states, self.embedding.weight.val().transpose()),
         }
     }
 

@@ -283,8 +283,8 @@ impl<B: Backend> Seq2Seq<B> {
             None => states,
         };
         match &self.output {
-            Some(linear) => linear.forward(states),
-            None => states.matmul(self.embedding.weight.val().transpose()),
+            Some(linear) => crate::autocast::linear(linear, states),
+            None => crate::autocast::matmul(states, self.embedding.weight.val().transpose()),
         }
     }
 

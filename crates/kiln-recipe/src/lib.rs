@@ -295,6 +295,10 @@ pub struct TrainSection {
     pub label_smoothing: f64,
     /// Steps between device→host reads of the loss.
     pub sync_interval: usize,
+    /// Read each window while the next window's steps are queued (one window late, so the device
+    /// never drains); `false` reads at the window's end. Checkpoints, evaluation and the epoch's
+    /// end always wait for every read.
+    pub sync_overlap: bool,
     /// Save a checkpoint every N epochs (0 = only at the end); always at the end.
     pub save_every: usize,
     /// Also save every N optimizer steps (0 = off).
@@ -329,6 +333,7 @@ impl Default for TrainSection {
             accumulate: 1,
             label_smoothing: 0.1,
             sync_interval: 10,
+            sync_overlap: true,
             save_every: 1,
             save_every_steps: 0,
             keep_checkpoints: 5,

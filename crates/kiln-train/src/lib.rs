@@ -50,12 +50,11 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
         note(sink, why.clone())?;
     }
     let auto = if recipe.backend.device == "auto" { "; auto" } else { "" };
-    if recipe.train.precision != kiln_recipe::Precision::F32 {
-        let p = toml::Value::try_from(recipe.train.precision).map(|v| v.to_string()).unwrap_or_default();
-        match resolved.choice {
-            DeviceChoice::Cpu => bail!("train.precision = {p}: the CPU backend (Burn Flex) trains in f32 only; use \"f32\", or a CUDA device"),
-            DeviceChoice::Cuda(_) => bail!("train.precision = {p}: half-precision training is not implemented in kiln yet; use \"f32\""),
-        }
+    if recipe.train.precision == kiln_recipe::Precision::F16 {
+        bail!("train.precision = \"f16\": f16 training needs dynamic loss scaling, which kiln does not have yet; use \"bf16\" (f32's range, no scaling) or \"f32\"");
+    }
+    if recipe.train.precision == kiln_recipe::Precision::Bf16 && resolved.choice == DeviceChoice::Cpu {
+        note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into())?;
     }
     if recipe.backend.threads > 0 {
         // Only the first call in a process can size the global pool; later calls keep it.
@@ -137,11 +136,28 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
     // Initialisation is the first use of the seed, so a model starts the same whatever happened
     // before (data preparation draws no numbers from the backend).
     B::seed(&device, recipe.train.seed);
+    // Mixed precision: the loop runs on this thread, so its matrix products (training and
+    // validation) follow this setting; weights and optimizer state stay f32.
+    let _autocast = kiln_model::autocast::enter(compute_dtype(recipe.train.precision));
+    let device_name = match recipe.train.precision {
+        kiln_recipe::Precision::F32 => device_name,
+        kiln_recipe::Precision::Bf16 => format!("{device_name}, bf16 products"),
+        kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
+    };
     let vocab = data.tokenizer.vocab_size();
     let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone() };
     match recipe.model.family {
         ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
         ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
+    }
+}
+
+/// The dtype of matrix products for `train.precision` (`None`: f32 throughout).
+pub fn compute_dtype(precision: kiln_recipe::Precision) -> Option<burn::tensor::FloatDType> {
+    match precision {
+        kiln_recipe::Precision::F32 => None,
+        kiln_recipe::Precision::Bf16 => Some(burn::tensor::FloatDType::BF16),
+        kiln_recipe::Precision::F16 => Some(burn::tensor::FloatDType::F16),
     }
 }
 

@@ -3,13 +3,17 @@
 //! Each optimizer step runs `train.accumulate` batches forward and backward, clips the global
 //! gradient norm on the device and applies AdamW. The step's summed loss stays on the device and
 //! is added into the current sync window; the host reads the window's sum once every
-//! `train.sync_interval` steps and at epoch end. Token counts come from the host batches, so they
-//! need no read. Batch order and dropout are functions of (seed, epoch) and (seed, step), which
+//! `train.sync_interval` steps and at epoch end. With `train.sync_overlap` the read runs on a
+//! reader thread while the loop queues the next window's steps, and is waited for when that
+//! window closes: the device always has work queued, and the host is never more than one window
+//! ahead of what it has read. Token counts come from the host batches, so they need no read. Batch order and dropout are functions of (seed, epoch) and (seed, step), which
 //! makes a resumed run see the same batches and masks as an unbroken one.
 //!
 //! The window's read also brings back each step's summed loss and gradient norm (one transfer):
 //! a non-finite one is handled as `train.on_nan` says (stop with a diagnosis, replay the window
-//! without the step, or roll back to the last checkpoint with a lower learning rate).
+//! without the step, or roll back to the last checkpoint with a lower learning rate). Found one
+//! window late under `sync_overlap`, the steps queued after it are replayed or abandoned with it;
+//! saves wait for every read, so no checkpoint holds a step that was not checked.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use anyhow::{anyhow, Result};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::Tensor;
+use burn::tensor::{Tensor, TensorData};
 use kiln_data::batching::{plan_batches, BatchSettings};
 use kiln_data::loader::{pair_jobs, Job, Loader};
 use kiln_data::text::{plan_blocks, train_blocks, HostBlocks};
@@ -76,6 +80,9 @@ struct SyncWindow<B: Backend> {
     slots: u64,
     steps: usize,
     started: Instant,
+    /// When the loop finished with the window: its last step queued and, for a window read at
+    /// once, its read done. The window's wall time ends here, so windows tile the run's time.
+    closed: Option<Instant>,
 }
 
 /// What one window read brought back.
@@ -83,6 +90,7 @@ struct WindowRead {
     loss_sum: f64,
     /// `(step, summed loss, gradient norm)` of each step of the window.
     steps: Vec<(usize, f64, f64)>,
+    /// How long the loop waited for the data.
     ms: f64,
 }
 
@@ -92,9 +100,78 @@ impl WindowRead {
     }
 }
 
+/// Reads tensors to the host on a thread of its own, so the loop thread can queue the next
+/// window's steps while a window's data is in flight. One thread for the run: on CUDA each host
+/// thread gets its own stream, and a thread per read would make a stream per read.
+struct WindowReader<B: Backend> {
+    jobs: std::sync::mpsc::Sender<(Tensor<B, 1>, std::sync::mpsc::Sender<Option<TensorData>>)>,
+}
+
+impl<B: Backend> WindowReader<B> {
+    fn new() -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<(Tensor<B, 1>, std::sync::mpsc::Sender<Option<TensorData>>)>();
+        std::thread::Builder::new()
+            .name("kiln-window-reader".into())
+            .spawn(move || {
+                // Ends when the loop drops the reader (the channel closes).
+                for (tensor, reply) in queue {
+                    let _ = reply.send(tensor.try_into_data().ok());
+                }
+            })
+            .expect("cannot start the window reader thread");
+        Self { jobs }
+    }
+}
+
+/// A window's read, started: in flight on the reader thread, or done at once on the loop thread.
+enum InFlight {
+    Empty,
+    Done { data: Option<TensorData>, ms: f64 },
+    Reading(std::sync::mpsc::Receiver<Option<TensorData>>),
+}
+
+/// A closed window whose read has started.
+struct ClosedWindow {
+    read: InFlight,
+    host_sum: f64,
+    first_step: usize,
+    steps: usize,
+}
+
+impl ClosedWindow {
+    /// The window's data: waits for it when it is still in flight (that wait is the sync time).
+    fn wait(self) -> WindowRead {
+        let (data, ms) = match self.read {
+            InFlight::Empty => return WindowRead { loss_sum: self.host_sum, steps: Vec::new(), ms: 0.0 },
+            InFlight::Done { data, ms } => (data, ms),
+            InFlight::Reading(reply) => {
+                let t0 = Instant::now();
+                let data = reply.recv().ok().flatten();
+                (data, t0.elapsed().as_secs_f64() * 1e3)
+            }
+        };
+        let values: Vec<f64> = data.map(|d| d.iter::<f64>().collect()).unwrap_or_default();
+        let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
+        let steps = (0..self.steps).map(|k| (self.first_step + k + 1, value(1 + 2 * k), value(2 + 2 * k))).collect();
+        WindowRead { loss_sum: value(0), steps, ms }
+    }
+}
+
 impl<B: Backend> SyncWindow<B> {
     fn new() -> Self {
-        Self { loss_sum: None, checks: Vec::new(), host_sum: 0.0, first_step: 0, tokens: 0, sentences: 0, real: 0, slots: 0, steps: 0, started: Instant::now() }
+        Self {
+            loss_sum: None,
+            checks: Vec::new(),
+            host_sum: 0.0,
+            first_step: 0,
+            tokens: 0,
+            sentences: 0,
+            real: 0,
+            slots: 0,
+            steps: 0,
+            started: Instant::now(),
+            closed: None,
+        }
     }
 
     fn add(&mut self, loss_sum: Tensor<B, 1>, grad_norm: Tensor<B, 1>) {
@@ -114,21 +191,41 @@ impl<B: Backend> SyncWindow<B> {
         self.steps += 1;
     }
 
-    /// The one device→host read of the window: its loss sum and every step's flags at once.
-    fn read(&mut self) -> WindowRead {
-        let Some(sum) = self.loss_sum.take() else {
-            return WindowRead { loss_sum: self.host_sum, steps: Vec::new(), ms: 0.0 };
+    /// Starts the one device→host read of the window, its loss sum and every step's flags in one
+    /// tensor: on the reader thread (`reader`), or here, now (`None`).
+    fn start_read(&mut self, reader: Option<&WindowReader<B>>) -> ClosedWindow {
+        let read = match self.loss_sum.take() {
+            None => InFlight::Empty,
+            Some(sum) => {
+                let mut parts = vec![sum];
+                parts.append(&mut self.checks);
+                let all = Tensor::cat(parts, 0);
+                let (reply, answer) = std::sync::mpsc::channel();
+                match reader {
+                    Some(r) if r.jobs.send((all.clone(), reply)).is_ok() => InFlight::Reading(answer),
+                    _ => {
+                        let t0 = Instant::now();
+                        let data = all.try_into_data().ok();
+                        InFlight::Done { data, ms: t0.elapsed().as_secs_f64() * 1e3 }
+                    }
+                }
+            }
         };
-        let mut parts = vec![sum];
-        parts.append(&mut self.checks);
-        let t0 = Instant::now();
-        let data = Tensor::cat(parts, 0).try_into_data().ok();
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        let values: Vec<f64> = data.map(|d| d.iter::<f64>().collect()).unwrap_or_default();
-        let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
-        let steps = (0..self.steps).map(|k| (self.first_step + k + 1, value(1 + 2 * k), value(2 + 2 * k))).collect();
-        WindowRead { loss_sum: value(0), steps, ms }
+        ClosedWindow { read, host_sum: self.host_sum, first_step: self.first_step, steps: self.steps }
     }
+}
+
+/// A window the loop has closed, its read in flight (`train.sync_overlap`): resolved when the next
+/// window closes, or before anything that needs every step's loss (a save, evaluation, the end).
+struct PendingWindow<B: AutodiffBackend, M, O> {
+    /// The window's host-side counters (its device sums moved into the read).
+    window: SyncWindow<B::InnerBackend>,
+    read: ClosedWindow,
+    /// `on_nan = "skip"`: where the window started.
+    start: Option<WindowStart<B, M, O>>,
+    epoch: usize,
+    /// The learning rate after its last step.
+    lr: f64,
 }
 
 /// `on_nan = "skip"`: the model, optimizer and state at the open window's start, and the batches
@@ -430,29 +527,40 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     // memory (the tensors are shared, not copied), so going back reads nothing from disk.
     let mut last_good = (policy == OnNan::Rollback).then(|| (model.clone(), optim.clone(), state.clone()));
 
-    // Closes the open window: reads it (the one sync) and logs it; a non-finite step is handled as
+    // Window reads: on the reader thread, one window late (`train.sync_overlap`), or at once.
+    let reader = tr.sync_overlap.then(WindowReader::<B::InnerBackend>::new);
+    // The closed window whose read is in flight.
+    let mut pending: Option<PendingWindow<B, M, _>> = None;
+
+    // Waits for a closed window's read and logs it; a non-finite step is handled as
     // `train.on_nan` says. Evaluates to `true` when training went back to a checkpoint.
-    macro_rules! close_window {
-        ($epoch:expr) => {{
-            let read = window.read();
+    macro_rules! resolve {
+        ($closed:expr) => {{
+            let PendingWindow { window: mut done, read, start, epoch: done_epoch, lr: done_lr } = $closed;
+            let read = read.wait();
+            done.closed.get_or_insert_with(Instant::now);
             let mut rolled_back = false;
             match read.first_nonfinite() {
                 None => {
-                    record_window(&mut window, read.loss_sum, read.ms, &mut state, $epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                    record_window(&mut done, read.loss_sum, read.ms, &mut state, done_epoch, done_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
                 }
                 Some(_) if policy == OnNan::Stop => {
-                    return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, "train.on_nan = \"stop\""));
+                    return Err(nonfinite_stop(job.run_dir, &read, done_epoch, |k| schedule.at(k) * state.lr_scale, &state, "train.on_nan = \"stop\""));
                 }
                 Some(_) if policy == OnNan::Skip => {
                     // Back to the window's start; its steps again, each read (this is the rare
                     // path), applying only those with a finite loss and gradient.
-                    let start = window_start.take().expect("skip keeps the window's start");
+                    let start = start.expect("skip keeps the window's start");
                     model = start.model;
                     optim = start.optim;
                     state.step = start.step;
-                    let started = window.started;
+                    // Steps queued after it while its read was in flight ran on the bad model:
+                    // they run again after it, as the open window.
+                    let queued_after = window_start.take().map(|open| open.batches).unwrap_or_default();
                     window = SyncWindow::new();
-                    window.started = started;
+                    let mut replayed = SyncWindow::<B::InnerBackend>::new();
+                    replayed.started = done.started;
+                    replayed.first_step = start.step;
                     let mut skipped = Vec::new();
                     for batches in &start.batches {
                         let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host_masks);
@@ -461,17 +569,17 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                         last_lr = schedule.at(state.step) * state.lr_scale;
                         if values.iter().all(|v| v.is_finite()) {
                             model = optim.step(last_lr, model, grads);
-                            window.host_sum += values[0];
-                            window.count(batches);
+                            replayed.host_sum += values[0];
+                            replayed.count(batches);
                         } else {
                             if state.skipped_steps >= tr.nan_max_recoveries {
                                 let why = format!("{} steps skipped already (train.nan_max_recoveries)", state.skipped_steps);
-                                return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
+                                return Err(nonfinite_stop(job.run_dir, &read, done_epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
                             }
                             state.skipped_steps += 1;
                             skipped.push(state.step);
                             // The skipped step's batches were consumed: the window still counts it.
-                            window.steps += 1;
+                            replayed.steps += 1;
                         }
                     }
                     emit(sink, Event::Note(format!(
@@ -480,13 +588,26 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                         skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
                         start.step + 1
                     )))?;
-                    let host_sum = window.host_sum;
-                    record_window(&mut window, host_sum, read.ms, &mut state, $epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                    let host_sum = replayed.host_sum;
+                    record_window(&mut replayed, host_sum, read.ms, &mut state, done_epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
+                    if !queued_after.is_empty() {
+                        window.first_step = state.step;
+                        window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
+                        for batches in queued_after {
+                            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks);
+                            window.add(loss_sum, norm);
+                            state.step += 1;
+                            last_lr = schedule.at(state.step) * state.lr_scale;
+                            model = optim.step(last_lr, model, grads);
+                            window.count(&batches);
+                            window_start.as_mut().expect("just set").batches.push(batches);
+                        }
+                    }
                 }
                 Some(first) => {
                     if state.rollbacks >= tr.nan_max_recoveries {
                         let why = format!("{} rollbacks made already (train.nan_max_recoveries)", state.rollbacks);
-                        return Err(nonfinite_stop(job.run_dir, &read, $epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
+                        return Err(nonfinite_stop(job.run_dir, &read, done_epoch, |k| schedule.at(k) * state.lr_scale, &state, &why));
                     }
                     let (good_model, good_optim, good_state) = last_good.clone().expect("rollback keeps the last checkpoint");
                     let mut sync = state.sync;
@@ -502,7 +623,9 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     state.lr_scale = lr_scale;
                     last_valid = state.last_valid.clone();
                     last_lr = schedule.at(state.step.max(1)) * state.lr_scale;
+                    // Steps queued after the window are abandoned with it.
                     window = SyncWindow::new();
+                    window_start = None;
                     // The pending batches belong to the abandoned steps.
                     loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch);
                     emit(sink, Event::Rollback { step: state.step })?;
@@ -513,7 +636,34 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     rolled_back = true;
                 }
             }
-            window_start = None;
+            rolled_back
+        }};
+    }
+
+    // Closes the open window: resolves the previous window's read first (windows are logged in
+    // order), then starts this one's (the one sync). With `$wait` (a save, evaluation or the end
+    // comes next) or without `train.sync_overlap` the read is waited for here; otherwise it stays
+    // in flight while the next window's steps are queued. Evaluates to `true` on a rollback.
+    macro_rules! close_window {
+        ($epoch:expr, $wait:expr) => {{
+            let mut rolled_back = false;
+            if let Some(previous) = pending.take() {
+                rolled_back = resolve!(previous);
+            }
+            if !rolled_back && window.steps > 0 {
+                let overlap = if $wait { None } else { reader.as_ref() };
+                let read = window.start_read(overlap);
+                let mut done = std::mem::replace(&mut window, SyncWindow::new());
+                if overlap.is_some() {
+                    done.closed = Some(Instant::now());
+                }
+                let closed = PendingWindow { window: done, read, start: window_start.take(), epoch: $epoch, lr: last_lr };
+                if overlap.is_some() {
+                    pending = Some(closed);
+                } else {
+                    rolled_back = resolve!(closed);
+                }
+            }
             rolled_back
         }};
     }
@@ -577,9 +727,9 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             let save_now = tr.save_every_steps > 0 && state.step.is_multiple_of(tr.save_every_steps) && !last_of_epoch;
             let at_limit = tr.max_steps > 0 && state.step >= tr.max_steps;
             // A save needs every step so far in its running loss sums; the epoch's end and the
-            // step limit close the window too.
-            let close_now = window.steps >= tr.sync_interval || save_now || last_of_epoch || at_limit || control.stop_requested();
-            if close_now && close_window!(epoch) {
+            // step limit close the window too, and wait for its read.
+            let wait = save_now || last_of_epoch || at_limit || control.stop_requested();
+            if (window.steps >= tr.sync_interval || wait) && close_window!(epoch, wait) {
                 rolled_back = true;
                 break;
             }
@@ -591,8 +741,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 }
             }
         }
-        // A stop request between a step and the next leaves a window open.
-        if !rolled_back && window.steps > 0 && close_window!(epoch) {
+        // A stop request between a step and the next leaves a window open, or a read in flight.
+        if !rolled_back && (window.steps > 0 || pending.is_some()) && close_window!(epoch, true) {
             rolled_back = true;
         }
         if rolled_back {
@@ -722,7 +872,7 @@ fn record_window<B: Backend>(
     state.epoch_loss_sum += loss_sum;
     state.epoch_tokens += window.tokens;
     state.total_tokens += window.tokens;
-    let secs = window.started.elapsed().as_secs_f64();
+    let secs = window.closed.unwrap_or_else(Instant::now).duration_since(window.started).as_secs_f64();
     clock.train_tokens += window.tokens;
     clock.train_s += secs;
     clock.real += window.real;
@@ -733,7 +883,8 @@ fn record_window<B: Backend>(
     clock.process_at = Instant::now();
     let row = WindowRow {
         epoch: epoch + 1,
-        step: state.step,
+        // The window's last step: under `sync_overlap` the loop is a window further on.
+        step: window.first_step + window.steps,
         loss: loss_sum / window.tokens.max(1) as f64,
         tokens: window.tokens,
         tokens_per_s: if secs > 0.0 { window.tokens as f64 / secs } else { 0.0 },
