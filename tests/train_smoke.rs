@@ -185,6 +185,48 @@ fn bf16_products_train_close_to_f32() {
     assert!((f(&sa["valid_loss"]) - f(&sb["valid_loss"])).abs() / f(&sa["valid_loss"]) <= 0.02, "{sa} vs {sb}");
 }
 
+/// `loader.max_tokens = "auto"`: the run probes a budget per length range once, writes it to
+/// `autobatch.json` and says so; batches follow that table exactly (the same run with the table
+/// written into the recipe ends bit-identical); a resume reads the table back instead of probing
+/// again and ends like the unbroken run; `kiln eval` batches with it too.
+#[test]
+fn automatic_batch_size_probes_once_and_the_run_keeps_its_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let (auto, explicit, split) = (dir.path().join("auto"), dir.path().join("explicit"), dir.path().join("split"));
+    let sets = ["loader.max_tokens=auto", "loader.auto_token_cap=900", "train.epochs=2"];
+    let o = train(&auto, &sets);
+    let out = stdout(&o);
+    assert!(out.contains("loader.max_tokens = \"auto\"") && out.contains("probe steps"), "{out}");
+    let table = read_json(&auto.join("autobatch.json"));
+    let rows: Vec<(u64, u64, u64)> = table["rows"].as_array().unwrap().iter().map(|r| (r["up_to"].as_u64().unwrap(), r["sentences"].as_u64().unwrap(), r["tokens"].as_u64().unwrap())).collect();
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![66, 32, 16], "longest range first: {table}");
+    for &(up_to, sentences, tokens) in &rows {
+        assert!(tokens == sentences * up_to && tokens <= 900 && tokens + up_to > 900, "within one sentence of the cap: {table}");
+    }
+    assert!(table["probes"].as_u64().unwrap() >= 4 && table["limit_mb"].as_f64() < table["capacity_mb"].as_f64());
+
+    // The same table, given by hand.
+    let by_hand: Vec<String> = rows.iter().rev().map(|r| format!("[{}, {}]", r.0, r.2)).collect();
+    let by_hand = format!("loader.max_tokens=[{}]", by_hand.join(", "));
+    let o = train(&explicit, &[by_hand.as_str(), "train.epochs=2"]);
+    assert!(!stdout(&o).contains("probe steps"));
+    let (a, b) = (read_json(&auto.join("summary.json")), read_json(&explicit.join("summary.json")));
+    assert_eq!((&a["steps"], &a["train_loss"], &a["valid_loss"]), (&b["steps"], &b["train_loss"], &b["valid_loss"]));
+
+    // Stopped mid-run and resumed: the table is read back, not probed again.
+    train(&split, &[&sets[..], &["train.max_steps=7"]].concat());
+    let probed = std::fs::read(split.join("autobatch.json")).unwrap();
+    let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "train.max_steps=0", "--no-tui"]);
+    assert!(o.status.success(), "resume failed: {}", stderr(&o));
+    assert!(stdout(&o).contains("the budgets probed when the run started"), "{}", stdout(&o));
+    assert_eq!(std::fs::read(split.join("autobatch.json")).unwrap(), probed, "the table is not probed again");
+    let c = read_json(&split.join("summary.json"));
+    assert_eq!((&c["steps"], &c["train_loss"]), (&a["steps"], &a["train_loss"]), "the resumed run batches like the unbroken one");
+
+    let o = kiln(&["eval", &auto.display().to_string(), "--split", "valid"]);
+    assert!(o.status.success(), "eval: {}", stderr(&o));
+}
+
 #[test]
 fn resume_continues_to_the_same_end() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! Batches under a token budget. Examples are shuffled, sorted by length inside pools (as fairseq
 //! and Marian do) so a batch holds sentences of similar length, cut so that
-//! `sentences × longest side ≤ max_tokens`, and the batch order is shuffled again. The sort key is
+//! `sentences × longest side ≤ max_tokens` (a budget that may depend on that longest side: longer
+//! sequences cost more memory per token, attention's square), and the batch order is shuffled again. The sort key is
 //! (longer side, target, source): the budget is on the longer side, and sorting on it first halved
 //! padding against a (target, source) key on the Bible corpus (`docs/bench/data.md`). Everything is
 //! a pure function of (lengths, settings, seed, epoch): resuming and re-running give the same batches.
@@ -12,10 +13,48 @@ use rand::SeedableRng;
 use crate::prepare::Example;
 use crate::tokenizer::{BOS, EOS, PAD};
 
+/// Padded tokens a batch may hold, by its longest side: one figure, or a table of up to
+/// [`TokenBudget::MAX_ROWS`] rows `(up to this length, tokens)` in increasing length (lengths past
+/// the last row get its budget). Copy, so settings stay plain values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBudget {
+    rows: [(usize, usize); TokenBudget::MAX_ROWS],
+    len: usize,
+}
+
+impl TokenBudget {
+    pub const MAX_ROWS: usize = 16;
+
+    pub const fn fixed(tokens: usize) -> Self {
+        let mut rows = [(0, 0); Self::MAX_ROWS];
+        rows[0] = (usize::MAX, tokens);
+        Self { rows, len: 1 }
+    }
+
+    /// Rows in increasing length, at most `MAX_ROWS` (the recipe check refuses longer tables;
+    /// extra rows are dropped).
+    pub fn table(rows: &[(usize, usize)]) -> Self {
+        let mut kept = [(0, 0); Self::MAX_ROWS];
+        let n = rows.len().min(Self::MAX_ROWS);
+        kept[..n].copy_from_slice(&rows[..n]);
+        Self { rows: kept, len: n }
+    }
+
+    /// The budget of a batch whose longest side is `len`.
+    pub fn at(&self, len: usize) -> usize {
+        let rows = &self.rows[..self.len];
+        rows.iter().find(|(up_to, _)| len <= *up_to).or(rows.last()).map_or(usize::MAX, |r| r.1)
+    }
+
+    pub fn rows(&self) -> &[(usize, usize)] {
+        &self.rows[..self.len]
+    }
+}
+
 /// How to cut batches.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSettings {
-    pub max_tokens: usize,
+    pub max_tokens: TokenBudget,
     /// 0 = no cap.
     pub max_sentences: usize,
     /// Sorting pools hold this many batches' worth of examples (0 = no length sorting).
@@ -40,7 +79,7 @@ pub fn plan_batches(lengths: &[(usize, usize)], settings: BatchSettings, shuffle
         Some(rng) => {
             order.shuffle(rng);
             let mean = lengths.iter().map(|&(s, t)| s.max(t)).sum::<usize>().max(1) / lengths.len().max(1);
-            ((settings.max_tokens / mean.max(1)).max(1) * settings.pool_batches).max(1)
+            ((settings.max_tokens.at(mean) / mean.max(1)).max(1) * settings.pool_batches).max(1)
         }
         None => order.len().max(1),
     };
@@ -55,7 +94,8 @@ pub fn plan_batches(lengths: &[(usize, usize)], settings: BatchSettings, shuffle
         for &i in chunk.iter() {
             let len = lengths[i].0.max(lengths[i].1);
             loop {
-                let full_tokens = (current.len() + 1) * longest.max(len) > settings.max_tokens;
+                let side = longest.max(len);
+                let full_tokens = (current.len() + 1) * side > settings.max_tokens.at(side);
                 let full_sents = settings.max_sentences > 0 && current.len() + 1 > settings.max_sentences;
                 if current.is_empty() || !(full_tokens || full_sents) {
                     break;
@@ -169,7 +209,7 @@ mod tests {
             .collect()
     }
 
-    const SETTINGS: BatchSettings = BatchSettings { max_tokens: 300, max_sentences: 0, pool_batches: 4, multiple: 1 };
+    const SETTINGS: BatchSettings = BatchSettings { max_tokens: TokenBudget::fixed(300), max_sentences: 0, pool_batches: 4, multiple: 1 };
 
     #[test]
     fn every_example_once_and_budget_respected() {
@@ -184,6 +224,28 @@ mod tests {
         }
     }
 
+    /// A budget by length: each batch keeps within the row of its own longest side, and short
+    /// sentences get bigger batches than under the long rows' budget.
+    #[test]
+    fn a_budget_table_applies_the_row_of_each_batchs_longest_side() {
+        let lens = lengths(2000);
+        let table = TokenBudget::table(&[(16, 600), (32, 400), (64, 200)]);
+        assert_eq!((table.at(1), table.at(16), table.at(17), table.at(64), table.at(500)), (600, 600, 400, 200, 200));
+        let batches = plan_batches(&lens, BatchSettings { max_tokens: table, ..SETTINGS }, Some(4));
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..2000).collect::<Vec<_>>());
+        let mut short_over_long_budget = 0;
+        for b in &batches {
+            let longest = b.iter().map(|&i| lens[i].0.max(lens[i].1)).max().unwrap();
+            assert!(b.len() * longest <= table.at(longest), "{} × {longest} over {}", b.len(), table.at(longest));
+            if longest <= 16 && b.len() * longest > 200 {
+                short_over_long_budget += 1;
+            }
+        }
+        assert!(short_over_long_budget > 0, "short batches should use their bigger budget");
+    }
+
     #[test]
     fn deterministic_by_seed_and_sentence_cap() {
         let lens = lengths(500);
@@ -196,7 +258,7 @@ mod tests {
     #[test]
     fn batches_in_multiples_of_eight() {
         let lens = lengths(3000);
-        let settings = BatchSettings { max_tokens: 600, multiple: 8, ..SETTINGS };
+        let settings = BatchSettings { max_tokens: TokenBudget::fixed(600), multiple: 8, ..SETTINGS };
         let batches = plan_batches(&lens, settings, Some(5));
         let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
         seen.sort_unstable();

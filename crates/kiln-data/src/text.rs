@@ -38,7 +38,7 @@ pub fn eval_blocks(stream_len: usize, block: usize) -> Vec<usize> {
 /// Blocks per batch: `max_tokens / block`, capped by `max_sentences`, rounded down to a multiple
 /// of `multiple` when that leaves at least one multiple.
 pub fn blocks_per_batch(block: usize, settings: BatchSettings) -> usize {
-    let mut n = (settings.max_tokens / block.max(1)).max(1);
+    let mut n = (settings.max_tokens.at(block) / block.max(1)).max(1);
     if settings.max_sentences > 0 {
         n = n.min(settings.max_sentences);
     }
@@ -90,7 +90,7 @@ impl HostBlocks {
 mod tests {
     use super::*;
 
-    const SETTINGS: BatchSettings = BatchSettings { max_tokens: 64, max_sentences: 0, pool_batches: 0, multiple: 1 };
+    const SETTINGS: BatchSettings = BatchSettings { max_tokens: crate::batching::TokenBudget::fixed(64), max_sentences: 0, pool_batches: 0, multiple: 1 };
 
     #[test]
     fn an_epoch_uses_every_full_block_once_from_a_seeded_offset() {
@@ -125,7 +125,7 @@ mod tests {
         let starts = eval_blocks(stream.len(), 6);
         let all = HostBlocks::build(&stream, &starts, 6);
         assert_eq!(all.tokens, stream.len() - 1);
-        assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: 64, max_sentences: 3, pool_batches: 0, multiple: 1 }), 3);
-        assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: 64, max_sentences: 0, pool_batches: 0, multiple: 8 }), 8);
+        assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: crate::batching::TokenBudget::fixed(64), max_sentences: 3, pool_batches: 0, multiple: 1 }), 3);
+        assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: crate::batching::TokenBudget::fixed(64), max_sentences: 0, pool_batches: 0, multiple: 8 }), 8);
     }
 }

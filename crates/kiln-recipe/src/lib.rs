@@ -206,8 +206,12 @@ impl Default for TokenizerSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoaderSection {
-    /// Budget of padded tokens per batch: batch size × longest side, source or target.
-    pub max_tokens: usize,
+    /// Budget of padded tokens per batch (batch size × longest side, source or target): a number,
+    /// a table by length, or `"auto"` (probed on the device at the start of a run).
+    pub max_tokens: TokenLimit,
+    /// `max_tokens = "auto"`: the largest budget the probe may choose, in tokens (probing costs a
+    /// training step per try, and past a point a bigger batch is not faster).
+    pub auto_token_cap: usize,
     /// Cap on sentences per batch (0 = none).
     pub max_sentences: usize,
     /// Examples are sorted by length inside pools of this many batches' worth, to limit padding
@@ -225,7 +229,89 @@ pub struct LoaderSection {
 
 impl Default for LoaderSection {
     fn default() -> Self {
-        Self { max_tokens: 4096, max_sentences: 0, bucket_pool: 400, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8, batch_multiple: 1 }
+        Self { max_tokens: TokenLimit::Tokens(4096), auto_token_cap: 65536, max_sentences: 0, bucket_pool: 400, cache_dir: PathBuf::from(".kiln/cache"), workers: 2, prefetch: 8, batch_multiple: 1 }
+    }
+}
+
+/// `loader.max_tokens`: padded tokens per batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenLimit {
+    /// One budget for every batch: `max_tokens = 4096`.
+    Tokens(usize),
+    /// A budget by the batch's longest side, Marian-style: `max_tokens = [[32, 12000], [64, 9000]]`
+    /// gives batches whose longest side is ≤ 32 up to 12,000 tokens, ≤ 64 up to 9,000; longer ones
+    /// the last row's. Rows in increasing length.
+    Table(Vec<(usize, usize)>),
+    /// `max_tokens = "auto"`: a table probed on the device when a run starts (≤ 85 % of its memory).
+    Auto,
+}
+
+impl TokenLimit {
+    /// The budget of a batch whose longest side is `len`; `None` for `Auto` (not probed yet).
+    pub fn at(&self, len: usize) -> Option<usize> {
+        match self {
+            TokenLimit::Tokens(n) => Some(*n),
+            TokenLimit::Table(rows) => rows.iter().find(|(up_to, _)| len <= *up_to).or(rows.last()).map(|r| r.1),
+            TokenLimit::Auto => None,
+        }
+    }
+}
+
+impl fmt::Display for TokenLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenLimit::Tokens(n) => write!(f, "{n}"),
+            TokenLimit::Auto => f.write_str("\"auto\""),
+            TokenLimit::Table(rows) => {
+                let rows: Vec<String> = rows.iter().map(|(l, t)| format!("[{l}, {t}]")).collect();
+                write!(f, "[{}]", rows.join(", "))
+            }
+        }
+    }
+}
+
+impl Serialize for TokenLimit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TokenLimit::Tokens(n) => s.serialize_u64(*n as u64),
+            TokenLimit::Auto => s.serialize_str("auto"),
+            TokenLimit::Table(rows) => rows.iter().map(|&(l, t)| [l as u64, t as u64]).collect::<Vec<_>>().serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenLimit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = TokenLimit;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of tokens, \"auto\", or a table [[longest side, tokens], ...]")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TokenLimit, E> {
+                Ok(TokenLimit::Tokens(v as usize))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TokenLimit, E> {
+                if v < 0 {
+                    return Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self));
+                }
+                Ok(TokenLimit::Tokens(v as usize))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TokenLimit, E> {
+                if v == "auto" { Ok(TokenLimit::Auto) } else { Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)) }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TokenLimit, A::Error> {
+                let mut rows = Vec::new();
+                while let Some(row) = seq.next_element::<Vec<u64>>()? {
+                    match row[..] {
+                        [len, tokens] => rows.push((len as usize, tokens as usize)),
+                        _ => return Err(serde::de::Error::invalid_length(row.len(), &"a row [longest side, tokens]")),
+                    }
+                }
+                Ok(TokenLimit::Table(rows))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -555,22 +641,41 @@ impl Recipe {
                 return Err(("model.max_positions".into(), format!("expected at least data.block_size = {}, got {}", d.block_size, self.model.max_positions)));
             }
             positive("data.block_size", d.block_size)?;
-            if self.loader.max_tokens < d.block_size {
+            if let Some(budget) = self.loader.max_tokens.at(d.block_size).filter(|b| *b < d.block_size) {
                 return Err((
                     "loader.max_tokens".into(),
-                    format!("expected at least data.block_size = {} so one block fits a batch, got {}", d.block_size, self.loader.max_tokens),
+                    format!("expected at least data.block_size = {} so one block fits a batch, got {budget}", d.block_size),
                 ));
             }
         }
-        positive("loader.max_tokens", self.loader.max_tokens)?;
+        match &self.loader.max_tokens {
+            TokenLimit::Tokens(n) => positive("loader.max_tokens", *n)?,
+            TokenLimit::Auto => positive("loader.auto_token_cap", self.loader.auto_token_cap)?,
+            TokenLimit::Table(rows) => {
+                let bad = |m: String| Err(("loader.max_tokens".to_string(), m));
+                if rows.is_empty() || rows.len() > 16 {
+                    return bad(format!("expected 1 to 16 rows [longest side, tokens], got {}", rows.len()));
+                }
+                for (i, &(len, tokens)) in rows.iter().enumerate() {
+                    if len == 0 || tokens < len {
+                        return bad(format!("row {} [{len}, {tokens}]: expected a longest side > 0 and at least that many tokens", i + 1));
+                    }
+                    if i > 0 && len <= rows[i - 1].0 {
+                        return bad(format!("row {} [{len}, {tokens}]: rows must go by increasing length", i + 1));
+                    }
+                }
+            }
+        }
         positive("loader.workers", self.loader.workers)?;
         positive("loader.prefetch", self.loader.prefetch)?;
         positive("loader.batch_multiple", self.loader.batch_multiple)?;
-        if d.format == CorpusFormat::Pairs && self.loader.max_tokens < d.max_len + 2 {
-            return Err((
-                "loader.max_tokens".into(),
-                format!("expected at least data.max_len + 2 = {} so the longest pair fits a batch, got {}", d.max_len + 2, self.loader.max_tokens),
-            ));
+        if d.format == CorpusFormat::Pairs {
+            if let Some(budget) = self.loader.max_tokens.at(d.max_len + 2).filter(|b| *b < d.max_len + 2) {
+                return Err((
+                    "loader.max_tokens".into(),
+                    format!("expected at least data.max_len + 2 = {} so the longest pair fits a batch, got {budget}", d.max_len + 2),
+                ));
+            }
         }
         let m = &self.model;
         positive("model.d_model", m.d_model)?;
@@ -724,6 +829,39 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "[data]\ntrain = \"c.tsv\"\n\n[train]\nlr = 0.001\nepochs = 2\n";
+
+    /// `loader.max_tokens`: a number, `"auto"`, or a table by length; anything else, or a table
+    /// out of order, names the key (and the line, from a file). The resolved recipe writes each
+    /// form back as it was given.
+    #[test]
+    fn max_tokens_takes_a_number_auto_or_a_table_by_length() {
+        let with = |v: &str| Recipe::parse(&format!("{GOOD}\n[loader]\nmax_tokens = {v}\n"), "r.toml", &[]);
+        assert_eq!(with("2048").unwrap().loader.max_tokens, TokenLimit::Tokens(2048));
+        assert_eq!(with("\"auto\"").unwrap().loader.max_tokens, TokenLimit::Auto);
+        let table = with("[[32, 9000], [66, 6000]]").unwrap().loader.max_tokens;
+        assert_eq!(table, TokenLimit::Table(vec![(32, 9000), (66, 6000)]));
+        assert_eq!((table.at(10), table.at(32), table.at(33), table.at(500)), (Some(9000), Some(9000), Some(6000), Some(6000)));
+        for v in ["2048", "\"auto\"", "[[32, 9000], [66, 6000]]"] {
+            let r = with(v).unwrap();
+            let again = Recipe::parse(&r.to_toml(), "resolved.toml", &[]).unwrap();
+            assert_eq!(again.loader.max_tokens, r.loader.max_tokens, "{v}");
+        }
+        let o = Recipe::parse(GOOD, "r.toml", &[Override::parse("loader.max_tokens=auto").unwrap()]).unwrap();
+        assert_eq!(o.loader.max_tokens, TokenLimit::Auto);
+        for (v, needle) in [
+            ("\"big\"", "\"auto\""),
+            ("-5", "-5"),
+            ("[[66, 6000], [32, 9000]]", "increasing length"),
+            ("[[32, 20]]", "[32, 20]"),
+            ("[[32, 9000, 1]]", "[longest side, tokens]"),
+            ("[[16, 600], [32, 60]]", "data.max_len + 2"),
+        ] {
+            let e = with(v).unwrap_err();
+            assert_eq!(e.key, "loader.max_tokens", "{v}: {e}");
+            assert!(e.to_string().contains(needle), "{v}: {e}");
+            assert!(e.origin.starts_with("r.toml"), "{v}: {e}");
+        }
+    }
 
     #[test]
     fn defaults_fill_missing_keys() {

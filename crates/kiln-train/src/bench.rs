@@ -82,7 +82,7 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
 
     let lengths: Vec<(usize, usize)> = warm.train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
     let unbucketed_settings = BatchSettings {
-        max_tokens: recipe.loader.max_tokens,
+        max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens),
         max_sentences: recipe.loader.max_sentences,
         pool_batches: 0,
         multiple: recipe.loader.batch_multiple,

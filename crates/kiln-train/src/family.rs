@@ -132,7 +132,7 @@ impl<B: AutodiffBackend> TrainModel<B> for DecoderLm<B> {
 /// blocks from position 0); one device read at the end.
 pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalResult {
     let block = recipe.data.block_size;
-    let settings = kiln_data::batching::BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
+    let settings = kiln_data::batching::BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
     let starts = eval_blocks(stream.len(), block);
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;

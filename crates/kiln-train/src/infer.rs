@@ -39,7 +39,12 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     if !recipe_path.is_file() {
         bail!("{}: not a kiln run directory (no recipe.toml)", run_dir.display());
     }
-    let recipe = Recipe::load(&recipe_path, &[])?;
+    let mut recipe = Recipe::load(&recipe_path, &[])?;
+    if recipe.loader.max_tokens == kiln_recipe::TokenLimit::Auto {
+        // The budgets the run probed; evaluation and decoding batch like training did.
+        let table = crate::autobatch::read(run_dir).map_err(|m| anyhow!(m))?;
+        recipe.loader.max_tokens = kiln_recipe::TokenLimit::Table(table.budget_rows());
+    }
     let tokenizer = SubwordTokenizer::load(&run_dir.join("tokenizer.json")).map_err(|e| anyhow!("{e}"))?;
     let dir = match checkpoint {
         Some(name) => {
@@ -94,7 +99,7 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
     let mut out = vec![Vec::new(); sources.len()];
     if beam.beam <= 1 {
         let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
-        let settings = BatchSettings { max_tokens: recipe.loader.max_tokens, max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+        let settings = BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
         for batch in plan_batches(&lengths, settings, None) {
             let b = HostBatch::build(&examples, &batch);
             let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();

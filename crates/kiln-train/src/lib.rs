@@ -3,6 +3,7 @@
 //! data, and hands over to [`trainer::run`], the loop with its sync windows.
 
 pub mod bench;
+pub mod autobatch;
 pub mod checkpoint;
 pub mod device;
 pub mod clip;
@@ -64,28 +65,34 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
             let name = format!("cpu (flex, {} threads{auto})", rayon::current_num_threads());
+            let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
             if rayon::current_num_threads() < 2 {
-                return train_on::<B>(launch, Default::default(), name, sink);
+                return train_on::<B>(launch, Default::default(), name, memory, sink);
             }
             // Flex's kernels run on rayon's pool. The loop runs on a pool thread too, so that each
             // parallel kernel starts on a worker that takes part in it, instead of this thread
             // handing it over and sleeping until it is done: two thread switches fewer per
             // operation, 8-20 % of the quickstart step (docs/bench/train.md, step 12). With one
             // thread it stays here: nothing would be left to serve other threads' rayon work.
-            rayon::scope(|_| train_on::<B>(launch, Default::default(), name, sink))
+            rayon::scope(|_| train_on::<B>(launch, Default::default(), name, memory, sink))
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
             let device = burn::backend::cuda::CudaDevice::new(index);
-            train_on::<B>(launch, device, format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), sink)
+            // The meter asks nvidia-smi for the GPU's size: only when a budget is to be probed.
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            train_on::<B>(launch, device, format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, sink)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
     }
 }
 
-fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name: String, sink: &mut dyn EventSink) -> Result<Summary> {
+fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name: String, memory: Option<Box<dyn autobatch::MemoryMeter>>, sink: &mut dyn EventSink) -> Result<Summary> {
     let recipe = &launch.recipe;
     let run_dir = &launch.run_dir;
     let tokenizer_path = run_dir.join("tokenizer.json");
@@ -145,7 +152,7 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
         kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
     };
     let vocab = data.tokenizer.vocab_size();
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone() };
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone(), memory };
     match recipe.model.family {
         ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
         ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),

@@ -30,7 +30,7 @@ use kiln_data::text::{plan_blocks, train_blocks, HostBlocks};
 use kiln_data::{Example, HostBatch, Prepared, BOS, EOS, PAD};
 use kiln_events::{DataFigures, EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
 use kiln_model::{label_smoothed_loss, LmConfig, Seq2SeqConfig};
-use kiln_recipe::{OnNan, Recipe};
+use kiln_recipe::{OnNan, Recipe, TokenLimit};
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::clip::{clip_global_norm, global_norm};
@@ -43,7 +43,7 @@ pub use kiln_data::mix_seed;
 
 fn batch_settings(recipe: &Recipe) -> BatchSettings {
     BatchSettings {
-        max_tokens: recipe.loader.max_tokens,
+        max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens),
         max_sentences: recipe.loader.max_sentences,
         pool_batches: recipe.loader.bucket_pool,
         multiple: recipe.loader.batch_multiple,
@@ -342,6 +342,8 @@ pub struct TrainJob<'a, B: AutodiffBackend> {
     /// A measurement run (`kiln bench train`): each step's milliseconds (batch in hand to update
     /// done) go here, and nothing is validated, tested or saved.
     pub step_times: Option<StepTimes>,
+    /// Measures the device's memory for `loader.max_tokens = "auto"` (`None`: cannot be measured).
+    pub memory: Option<Box<dyn crate::autobatch::MemoryMeter>>,
 }
 
 /// Milliseconds of each optimizer step of a measurement run.
@@ -349,6 +351,60 @@ pub type StepTimes = Arc<std::sync::Mutex<Vec<f64>>>;
 
 type FileRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
 type BytesRecorder = NamedMpkBytesRecorder<FullPrecisionSettings>;
+
+/// Probes the batch budget per length range for `loader.max_tokens = "auto"` ([`crate::autobatch`]):
+/// each try is one training step (forward, backward, clipping, AdamW) on a synthetic batch, on
+/// copies of the model and optimizer that are then dropped, so training starts untouched. A try
+/// that panics (a backend's out-of-memory error) counts as a failure.
+fn probe_batch_sizes<B: AutodiffBackend, M: TrainModel<B>, O: Optimizer<M, B>>(
+    model: &M,
+    optim: &O,
+    recipe: &Recipe,
+    data: &Prepared,
+    device: &B::Device,
+    device_name: &str,
+    meter: &mut dyn crate::autobatch::MemoryMeter,
+) -> Result<crate::autobatch::Table, String> {
+    let started = Instant::now();
+    let capacity = meter.capacity();
+    let limit = (capacity as f64 * 0.85) as u64;
+    let text = data.text.is_some();
+    let lengths = if text { vec![recipe.data.block_size] } else { crate::autobatch::length_ranges(recipe.data.max_len + 2) };
+    let vocab = data.tokenizer.vocab_size() as u32;
+    let host_masks = device_name.starts_with("cpu");
+    // Ordinary (non-special) ids, varied so no kernel sees a constant.
+    let token = |i: usize| 4 + (i as u32).wrapping_mul(2_654_435_761) % (vocab.max(5) - 4);
+    let mut try_size = |len: usize, n: usize| -> crate::autobatch::Outcome {
+        let batch = if text {
+            let stream: Vec<u32> = (0..n * len + 1).map(token).collect();
+            let starts: Vec<usize> = (0..n).map(|k| k * len).collect();
+            DeviceBatch::<B>::blocks(HostBlocks::build(&stream, &starts, len), device)
+        } else {
+            // Source and target both at the range's top (the lengths count the added `</s>`).
+            let examples: Vec<Example> = (0..n).map(|k| Example { src: (0..len - 1).map(|i| token(k * len + i)).collect(), tgt: (0..len - 1).map(|i| token(k * len + i + 7)).collect() }).collect();
+            DeviceBatch::<B>::new(HostBatch::build(&examples, &(0..n).collect::<Vec<_>>()), device)
+        };
+        meter.reset();
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (grads, loss, norm) = step_gradients(model, std::slice::from_ref(&batch), &recipe.train, 0, device, host_masks);
+            let stepped = optim.clone().step(recipe.train.lr, model.clone(), grads);
+            // Waits for the step, optimizer included, to finish on the device.
+            let _ = Tensor::cat(vec![loss, norm], 0).into_data();
+            drop(stepped);
+        }));
+        std::panic::set_hook(previous_hook);
+        match ran {
+            Ok(()) => Ok(meter.peak()),
+            Err(panic) => Err(panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the step failed".into())),
+        }
+    };
+    let cap = recipe.loader.auto_token_cap;
+    let (rows, probes) = crate::autobatch::plan(&lengths, limit, cap, &mut try_size).map_err(|e| format!("loader.max_tokens = \"auto\": {e} on {device_name}"))?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(crate::autobatch::Table { rows, device: device_name.to_string(), capacity_mb: mib(capacity), limit_mb: mib(limit), cap_tokens: cap, probes, seconds: started.elapsed().as_secs_f64() })
+}
 
 pub fn model_config(recipe: &Recipe, vocab_size: usize) -> Seq2SeqConfig {
     Seq2SeqConfig { vocab_size, pad: PAD, bos: BOS, eos: EOS, model: recipe.model.clone() }
@@ -367,7 +423,17 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     let data = job.data;
     let emit = |sink: &mut dyn EventSink, e: Event| sink.emit(&e).map_err(|m| anyhow!(m));
 
+    // Burn creates parameters lazily, at first use, and a clone of an uncreated parameter creates
+    // its own. Created here, from the seed alone, the weights are the same whatever runs first
+    // (the batch-size probe, a checkpoint kept for rollback) and every clone shares them.
+    struct CreateParams;
+    impl<B: Backend> burn::module::ModuleVisitor<B> for CreateParams {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
     let mut model = model;
+    model.visit(&mut CreateParams);
     let mut optim = AdamWConfig::new()
         .with_beta_1(tr.beta1 as f32)
         .with_beta_2(tr.beta2 as f32)
@@ -389,6 +455,35 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             .map_err(|e| anyhow!("{}.mpk: cannot load optimizer state: {}", optim_path.display(), one_line(&e.to_string())))?;
         optim = optim.load_record(record);
     }
+
+    // `loader.max_tokens = "auto"`: the budget table is probed now (or read back on a resume, so
+    // the batches stay those the run started with) and stands in for the key from here on.
+    let probed_recipe;
+    let recipe = if recipe.loader.max_tokens == TokenLimit::Auto {
+        let table = match &job.resume_from {
+            Some(_) => crate::autobatch::read(job.run_dir).map_err(|m| anyhow!(m))?,
+            None => {
+                let mut meter = job.memory;
+                let meter = meter.as_deref_mut().ok_or_else(|| anyhow!("loader.max_tokens = \"auto\": the memory of {} cannot be measured; give loader.max_tokens a number", job.device_name))?;
+                let table = probe_batch_sizes(&model, &optim, recipe, data, device, &job.device_name, meter).map_err(|m| anyhow!(m))?;
+                crate::autobatch::write(job.run_dir, &table).map_err(|m| anyhow!(m))?;
+                table
+            }
+        };
+        if job.resume_from.is_some() {
+            emit(sink, Event::Note(format!("loader.max_tokens = \"auto\": the budgets probed when the run started ({})", crate::autobatch::FILE)))?;
+        }
+        for line in table.lines() {
+            emit(sink, Event::Note(line))?;
+        }
+        let mut r = recipe.clone();
+        r.loader.max_tokens = TokenLimit::Table(table.budget_rows());
+        probed_recipe = r;
+        &probed_recipe
+    } else {
+        recipe
+    };
+    let tr = &recipe.train;
 
     // Subword regularisation gives every epoch its own segmentations of the training examples,
     // drawn from (seed, epoch, example); without it every epoch shares the prepared ids.
