@@ -2,7 +2,8 @@
 # GPU check (issue 7): run once on a machine with an NVIDIA GPU. Builds kiln with the `cuda` feature,
 # trains the smoke recipe on the GPU, checks that the sync interval does not change the summed loss
 # there (1 vs 10), and runs `bench train` on the quickstart recipe in f32 (window reads overlapped
-# with the next window, the default, and read at once) and in bf16, then prints one table and
+# with the next window, the default, and read at once), in bf16 and f16 and, with two GPUs or more, data
+# parallel over two, then prints one table and
 # writes it with the raw JSON under docs/bench/gpu/ (commit those files into docs/bench/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,13 @@ bench() { # name, extra --set arguments...
 bench f32
 bench f32-sync-at-once --set train.sync_overlap=false
 bench bf16 --set train.precision=bf16
+bench f16 --set train.precision=f16
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+if [ "${gpus:-0}" -ge 2 ]; then
+  bench dp2 --set 'backend.devices=["cuda:0", "cuda:1"]'
+else
+  log "one GPU: no data-parallel bench"
+fi
 
 commit=$(git rev-parse --short HEAD)
 python3 - "$out" "$commit" "$exact" <<'PY' | tee "$out/table.md"
@@ -52,8 +60,10 @@ print(f"GPU: {gpu}; commit {commit}\n")
 print(f"smoke, sync 1 vs 10: {exact}\n")
 print("| quickstart | tokens/s | step ms median / p90 | sync % | data wait % | peak host RSS MiB |")
 print("|---|---|---|---|---|---|")
-for name in ["f32", "f32-sync-at-once", "bf16"]:
+for name in ["f32", "f32-sync-at-once", "bf16", "f16", "dp2"]:
     path = f"{out}/quickstart-{name}.json"
+    if name == "dp2" and not os.path.exists(path) and not os.path.exists(f"{out}/quickstart-dp2.failed"):
+        continue
     if not os.path.exists(path):
         print(f"| {name} | failed (see the log above) | | | | |")
         continue

@@ -158,17 +158,14 @@ fn tokenizer_file_that_does_not_parse() {
 }
 
 #[test]
-fn device_and_precision_requests_this_build_cannot_serve() {
+fn device_and_precision_requests_this_build_cannot_serve_or_does_not_know() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let run_s = run.display().to_string();
     if !cfg!(feature = "cuda") {
         assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cuda:0"]), &["backend.device = \"cuda:0\"", "built without CUDA"]);
     }
-    assert_user_error(
-        &kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cpu", "--set", "train.precision=f16"]),
-        &["train.precision = \"f16\"", "loss scaling", "\"bf16\""],
-    );
+    assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "train.precision=f8"]), &["train.precision", "f8"]);
     assert!(!run.exists(), "no run directory left behind");
     // `auto` without CUDA trains on the CPU and says so, in a note and in the header.
     let o = kiln(&["train", &smoke(), "--run-dir", &run_s, "--no-tui", "--set", "backend.device=auto", "--set", "train.max_steps=2"]);

@@ -126,6 +126,37 @@ fn a_bad_step_found_one_window_late_ends_as_one_found_at_once() {
     }
 }
 
+/// Data parallel over two CPU replicas: `skip` replays the window on rank 0 and `rollback` goes
+/// back to the checkpoint there, then the other replica continues from rank 0's model. Without
+/// dropout both end as one device accumulating the same two batches a step does.
+#[test]
+fn skip_and_rollback_bring_every_replica_along() {
+    let dir = tempfile::tempdir().unwrap();
+    type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 2] = [
+        ("skip", &["train.on_nan=skip"], &[("KILN_TEST_NONFINITE_STEPS", "7")]),
+        ("rollback", &["train.lr=1e30", "train.on_nan=rollback", "train.nan_lr_factor=1e-33"], &[]),
+    ];
+    for (mode, sets, env) in cases {
+        let [dp, acc] = ["dp", "acc"].map(|n| dir.path().join(format!("{mode}-{n}")));
+        let common = [sets, &["model.dropout=0", "eval.bleu=false"]].concat();
+        let o = train_env(&dp, &[&common[..], &["backend.devices=[\"cpu\", \"cpu\"]"]].concat(), env);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        // One recovery: a replica left behind (not reset) would poison the next steps again.
+        let out = stdout(&o);
+        assert_eq!(out.matches("window replayed").count() + out.matches("rolled back").count(), 1, "{mode}: {out}");
+        let o = train_env(&acc, &[&common[..], &["train.accumulate=2"]].concat(), env);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let (a, b) = (read_json(&dp.join("summary.json")), read_json(&acc.join("summary.json")));
+        assert_eq!((&a["steps"], &a["skipped_steps"], &a["rollbacks"]), (&b["steps"], &b["skipped_steps"], &b["rollbacks"]), "{mode}");
+        assert_eq!(a["skipped_steps"].as_u64().unwrap() + a["rollbacks"].as_u64().unwrap(), 1, "{mode}: {a}");
+        for key in ["train_loss", "valid_loss"] {
+            let (x, y) = (f64_of(&a[key]), f64_of(&b[key]));
+            assert!(x.is_finite() && (x - y).abs() / y <= 1e-6, "{mode} {key}: data parallel {x} vs accumulation {y}");
+        }
+    }
+}
+
 #[test]
 fn rollback_goes_back_with_a_lower_learning_rate_and_finishes() {
     let dir = tempfile::tempdir().unwrap();

@@ -227,6 +227,77 @@ fn automatic_batch_size_probes_once_and_the_run_keeps_its_table() {
     assert!(o.status.success(), "eval: {}", stderr(&o));
 }
 
+/// Data parallel (`backend.devices`), three replicas as threads on the CPU: each takes a third
+/// of the step's batches and the gradients are all-reduced with Burn's collective, so (without
+/// dropout, whose masks differ per replica) it computes exactly what one device accumulating
+/// three batches computes, the epoch's last step with idle replicas included (40 batches a
+/// epoch: the 14th step has one), up to the order of the all-reduce's sums. A run stopped and
+/// resumed rebuilds the replicas from the checkpoint and ends the same.
+#[test]
+fn data_parallel_replicas_compute_what_accumulation_computes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dp, acc, split) = (dir.path().join("dp"), dir.path().join("acc"), dir.path().join("split"));
+    let common = ["model.dropout=0", "train.epochs=2", "eval.bleu=false"];
+    let devices = "backend.devices=[\"cpu\", \"cpu\", \"cpu\"]";
+    let o = train(&dp, &[&common[..], &[devices]].concat());
+    assert!(stdout(&o).contains("cpu ×3") && stdout(&o).contains("data parallel"), "{}", stdout(&o));
+    train(&acc, &[&common[..], &["train.accumulate=3"]].concat());
+    let (a, b) = (read_json(&dp.join("summary.json")), read_json(&acc.join("summary.json")));
+    assert_eq!(a["steps"], b["steps"]);
+    assert_eq!(a["steps"], 28, "⌈40 / 3⌉ steps an epoch");
+    for key in ["train_loss", "valid_loss"] {
+        let (x, y) = (f(&a[key]), f(&b[key]));
+        assert!((x - y).abs() / y <= 1e-6, "{key}: data parallel {x} vs accumulation {y}");
+    }
+    let rows: Vec<Value> = read_jsonl(&dp.join("metrics.jsonl")).into_iter().filter(|r| r["kind"] == "train").collect();
+    for r in &rows {
+        let per_device: Vec<u64> = r["device_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(per_device.len(), 3, "{r}");
+        assert_eq!(per_device.iter().sum::<u64>(), r["tokens"].as_u64().unwrap(), "{r}");
+        assert!(per_device.iter().all(|&t| t > 0), "{r}");
+    }
+    // Two replicas: a + b = b + a, so the all-reduce is exact whatever order the peers arrive in
+    // (with three, Burn's tree adds same-id devices, as all CPU "devices" are, in hash order, and
+    // the last bits vary run to run). Stopped in epoch 1, resumed: epoch 2 and the model after it
+    // are bit-identical to the unbroken run's.
+    let (whole, two) = (dir.path().join("whole"), "backend.devices=[\"cpu\", \"cpu\"]");
+    train(&whole, &[&common[..], &[two]].concat());
+    train(&split, &[&common[..], &[two, "train.max_steps=9"]].concat());
+    let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "train.max_steps=0", "--no-tui"]);
+    assert!(o.status.success(), "resume failed: {}", stderr(&o));
+    let (w, c) = (read_json(&whole.join("summary.json")), read_json(&split.join("summary.json")));
+    assert_eq!((&c["steps"], &c["train_loss"], &c["valid_loss"]), (&w["steps"], &w["train_loss"], &w["valid_loss"]), "resumed data-parallel run");
+}
+
+/// `train.precision = "f16"`: f16 products with dynamic loss scaling decided on the device. It
+/// learns like f32; steps whose gradients overflow (injected at steps 5 and 6) are undone on the
+/// device and counted, the scale halves at each (2¹⁶ → 2¹⁴), and nothing is taken for a
+/// divergence.
+#[test]
+fn f16_loss_scaling_undoes_overflowing_steps_on_the_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (dir.path().join("f32"), dir.path().join("f16"), dir.path().join("f16-overflow"));
+    train(&a, &[]);
+    let o = train(&b, &["train.precision=f16"]);
+    assert!(stdout(&o).contains("f16 products"), "{}", stdout(&o));
+    let rows = |run: &std::path::Path| -> Vec<Value> { read_jsonl(&run.join("metrics.jsonl")).into_iter().filter(|r| r["kind"] == "train").collect() };
+    for (x, y) in rows(&a).iter().zip(rows(&b)) {
+        let (x, y) = (f(&x["loss"]), f(&y["loss"]));
+        assert!((x - y).abs() / x <= 0.03, "window loss f32 {x} vs f16 {y}");
+    }
+    assert!(rows(&b).iter().all(|r| r["overflow_skips"].is_null() && r["loss_scale"] == 65536.0), "no overflow, scale 2^16");
+
+    let o = common::train_with(&smoke(), &c, &["train.precision=f16"], &[("KILN_TEST_OVERFLOW_STEPS", "5,6")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("non-finite") && !c.join("nonfinite.json").exists(), "{}", stdout(&o));
+    let r = rows(&c);
+    assert_eq!((r[0]["step"].as_u64(), r[0]["overflow_skips"].as_u64(), r[0]["loss_scale"].as_f64()), (Some(10), Some(2), Some(16384.0)), "{}", r[0]);
+    assert!(r[1..].iter().all(|w| w["overflow_skips"].is_null() && w["loss_scale"] == 16384.0));
+    assert!(r.iter().all(|w| f(&w["loss"]).is_finite()) && f(&r.last().unwrap()["loss"]) < f(&r[0]["loss"]));
+    let s = read_json(&c.join("summary.json"));
+    assert_eq!((s["skipped_steps"].as_u64(), s["rollbacks"].as_u64()), (Some(0), Some(0)), "overflows are not divergences: {s}");
+}
+
 #[test]
 fn resume_continues_to_the_same_end() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,9 +82,17 @@ fn draw_throughput(frame: &mut Frame, area: Rect, s: &DashboardState) {
     let [text, spark] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(inner);
     let (sent, steps) = s.rates();
     let tok = s.last().map(|w| w.tokens_per_s).unwrap_or(0.0);
+    // Data parallel: each device's share of the last window.
+    let per_device = s
+        .last()
+        .filter(|w| !w.device_tokens.is_empty() && w.window_s > 0.0)
+        .map(|w| w.device_tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect::<Vec<_>>().join(" | "));
     let lines = vec![
         Line::from(vec![Span::styled(format!("{} tok/s", thousands(tok)), Style::new().add_modifier(Modifier::BOLD)), Span::raw(format!("  {sent:.1} sent/s"))]),
-        Line::from(format!("{steps:.2} steps/s")),
+        Line::from(match per_device {
+            Some(devices) => format!("{steps:.2} steps/s · per device {devices} tok/s"),
+            None => format!("{steps:.2} steps/s"),
+        }),
     ];
     frame.render_widget(Paragraph::new(lines), text);
     let width = spark.width as usize;

@@ -62,6 +62,9 @@ fn window(step: usize, tokens_per_s: f64, sync_ms: f64, sync: SyncStats) -> Wind
         prefetch_ready: 6,
         rss_mb: 512.0,
         cpu_pct: 190.0,
+        device_tokens: vec![],
+        overflow_skips: 0,
+        loss_scale: None,
     }
 }
 
@@ -93,6 +96,19 @@ fn sync_and_throughput_panels_show_the_figures_fed_to_them() {
     s.show_help = true;
     let text = screen(&s, 140, 40);
     assert!(text.contains("range recent") && text.contains("pause / resume training"), "{text}");
+}
+
+/// Data parallel: the throughput panel shows each device's tokens/s of the last window.
+#[test]
+fn the_throughput_panel_shows_each_devices_rate_under_data_parallel() {
+    let mut s = DashboardState::new("live");
+    s.apply(&Event::RunStarted(info()));
+    let one = window(410, 11_000.0, 0.5, SyncStats { count: 41, total_ms: 10.25, max_ms: 1.5 });
+    s.apply(&Event::Window(one.clone()));
+    assert!(!screen(&s, 140, 40).contains("per device"), "one device: no per-device line");
+    s.apply(&Event::Window(WindowRow { device_tokens: vec![61_000, 59_000], ..one }));
+    let text = screen(&s, 140, 40);
+    assert!(text.contains("per device 6,100 | 5,900 tok/s"), "{text}");
 }
 
 fn fixture() -> PathBuf {

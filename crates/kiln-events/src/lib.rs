@@ -70,6 +70,20 @@ pub struct WindowRow {
     /// CPU use of the training process over the window, percent of one core (0 where unknown).
     #[serde(default)]
     pub cpu_pct: f64,
+    /// Data parallel (`backend.devices`): each device's target tokens in the window, in device
+    /// order (its tokens/s = these / `window_s`); absent with one device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_tokens: Vec<u64>,
+    /// f16 (`train.precision`): steps of the window undone because their gradients overflowed,
+    /// and the dynamic loss scale after it; absent otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub overflow_skips: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Validation at an epoch end (a `"kind":"valid"` row).

@@ -439,11 +439,16 @@ pub struct BackendSection {
     pub device: String,
     /// CPU threads for tensor kernels (0 = all cores).
     pub threads: usize,
+    /// Data parallel over several devices, one model replica each, gradients all-reduced with
+    /// Burn's collective: `["cuda:0", "cuda:1"]`. Replaces `device` when it holds two or more.
+    /// `["cpu", "cpu"]` runs replicas as threads sharing the CPU (it checks the path; it is not
+    /// faster).
+    pub devices: Vec<String>,
 }
 
 impl Default for BackendSection {
     fn default() -> Self {
-        Self { device: "auto".into(), threads: 0 }
+        Self { device: "auto".into(), threads: 0, devices: Vec::new() }
     }
 }
 
@@ -711,6 +716,21 @@ impl Recipe {
         if !(dev == "cpu" || dev == "auto" || cuda_ok) {
             return Err(("backend.device".into(), format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {dev:?}")));
         }
+        let devices = &self.backend.devices;
+        if !devices.is_empty() {
+            let cuda_index = |d: &str| if d == "cuda" { Some(0) } else { d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) };
+            let bad = |m: String| Err(("backend.devices".to_string(), m));
+            if let Some(d) = devices.iter().find(|d| d.as_str() != "cpu" && cuda_index(d).is_none()) {
+                return bad(format!("expected \"cpu\" or \"cuda:N\" for each device, got {d:?}"));
+            }
+            let cuda: Vec<usize> = devices.iter().filter_map(|d| cuda_index(d)).collect();
+            if !cuda.is_empty() && cuda.len() != devices.len() {
+                return bad("expected devices of one kind, all \"cpu\" or all \"cuda:N\"".into());
+            }
+            if (1..cuda.len()).any(|i| cuda[..i].contains(&cuda[i])) {
+                return bad(format!("expected each CUDA device once, got {devices:?}"));
+            }
+        }
         in_range("eval.max_len_a", self.eval.max_len_a, 0.0, f64::INFINITY, false, true)?;
         Ok(())
     }
@@ -745,7 +765,7 @@ impl Recipe {
 pub fn resumable_override(key: &str) -> bool {
     let section = key.split('.').next().unwrap_or("");
     matches!(section, "train" | "eval" | "backend")
-        && !matches!(key, "train.seed" | "train.accumulate")
+        && !matches!(key, "train.seed" | "train.accumulate" | "backend.devices")
 }
 
 fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), RecipeError> {
@@ -861,6 +881,23 @@ mod tests {
             assert!(e.to_string().contains(needle), "{v}: {e}");
             assert!(e.origin.starts_with("r.toml"), "{v}: {e}");
         }
+    }
+
+    #[test]
+    fn backend_devices_are_one_kind_and_each_once() {
+        let with = |v: &str, extra: &str| Recipe::parse(&format!("{GOOD}{extra}\n[backend]\ndevices = {v}\n"), "r.toml", &[]);
+        assert_eq!(with("[\"cuda:0\", \"cuda:1\"]", "").unwrap().backend.devices, vec!["cuda:0", "cuda:1"]);
+        assert_eq!(with("[\"cpu\", \"cpu\"]", "").unwrap().backend.devices.len(), 2);
+        for (v, extra, key, needle) in [
+            ("[\"cuda:0\", \"cpu\"]", "", "backend.devices", "one kind"),
+            ("[\"cuda:1\", \"cuda:1\"]", "", "backend.devices", "once"),
+            ("[\"tpu\"]", "", "backend.devices", "\"tpu\""),
+        ] {
+            let e = with(v, extra).unwrap_err();
+            assert_eq!(e.key, key, "{v}: {e}");
+            assert!(e.to_string().contains(needle), "{v}: {e}");
+        }
+        assert!(!resumable_override("backend.devices"), "a step's batch count hangs on it, like train.accumulate");
     }
 
     #[test]

@@ -40,6 +40,12 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_, B> {
     }
 }
 
+/// Multiplies every gradient of `module` by `factor` (`[1]`, on the device).
+pub fn scale_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &mut GradientsParams, factor: Tensor<B::InnerBackend, 1>) {
+    let mut v = Scale::<B> { grads, factor, _b: PhantomData };
+    module.visit(&mut v);
+}
+
 /// Global L2 norm of all gradients of `module`, as a `[1]` device tensor.
 pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M, grads: &GradientsParams) -> Option<Tensor<B::InnerBackend, 1>> {
     let mut v = SquaredNorm::<B> { grads, sum: None };

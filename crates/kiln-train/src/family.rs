@@ -33,6 +33,7 @@ pub struct BatchStats {
 }
 
 /// A batch as the loader workers leave it: tensors already on the device.
+#[derive(Clone)]
 pub struct DeviceBatch<B: Backend> {
     pub stats: BatchStats,
     /// Encoder input (sentence pairs only).
@@ -53,6 +54,17 @@ impl<B: Backend> DeviceBatch<B> {
             input: ids(&host.tgt_in, host.size, host.tgt_len, device),
             label_rows: flat(&host.label_rows, device),
             labels: flat(&host.labels, device),
+        }
+    }
+
+    /// The batch on another device (a data-parallel replica's).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            stats: self.stats,
+            src: self.src.map(|t| t.to_device(device)),
+            input: self.input.to_device(device),
+            label_rows: self.label_rows.to_device(device),
+            labels: self.labels.to_device(device),
         }
     }
 

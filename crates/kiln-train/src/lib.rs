@@ -46,16 +46,21 @@ pub struct Launch {
 /// Prepares the run directory and data, then trains on the recipe's device.
 pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
     let recipe = &launch.recipe;
-    let resolved = resolve_device(&recipe.backend.device)?;
+    if recipe.backend.devices.len() > 1 {
+        return launch_data_parallel(launch, sink);
+    }
+    let device_spec = recipe.backend.devices.first().unwrap_or(&recipe.backend.device);
+    let resolved = resolve_device(device_spec)?;
     if let Some(why) = &resolved.note {
         note(sink, why.clone())?;
     }
-    let auto = if recipe.backend.device == "auto" { "; auto" } else { "" };
-    if recipe.train.precision == kiln_recipe::Precision::F16 {
-        bail!("train.precision = \"f16\": f16 training needs dynamic loss scaling, which kiln does not have yet; use \"bf16\" (f32's range, no scaling) or \"f32\"");
-    }
-    if recipe.train.precision == kiln_recipe::Precision::Bf16 && resolved.choice == DeviceChoice::Cpu {
-        note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into())?;
+    let auto = if device_spec == "auto" { "; auto" } else { "" };
+    if resolved.choice == DeviceChoice::Cpu {
+        match recipe.train.precision {
+            kiln_recipe::Precision::F32 => {}
+            kiln_recipe::Precision::Bf16 => note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into())?,
+            kiln_recipe::Precision::F16 => note(sink, "train.precision = \"f16\" on the CPU: f16 products with dynamic loss scaling, slower than f32 here; it checks the path".into())?,
+        }
     }
     if recipe.backend.threads > 0 {
         // Only the first call in a process can size the global pool; later calls keep it.
@@ -67,14 +72,14 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
             let name = format!("cpu (flex, {} threads{auto})", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
             if rayon::current_num_threads() < 2 {
-                return train_on::<B>(launch, Default::default(), name, memory, sink);
+                return train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink);
             }
             // Flex's kernels run on rayon's pool. The loop runs on a pool thread too, so that each
             // parallel kernel starts on a worker that takes part in it, instead of this thread
             // handing it over and sleeping until it is done: two thread switches fewer per
             // operation, 8-20 % of the quickstart step (docs/bench/train.md, step 12). With one
             // thread it stays here: nothing would be left to serve other threads' rayon work.
-            rayon::scope(|_| train_on::<B>(launch, Default::default(), name, memory, sink))
+            rayon::scope(|_| train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink))
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
@@ -85,14 +90,64 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
                 kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
                 _ => None,
             };
-            train_on::<B>(launch, device, format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, sink)
+            train_on::<B>(launch, device, Vec::new(), format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, sink)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
     }
 }
 
-fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name: String, memory: Option<Box<dyn autobatch::MemoryMeter>>, sink: &mut dyn EventSink) -> Result<Summary> {
+/// Data parallel over `backend.devices` (two or more): one process, a model replica per device,
+/// gradients all-reduced with Burn's collective ([`trainer`]). All CPU (replicas as threads on the
+/// one CPU: the path, not a speed-up) or all CUDA.
+fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let specs = &recipe.backend.devices;
+    let mut choices = Vec::new();
+    for spec in specs {
+        let resolved = resolve_device(spec).map_err(|e| anyhow!("{}", e.to_string().replacen("backend.device =", "backend.devices:", 1)))?;
+        choices.push(resolved.choice);
+    }
+    if recipe.backend.threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(recipe.backend.threads).build_global();
+    }
+    let n = choices.len();
+    match choices[0] {
+        DeviceChoice::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            note(sink, format!("backend.devices: {n} replicas on the CPU share its {} threads: this runs the data-parallel path, it is not faster than one", rayon::current_num_threads()))?;
+            let name = format!("cpu ×{n} (flex, {} threads, data parallel)", rayon::current_num_threads());
+            let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
+            train_on::<B>(launch, Default::default(), vec![Default::default(); n - 1], name, memory, sink)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(_) => {
+            type B = burn::backend::Autodiff<burn::backend::Cuda>;
+            let index = |c: &DeviceChoice| match c {
+                DeviceChoice::Cuda(i) => *i,
+                DeviceChoice::Cpu => unreachable!("the recipe check keeps devices of one kind"),
+            };
+            let devices: Vec<_> = choices.iter().map(|c| burn::backend::cuda::CudaDevice::new(index(c))).collect();
+            let name = format!("{} (data parallel)", specs.join(", "));
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index(&choices[0])).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, sink)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+    }
+}
+
+fn train_on<B: AutodiffBackend>(
+    launch: &Launch,
+    device: B::Device,
+    replica_devices: Vec<B::Device>,
+    device_name: String,
+    memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    sink: &mut dyn EventSink,
+) -> Result<Summary> {
     let recipe = &launch.recipe;
     let run_dir = &launch.run_dir;
     let tokenizer_path = run_dir.join("tokenizer.json");
@@ -152,7 +207,7 @@ fn train_on<B: AutodiffBackend>(launch: &Launch, device: B::Device, device_name:
         kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
     };
     let vocab = data.tokenizer.vocab_size();
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone(), memory };
+    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone(), memory, replica_devices };
     match recipe.model.family {
         ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
         ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
@@ -181,7 +236,7 @@ pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Res
     }
     for o in overrides {
         if !kiln_recipe::resumable_override(&o.key) {
-            bail!("--set {}={}: cannot change {} when resuming (only train.*, eval.* and backend.* keys, except train.seed and train.accumulate)", o.key, o.raw, o.key);
+            bail!("--set {}={}: cannot change {} when resuming (only train.*, eval.* and backend.* keys, except train.seed, train.accumulate and backend.devices)", o.key, o.raw, o.key);
         }
     }
     Ok(Recipe::load(&path, overrides)?)

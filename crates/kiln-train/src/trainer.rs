@@ -23,7 +23,8 @@ use anyhow::{anyhow, Result};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::collective::{finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use kiln_data::batching::{plan_batches, BatchSettings};
 use kiln_data::loader::{pair_jobs, Job, Loader};
 use kiln_data::text::{plan_blocks, train_blocks, HostBlocks};
@@ -34,6 +35,7 @@ use kiln_recipe::{OnNan, Recipe, TokenLimit};
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::clip::{clip_global_norm, global_norm};
+use crate::loss_scale::{keep_if_skipped, AdamWOptimizer, LossScale};
 pub use crate::family::DeviceBatch;
 use crate::family::{Split, TrainModel};
 use crate::schedule::LrSchedule;
@@ -80,6 +82,10 @@ struct SyncWindow<B: Backend> {
     slots: u64,
     steps: usize,
     started: Instant,
+    /// Target tokens of each replica (data parallel; empty with one device).
+    device_tokens: Vec<u64>,
+    /// f16: steps undone for overflowing gradients, and the loss scale after the window.
+    scaling: (u64, Option<f64>),
     /// When the loop finished with the window: its last step queued and, for a window read at
     /// once, its read done. The window's wall time ends here, so windows tile the run's time.
     closed: Option<Instant>,
@@ -92,11 +98,18 @@ struct WindowRead {
     steps: Vec<(usize, f64, f64)>,
     /// How long the loop waited for the data.
     ms: f64,
+    /// f16: the loss scale after the window.
+    loss_scale: Option<f64>,
 }
 
 impl WindowRead {
     fn first_nonfinite(&self) -> Option<usize> {
         self.steps.iter().find(|(_, loss, norm)| !loss.is_finite() || !norm.is_finite()).map(|s| s.0)
+    }
+
+    /// f16 steps undone for overflowing gradients (their norm reads -1, see `apply_step`).
+    fn overflows(&self) -> u64 {
+        self.steps.iter().filter(|s| s.2 == -1.0).count() as u64
     }
 }
 
@@ -136,13 +149,15 @@ struct ClosedWindow {
     host_sum: f64,
     first_step: usize,
     steps: usize,
+    /// The read ends with the loss scale (f16).
+    scaled: bool,
 }
 
 impl ClosedWindow {
     /// The window's data: waits for it when it is still in flight (that wait is the sync time).
     fn wait(self) -> WindowRead {
         let (data, ms) = match self.read {
-            InFlight::Empty => return WindowRead { loss_sum: self.host_sum, steps: Vec::new(), ms: 0.0 },
+            InFlight::Empty => return WindowRead { loss_sum: self.host_sum, steps: Vec::new(), ms: 0.0, loss_scale: None },
             InFlight::Done { data, ms } => (data, ms),
             InFlight::Reading(reply) => {
                 let t0 = Instant::now();
@@ -153,7 +168,8 @@ impl ClosedWindow {
         let values: Vec<f64> = data.map(|d| d.iter::<f64>().collect()).unwrap_or_default();
         let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
         let steps = (0..self.steps).map(|k| (self.first_step + k + 1, value(1 + 2 * k), value(2 + 2 * k))).collect();
-        WindowRead { loss_sum: value(0), steps, ms }
+        let loss_scale = self.scaled.then(|| value(1 + 2 * self.steps));
+        WindowRead { loss_sum: value(0), steps, ms, loss_scale }
     }
 }
 
@@ -170,6 +186,8 @@ impl<B: Backend> SyncWindow<B> {
             slots: 0,
             steps: 0,
             started: Instant::now(),
+            device_tokens: Vec::new(),
+            scaling: (0, None),
             closed: None,
         }
     }
@@ -193,12 +211,15 @@ impl<B: Backend> SyncWindow<B> {
 
     /// Starts the one device→host read of the window, its loss sum and every step's flags in one
     /// tensor: on the reader thread (`reader`), or here, now (`None`).
-    fn start_read(&mut self, reader: Option<&WindowReader<B>>) -> ClosedWindow {
+    /// `loss_scale` (f16) is read in the same transfer, after the steps.
+    fn start_read(&mut self, reader: Option<&WindowReader<B>>, loss_scale: Option<Tensor<B, 1>>) -> ClosedWindow {
+        let scaled = loss_scale.is_some();
         let read = match self.loss_sum.take() {
             None => InFlight::Empty,
             Some(sum) => {
                 let mut parts = vec![sum];
                 parts.append(&mut self.checks);
+                parts.extend(loss_scale);
                 let all = Tensor::cat(parts, 0);
                 let (reply, answer) = std::sync::mpsc::channel();
                 match reader {
@@ -211,7 +232,7 @@ impl<B: Backend> SyncWindow<B> {
                 }
             }
         };
-        ClosedWindow { read, host_sum: self.host_sum, first_step: self.first_step, steps: self.steps }
+        ClosedWindow { read, host_sum: self.host_sum, first_step: self.first_step, steps: self.steps, scaled }
     }
 }
 
@@ -249,8 +270,23 @@ impl std::fmt::Display for NonFiniteStop {
 
 impl std::error::Error for NonFiniteStop {}
 
+/// Which replica runs a step. Rank 0 is the loop's own and draws the dropout masks a
+/// single-device run draws; with several devices each rank is a peer of Burn's collective.
+#[derive(Debug, Clone, Copy)]
+struct Replica {
+    rank: usize,
+    peer: Option<PeerId>,
+}
+
+const SINGLE: Replica = Replica { rank: 0, peer: None };
+
 /// Forward and backward passes of one optimizer step (`step` = steps done before it): the
 /// gradients, clipped, and, on the device, the step's summed loss and pre-clip gradient norm.
+/// `step_tokens` counts the target tokens of the whole step (all replicas'), so that the
+/// gradients of the replicas, summed, are those of one big batch. An `idle` replica (the last
+/// step of an epoch may have fewer batches than devices) runs its batch at weight 0: it still
+/// takes part in the all-reduce, with zero gradients and a zero loss.
+#[allow(clippy::too_many_arguments)] // one step's inputs
 fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
     model: &M,
     batches: &[DeviceBatch<B>],
@@ -258,12 +294,16 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
     step: usize,
     device: &B::Device,
     host_masks: bool,
+    step_tokens: usize,
+    idle: bool,
+    replica: Replica,
+    loss_scale: Option<&Tensor<B::InnerBackend, 1>>,
 ) -> (GradientsParams, Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>) {
-    let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
-    // Dropout masks are a function of (seed, step): resuming and replaying reproduce them. On the
-    // CPU kiln draws them on the host (kiln_model::dropout), elsewhere the backend does.
-    B::seed(device, mix_seed(tr.seed, 2, step as u64));
-    kiln_model::dropout::seed_step(host_masks.then(|| mix_seed(tr.seed, 5, step as u64)));
+    // Dropout masks are a function of (seed, step, rank): resuming and replaying reproduce them.
+    // On the CPU kiln draws them on the host (kiln_model::dropout), elsewhere the backend does.
+    let seed = if replica.rank == 0 { tr.seed } else { mix_seed(tr.seed, 7, replica.rank as u64) };
+    B::seed(device, mix_seed(seed, 2, step as u64));
+    kiln_model::dropout::seed_step(host_masks.then(|| mix_seed(seed, 5, step as u64)));
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
     let poisoned = injected_nonfinite_steps().contains(&(step + 1));
@@ -273,21 +313,167 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
         if poisoned {
             sums.smoothed = sums.smoothed * f64::NAN;
         }
+        if idle {
+            sums.smoothed = sums.smoothed * 0.0;
+        }
         let inner = sums.smoothed.clone().inner();
         step_loss = Some(match step_loss.take() {
             Some(acc) => acc + inner,
             None => inner,
         });
         // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
-        let loss = sums.smoothed / step_tokens as f64;
+        let mut loss = sums.smoothed / step_tokens.max(1) as f64;
+        if let Some(scale) = loss_scale {
+            // f16: gradients scaled up past f16's smallest numbers, divided back below.
+            loss = loss * Tensor::<B, 1>::from_inner(scale.clone());
+            if injected_overflow_steps().contains(&(step + 1)) {
+                loss = loss * f64::INFINITY;
+            }
+        }
         let grads = GradientsParams::from_grads(loss.backward(), model);
         accumulator.accumulate(model, grads);
     }
     kiln_model::dropout::seed_step(None);
     let mut grads = accumulator.grads();
-    let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
     let zero = || Tensor::<B, 1>::zeros([1], device).inner();
-    (grads, step_loss.unwrap_or_else(zero), norm.unwrap_or_else(zero))
+    let mut step_loss = step_loss.unwrap_or_else(zero);
+    if let Some(peer) = replica.peer {
+        // The replicas' gradients and losses summed, on every replica: each then clips and
+        // steps alike, so the replicas stay identical.
+        grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).expect("kiln: gradient all-reduce failed");
+        let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, step_loss.into_primitive().tensor(), ReduceOperation::Sum)
+            .expect("kiln: loss all-reduce failed");
+        step_loss = Tensor::from_primitive(TensorPrimitive::Float(summed));
+    }
+    if let Some(scale) = loss_scale {
+        crate::clip::scale_gradients::<B, _>(model, &mut grads, scale.clone().recip());
+    }
+    let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
+    (grads, step_loss, norm.unwrap_or_else(zero))
+}
+
+/// The optimizer step after [`step_gradients`]. With f16 loss scaling the scaler takes the
+/// step's verdict (finite gradients or not) and an overflowing step is undone on the device; the
+/// returned norm is then -1 for a skipped step (finite, so the window does not take it for a
+/// divergence; counted as an overflow when the window is read).
+fn apply_step<B: AutodiffBackend, M: TrainModel<B>>(
+    model: M,
+    optim: AdamWOptimizer<M, B>,
+    grads: GradientsParams,
+    norm: Tensor<B::InnerBackend, 1>,
+    lr: f64,
+    scaler: Option<&mut LossScale<B::InnerBackend>>,
+) -> (M, AdamWOptimizer<M, B>, Tensor<B::InnerBackend, 1>) {
+    let mut optim = optim;
+    match scaler {
+        None => {
+            let model = optim.step(lr, model, grads);
+            (model, optim, norm)
+        }
+        Some(scaler) => {
+            let skip = scaler.update(norm.clone().is_finite());
+            let before = (model.clone(), optim.clone());
+            let stepped = optim.step(lr, model, grads);
+            let (model, optim) = keep_if_skipped(&skip, (&before.0, &before.1), (stepped, optim));
+            (model, optim, norm.mask_fill(skip, -1.0))
+        }
+    }
+}
+
+/// Work for a replica thread.
+enum ReplicaJob<B: AutodiffBackend, M: TrainModel<B>> {
+    /// One optimizer step over its share of the step's batches.
+    Step { batches: Vec<DeviceBatch<B>>, idle: bool, step: usize, lr: f64, step_tokens: usize },
+    /// Continue from this model and optimizer (rank 0's after a skip or a rollback).
+    Reset { model: M, optim: AdamWOptimizer<M, B> },
+}
+
+/// Data parallel (`backend.devices`): ranks 1..N as threads, each with its model replica and
+/// optimizer on its device; rank 0 is the loop itself. Every step the loop hands each rank its
+/// share of the step's batches; all ranks meet in the all-reduce, then step alike. The loop
+/// never waits for the replicas otherwise: the all-reduce is the only meeting point.
+struct ReplicaPool<B: AutodiffBackend, M: TrainModel<B>> {
+    ranks: Vec<std::sync::mpsc::Sender<ReplicaJob<B, M>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl<B: AutodiffBackend, M: TrainModel<B>> ReplicaPool<B, M> {
+    /// Starts ranks 1.. on `devices` and registers rank 0 (the calling thread) on `main_device`.
+    fn start(model: &M, optim: &AdamWOptimizer<M, B>, tr: &kiln_recipe::TrainSection, main_device: &B::Device, devices: &[B::Device], host_masks: bool, compute: Option<burn::tensor::FloatDType>) -> Self {
+        let config = CollectiveConfig::default().with_num_devices(devices.len() + 1);
+        let mut ranks = Vec::new();
+        let mut threads = Vec::new();
+        for (i, device) in devices.iter().enumerate() {
+            let rank = i + 1;
+            let (jobs, queue) = std::sync::mpsc::channel::<ReplicaJob<B, M>>();
+            let (model, optim, tr, device, config) = (model.clone(), optim.clone(), tr.clone(), device.clone(), config.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("kiln-replica-{rank}"))
+                .spawn(move || {
+                    let peer = PeerId::from(rank);
+                    register::<B::InnerBackend>(peer, device.clone(), config).expect("kiln: cannot join the collective");
+                    let _autocast = kiln_model::autocast::enter(compute);
+                    let (mut model, mut optim) = (model.fork(&device), optim);
+                    // Each rank scales alike: the same verdicts from the same all-reduced norms.
+                    let mut scaler = (tr.precision == kiln_recipe::Precision::F16).then(|| LossScale::<B::InnerBackend>::standard(&device));
+                    for job in queue {
+                        match job {
+                            ReplicaJob::Step { batches, idle, step, lr, step_tokens } => {
+                                let batches: Vec<DeviceBatch<B>> = batches.into_iter().map(|b| b.to_device(&device)).collect();
+                                let scale = scaler.as_ref().map(|s| &s.scale);
+                                let (grads, _, norm) = step_gradients(&model, &batches, &tr, step, &device, host_masks, step_tokens, idle, Replica { rank, peer: Some(peer) }, scale);
+                                (model, optim, _) = apply_step(model, optim, grads, norm, lr, scaler.as_mut());
+                            }
+                            ReplicaJob::Reset { model: m, optim: o } => {
+                                model = m.fork(&device);
+                                optim = o;
+                            }
+                        }
+                    }
+                    let _ = finish_collective::<B::InnerBackend>(peer);
+                })
+                .expect("kiln: cannot start a replica thread");
+            ranks.push(jobs);
+            threads.push(thread);
+        }
+        register::<B::InnerBackend>(PeerId::from(0), main_device.clone(), config).expect("kiln: cannot join the collective");
+        Self { ranks, threads }
+    }
+
+    /// Replicas, the loop's included.
+    fn len(&self) -> usize {
+        self.ranks.len() + 1
+    }
+
+    /// Hands ranks 1.. their batches of a step (`shares[r]` for rank r; rank 0's stays here). A
+    /// rank without a batch runs the step's first batch at weight 0.
+    fn send(&self, shares: &mut [Vec<DeviceBatch<B>>], step: usize, lr: f64, step_tokens: usize) {
+        let spare = shares[0].first().cloned().expect("rank 0 always has a batch");
+        for (r, jobs) in self.ranks.iter().enumerate() {
+            let mine = std::mem::take(&mut shares[r + 1]);
+            let idle = mine.is_empty();
+            let batches = if idle { vec![spare.clone()] } else { mine };
+            jobs.send(ReplicaJob::Step { batches, idle, step, lr, step_tokens }).expect("kiln: a replica thread ended");
+        }
+    }
+
+    /// Makes every replica continue from rank 0's model and optimizer.
+    fn reset(&self, model: &M, optim: &AdamWOptimizer<M, B>) {
+        for jobs in &self.ranks {
+            jobs.send(ReplicaJob::Reset { model: model.clone(), optim: optim.clone() }).expect("kiln: a replica thread ended");
+        }
+    }
+}
+
+impl<B: AutodiffBackend, M: TrainModel<B>> Drop for ReplicaPool<B, M> {
+    fn drop(&mut self) {
+        // Closing the queues ends the replica threads after their last step.
+        self.ranks.clear();
+        let _ = finish_collective::<B::InnerBackend>(PeerId::from(0));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Test hook: `KILN_TEST_NONFINITE_STEPS=3,7` makes those steps' loss NaN before the backward pass
@@ -295,9 +481,18 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
 /// they run. It lets the tests reach `train.on_nan` at a chosen step without a diverging model.
 fn injected_nonfinite_steps() -> &'static [usize] {
     static STEPS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
-    STEPS.get_or_init(|| {
-        std::env::var("KILN_TEST_NONFINITE_STEPS").map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect()).unwrap_or_default()
-    })
+    STEPS.get_or_init(|| steps_from_env("KILN_TEST_NONFINITE_STEPS"))
+}
+
+/// Test hook: `KILN_TEST_OVERFLOW_STEPS=5` makes those steps' scaled loss infinite for the backward
+/// pass only (f16 loss scaling): their gradients overflow, their reported loss stays finite.
+fn injected_overflow_steps() -> &'static [usize] {
+    static STEPS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    STEPS.get_or_init(|| steps_from_env("KILN_TEST_OVERFLOW_STEPS"))
+}
+
+fn steps_from_env(name: &str) -> Vec<usize> {
+    std::env::var(name).map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect()).unwrap_or_default()
 }
 
 /// Writes `nonfinite.json` (what the window read showed) and returns the one-line stop error.
@@ -344,6 +539,8 @@ pub struct TrainJob<'a, B: AutodiffBackend> {
     pub step_times: Option<StepTimes>,
     /// Measures the device's memory for `loader.max_tokens = "auto"` (`None`: cannot be measured).
     pub memory: Option<Box<dyn crate::autobatch::MemoryMeter>>,
+    /// Data parallel: the devices of ranks 1.. (`device` is rank 0's); empty for one device.
+    pub replica_devices: Vec<B::Device>,
 }
 
 /// Milliseconds of each optimizer step of a measurement run.
@@ -388,7 +585,8 @@ fn probe_batch_sizes<B: AutodiffBackend, M: TrainModel<B>, O: Optimizer<M, B>>(
         let previous_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let (grads, loss, norm) = step_gradients(model, std::slice::from_ref(&batch), &recipe.train, 0, device, host_masks);
+            let tokens = batch.stats.target_tokens;
+            let (grads, loss, norm) = step_gradients(model, std::slice::from_ref(&batch), &recipe.train, 0, device, host_masks, tokens, false, SINGLE, None);
             let stepped = optim.clone().step(recipe.train.lr, model.clone(), grads);
             // Waits for the step, optimizer included, to finish on the device.
             let _ = Tensor::cat(vec![loss, norm], 0).into_data();
@@ -511,7 +709,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     };
     // Steps per epoch, counted up front (the schedule needs the exact total); only the counts are
     // kept, and each epoch's plan is made again when the epoch starts (it is a pure function).
-    let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_plan(e).1.len().div_ceil(tr.accumulate)).collect();
+    let per_step = tr.accumulate * (job.replica_devices.len() + 1);
+    let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| epoch_plan(e).1.len().div_ceil(per_step)).collect();
     let mut total_steps: usize = epoch_steps.iter().sum();
     if tr.max_steps > 0 {
         total_steps = total_steps.min(tr.max_steps);
@@ -616,6 +815,14 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
     let policy = tr.on_nan;
     let measuring = job.step_times.is_some();
     let host_masks = job.device_name.starts_with("cpu");
+    // f16: dynamic loss scaling, on the device (a resumed run starts again at 2¹⁶).
+    let mut scaler = (tr.precision == kiln_recipe::Precision::F16).then(|| LossScale::<B::InnerBackend>::standard(device));
+    // Data parallel: ranks 1.. start from the model and optimizer as they are now (resumed or
+    // fresh), so every replica starts identical.
+    let pool = (!job.replica_devices.is_empty())
+        .then(|| ReplicaPool::start(&model, &optim, tr, device, &job.replica_devices, host_masks, kiln_model::autocast::compute()));
+    let replicas = pool.as_ref().map_or(1, ReplicaPool::len);
+
     // `skip`: where the open window started, to replay it without its non-finite steps.
     let mut window_start: Option<WindowStart<B, M, _>> = None;
     // `rollback`: the model, optimizer and state of the last checkpoint (or of the start). Held in
@@ -637,6 +844,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             let mut rolled_back = false;
             match read.first_nonfinite() {
                 None => {
+                    done.scaling = (read.overflows(), read.loss_scale);
                     record_window(&mut done, read.loss_sum, read.ms, &mut state, done_epoch, done_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
                 }
                 Some(_) if policy == OnNan::Stop => {
@@ -658,7 +866,8 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     replayed.first_step = start.step;
                     let mut skipped = Vec::new();
                     for batches in &start.batches {
-                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host_masks);
+                        let tokens = batches.iter().map(|b| b.stats.target_tokens).sum();
+                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host_masks, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
                         let values: Vec<f64> = Tensor::cat(vec![loss, norm], 0).into_data().iter::<f64>().collect();
                         state.step += 1;
                         last_lr = schedule.at(state.step) * state.lr_scale;
@@ -677,26 +886,37 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                             replayed.steps += 1;
                         }
                     }
-                    emit(sink, Event::Note(format!(
-                        "non-finite loss or gradient: skipped step{} {} (window replayed from step {})",
-                        if skipped.len() == 1 { "" } else { "s" },
-                        skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
-                        start.step + 1
-                    )))?;
+                    emit(sink, Event::Note(match skipped.len() {
+                        // A step that was non-finite once and finite when replayed: nothing skipped.
+                        0 => format!("non-finite loss or gradient, finite on replay (window replayed from step {})", start.step + 1),
+                        n => format!(
+                            "non-finite loss or gradient: skipped step{} {} (window replayed from step {})",
+                            if n == 1 { "" } else { "s" },
+                            skipped.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", "),
+                            start.step + 1
+                        ),
+                    }))?;
                     let host_sum = replayed.host_sum;
                     record_window(&mut replayed, host_sum, read.ms, &mut state, done_epoch, last_lr, &mut clock, loader.take_wait(), loader.ready(), sink)?;
                     if !queued_after.is_empty() {
                         window.first_step = state.step;
                         window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
                         for batches in queued_after {
-                            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks);
-                            window.add(loss_sum, norm);
+                            let tokens = batches.iter().map(|b| b.stats.target_tokens).sum();
+                            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
                             state.step += 1;
                             last_lr = schedule.at(state.step) * state.lr_scale;
-                            model = optim.step(last_lr, model, grads);
+                            let (m, o, norm) = apply_step(model, optim, grads, norm, last_lr, scaler.as_mut());
+                            (model, optim) = (m, o);
+                            window.add(loss_sum, norm);
                             window.count(&batches);
                             window_start.as_mut().expect("just set").batches.push(batches);
                         }
+                    }
+                    // The replicas continue from the replayed model (the replay ran on rank 0 alone,
+                    // every batch of each step: the same gradients, up to the order of the sums).
+                    if let Some(pool) = &pool {
+                        pool.reset(&model, &optim);
                     }
                 }
                 Some(first) => {
@@ -723,6 +943,9 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     window_start = None;
                     // The pending batches belong to the abandoned steps.
                     loader = Loader::new(recipe.loader.workers, recipe.loader.prefetch);
+                    if let Some(pool) = &pool {
+                        pool.reset(&model, &optim);
+                    }
                     emit(sink, Event::Rollback { step: state.step })?;
                     emit(sink, Event::Note(format!(
                         "non-finite loss or gradient at step {first}: rolled back to step {} (rollback {}), learning rate × {:.3e} from here",
@@ -747,7 +970,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             }
             if !rolled_back && window.steps > 0 {
                 let overlap = if $wait { None } else { reader.as_ref() };
-                let read = window.start_read(overlap);
+                let read = window.start_read(overlap, scaler.as_ref().map(|s| s.scale.clone()));
                 let mut done = std::mem::replace(&mut window, SyncWindow::new());
                 if overlap.is_some() {
                     done.closed = Some(Instant::now());
@@ -796,18 +1019,36 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 // the previous window's validation or checkpoint.
                 window.started = Instant::now();
                 window.first_step = state.step;
+                if replicas > 1 {
+                    window.device_tokens = vec![0; replicas];
+                }
                 if policy == OnNan::Skip {
                     window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
                 }
             }
-            let group = tr.accumulate.min(plan.len() - pos);
+            let group = (tr.accumulate * replicas).min(plan.len() - pos);
             let batches: Vec<DeviceBatch<B>> = (0..group).map(|_| loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
             let step_started = Instant::now();
-            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks);
-            window.add(loss_sum, norm);
+            let step_tokens: usize = batches.iter().map(|b| b.stats.target_tokens).sum();
+            let lr = schedule.at(state.step + 1) * state.lr_scale;
+            let scale = scaler.as_ref().map(|s| &s.scale);
+            let (grads, loss_sum, norm) = match &pool {
+                None => step_gradients(&model, &batches, tr, state.step, device, host_masks, step_tokens, false, SINGLE, scale),
+                Some(pool) => {
+                    // Rank r takes the step's batches r·accumulate .. (r+1)·accumulate.
+                    let mut shares: Vec<Vec<DeviceBatch<B>>> = (0..pool.len()).map(|r| batches.iter().skip(r * tr.accumulate).take(tr.accumulate).cloned().collect()).collect();
+                    for (r, share) in shares.iter().enumerate() {
+                        window.device_tokens[r] += share.iter().map(|b| b.stats.target_tokens as u64).sum::<u64>();
+                    }
+                    pool.send(&mut shares, state.step, lr, step_tokens);
+                    step_gradients(&model, &shares[0], tr, state.step, device, host_masks, step_tokens, false, Replica { rank: 0, peer: Some(PeerId::from(0)) }, scale)
+                }
+            };
             state.step += 1;
-            last_lr = schedule.at(state.step) * state.lr_scale;
-            model = optim.step(last_lr, model, grads);
+            last_lr = lr;
+            let (m, o, norm) = apply_step(model, optim, grads, norm, last_lr, scaler.as_mut());
+            (model, optim) = (m, o);
+            window.add(loss_sum, norm);
             if let Some(times) = &job.step_times {
                 // Host time: the step's whole cost on an eager backend (Flex); queueing time on CUDA.
                 times.lock().expect("step times").push(step_started.elapsed().as_secs_f64() * 1e3);
@@ -995,6 +1236,9 @@ fn record_window<B: Backend>(
         prefetch_ready,
         rss_mb: process.rss_mb,
         cpu_pct,
+        device_tokens: std::mem::take(&mut window.device_tokens),
+        overflow_skips: window.scaling.0,
+        loss_scale: window.scaling.1,
     };
     *window = SyncWindow::new();
     sink.emit(&Event::Window(row)).map_err(|m| anyhow!(m))
