@@ -6,14 +6,19 @@
 //! `train.sync_interval` steps and at epoch end. With `train.sync_overlap` the read runs on a
 //! reader thread while the loop queues the next window's steps, and is waited for when that
 //! window closes: the device always has work queued, and the host is never more than one window
-//! ahead of what it has read. Token counts come from the host batches, so they need no read. Batch order and dropout are functions of (seed, epoch) and (seed, step), which
-//! makes a resumed run see the same batches and masks as an unbroken one.
+//! ahead of what it has read. Token counts come from the host batches, so they need no read.
+//! Batch order and dropout are functions of (seed, epoch) and (seed, step, rank), which makes a
+//! resumed run see the same batches and masks as an unbroken one.
 //!
 //! The window's read also brings back each step's summed loss and gradient norm (one transfer):
 //! a non-finite one is handled as `train.on_nan` says (stop with a diagnosis, replay the window
 //! without the step, or roll back to the last checkpoint with a lower learning rate). Found one
 //! window late under `sync_overlap`, the steps queued after it are replayed or abandoned with it;
 //! saves wait for every read, so no checkpoint holds a step that was not checked.
+//!
+//! Also here: data parallel over `backend.devices` (`ReplicaPool`: a replica per device, the
+//! gradients all-reduced with Burn's collective), f16 loss scaling (`apply_step`, with
+//! `crate::loss_scale`), and the probe of `loader.max_tokens = "auto"` (`probe_batch_sizes`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -22,8 +27,8 @@ use std::time::Instant;
 use anyhow::{anyhow, Result};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRecorder, Recorder};
-use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::collective::{finish_collective, register, CollectiveConfig, PeerId, ReduceOperation};
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use kiln_data::batching::{plan_batches, BatchSettings};
 use kiln_data::loader::{pair_jobs, Job, Loader};

@@ -51,7 +51,7 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
             }
             Event::Note(text) => format!("kiln | {text}"),
             Event::Window(w) => format!(
-                "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs) | pad {:.1}% | data wait {:.1} ms",
+                "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs) | pad {:.1}% | data wait {:.1} ms{}",
                 w.epoch,
                 self.epochs,
                 w.step,
@@ -64,7 +64,8 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 w.sync.max_ms,
                 w.sync.count,
                 w.padding_pct,
-                w.data_wait_ms
+                w.data_wait_ms,
+                extras(w)
             ),
             Event::EpochEnd { epoch, step, train_loss } => {
                 format!("epoch {epoch}/{} done | step {step} | train loss {train_loss:.4}", self.epochs)
@@ -101,6 +102,23 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
     }
 }
 
+/// What only some runs have: each device's tokens/s (data parallel), the f16 loss scale and the
+/// steps it undid.
+fn extras(w: &kiln_events::WindowRow) -> String {
+    let mut out = String::new();
+    if !w.device_tokens.is_empty() && w.window_s > 0.0 {
+        let rates: Vec<String> = w.device_tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect();
+        out.push_str(&format!(" | per device {} tok/s", rates.join(" / ")));
+    }
+    if let Some(scale) = w.loss_scale {
+        out.push_str(&format!(" | loss scale {scale}"));
+        if w.overflow_skips > 0 {
+            out.push_str(&format!(" ({} overflowing step{} undone)", w.overflow_skips, if w.overflow_skips == 1 { "" } else { "s" }));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,16 +127,21 @@ mod tests {
     #[test]
     fn window_line_carries_the_figures() {
         let mut buf = Vec::new();
+        let row;
         {
             let mut p = ProgressLine::new(&mut buf);
             let mut sync = SyncStats::default();
             sync.record(1.5);
             sync.record(0.5);
-            let row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], overflow_skips: 0, loss_scale: None };
-            p.emit(&Event::Window(row)).unwrap();
+            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], overflow_skips: 0, loss_scale: None };
+            p.emit(&Event::Window(row.clone())).unwrap();
         }
         let line = String::from_utf8(buf).unwrap();
         assert!(line.starts_with("epoch 2/0 | step 40/0 | loss 3.2500 | 12,346 tok/s | lr 4.20e-4 | sync 0.50 ms (avg 1.00, max 1.50, 2 syncs)"), "{line}");
+        assert!(!line.contains("per device") && !line.contains("loss scale"), "{line}");
+        let row = WindowRow { device_tokens: vec![3000, 2000], loss_scale: Some(16384.0), overflow_skips: 2, ..row };
+        let line = extras(&row);
+        assert_eq!(line, " | per device 7,500 / 5,000 tok/s | loss scale 16384 (2 overflowing steps undone)");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1000.0), "1,000");
     }
