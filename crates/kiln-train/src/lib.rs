@@ -56,11 +56,7 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
     }
     let auto = if device_spec == "auto" { "; auto" } else { "" };
     if resolved.choice == DeviceChoice::Cpu {
-        match recipe.train.precision {
-            kiln_recipe::Precision::F32 => {}
-            kiln_recipe::Precision::Bf16 => note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into())?,
-            kiln_recipe::Precision::F16 => note(sink, "train.precision = \"f16\" on the CPU: f16 products with dynamic loss scaling, slower than f32 here; it checks the path".into())?,
-        }
+        cpu_precision_note(recipe, sink)?;
     }
     if recipe.backend.threads > 0 {
         // Only the first call in a process can size the global pool; later calls keep it.
@@ -115,6 +111,7 @@ fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> R
     match choices[0] {
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
+            cpu_precision_note(recipe, sink)?;
             note(sink, format!("backend.devices: {n} replicas on the CPU share its {} threads: this runs the data-parallel path, it is not faster than one", rayon::current_num_threads()))?;
             let name = format!("cpu ×{n} (flex, {} threads, data parallel)", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
@@ -211,6 +208,15 @@ fn train_on<B: AutodiffBackend>(
     match recipe.model.family {
         ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
         ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
+    }
+}
+
+/// Half precision on the CPU runs, but slower than f32: says so.
+fn cpu_precision_note(recipe: &Recipe, sink: &mut dyn EventSink) -> Result<()> {
+    match recipe.train.precision {
+        kiln_recipe::Precision::F32 => Ok(()),
+        kiln_recipe::Precision::Bf16 => note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into()),
+        kiln_recipe::Precision::F16 => note(sink, "train.precision = \"f16\" on the CPU: f16 products with dynamic loss scaling, slower than f32 here; it checks the path".into()),
     }
 }
 
