@@ -203,8 +203,8 @@ pub struct HostMemory {
 
 impl HostMemory {
     pub fn new() -> Option<Self> {
-        let available = meminfo_kb("MemAvailable:")?;
-        let own = status_kb("VmRSS:")?;
+        let available = crate::system::meminfo_kb("MemAvailable:")?;
+        let own = crate::system::status_kb("VmRSS:")?;
         Some(Self { capacity: (available + own) * 1024 })
     }
 }
@@ -215,12 +215,11 @@ impl MemoryMeter for HostMemory {
     }
 
     fn reset(&mut self) {
-        // "5" resets the peak resident set to the current one (Linux ≥ 4.0).
-        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        crate::system::reset_peak_rss();
     }
 
     fn peak(&mut self) -> u64 {
-        status_kb("VmHWM:").unwrap_or(u64::MAX / 2048) * 1024
+        crate::system::status_kb("VmHWM:").unwrap_or(u64::MAX / 2048) * 1024
     }
 }
 
@@ -263,18 +262,6 @@ impl MemoryMeter for CudaMemory {
     fn peak(&mut self) -> u64 {
         self.client.memory_usage().map(|u| u.bytes_reserved).unwrap_or(u64::MAX / 2)
     }
-}
-
-fn field_kb(text: &str, key: &str) -> Option<u64> {
-    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn meminfo_kb(key: &str) -> Option<u64> {
-    field_kb(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
-}
-
-fn status_kb(key: &str) -> Option<u64> {
-    field_kb(&std::fs::read_to_string("/proc/self/status").ok()?, key)
 }
 
 #[cfg(test)]

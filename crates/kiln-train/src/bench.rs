@@ -204,11 +204,7 @@ impl kiln_events::EventSink for Collect {
 
 /// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    crate::system::status_kb("VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -1,5 +1,6 @@
 //! The training process's own resource use, sampled once per sync window for the logs and the
-//! dashboard: resident memory and CPU time, from `/proc/self` on Linux (zeros elsewhere).
+//! dashboard: resident memory and CPU time, from `/proc/self` on Linux (zeros elsewhere); and the
+//! peak resident set and the memory available, for the bench and the batch-size probe.
 
 /// A reading of the process's counters.
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,6 +27,25 @@ impl ProcessSample {
     pub fn cpu_pct_since(&self, earlier: &ProcessSample, wall_s: f64) -> f64 {
         if wall_s <= 0.0 { 0.0 } else { 100.0 * (self.cpu_s - earlier.cpu_s).max(0.0) / wall_s }
     }
+}
+
+/// A field of `/proc/self/status` in KiB (`"VmHWM:"`, the peak resident set; `"VmRSS:"`).
+pub fn status_kb(key: &str) -> Option<u64> {
+    field_kb(&std::fs::read_to_string("/proc/self/status").ok()?, key)
+}
+
+/// A field of `/proc/meminfo` in KiB (`"MemAvailable:"`).
+pub fn meminfo_kb(key: &str) -> Option<u64> {
+    field_kb(&std::fs::read_to_string("/proc/meminfo").ok()?, key)
+}
+
+/// Resets the process's peak resident set (`VmHWM`) to the current one (Linux ≥ 4.0).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn field_kb(text: &str, key: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(target_os = "linux")]
