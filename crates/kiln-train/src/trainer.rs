@@ -1024,9 +1024,6 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 // the previous window's validation or checkpoint.
                 window.started = Instant::now();
                 window.first_step = state.step;
-                if replicas > 1 {
-                    window.device_tokens = vec![0; replicas];
-                }
                 if policy == OnNan::Skip {
                     window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
                 }
@@ -1042,6 +1039,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                 Some(pool) => {
                     // Rank r takes the step's batches r·accumulate .. (r+1)·accumulate.
                     let mut shares: Vec<Vec<DeviceBatch<B>>> = (0..pool.len()).map(|r| batches.iter().skip(r * tr.accumulate).take(tr.accumulate).cloned().collect()).collect();
+                    window.device_tokens.resize(pool.len(), 0);
                     for (r, share) in shares.iter().enumerate() {
                         window.device_tokens[r] += share.iter().map(|b| b.stats.target_tokens as u64).sum::<u64>();
                     }
