@@ -171,5 +171,5 @@ fn device_and_precision_requests_this_build_cannot_serve_or_does_not_know() {
     let o = kiln(&["train", &smoke(), "--run-dir", &run_s, "--no-tui", "--set", "backend.device=auto", "--set", "train.max_steps=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    assert!(out.contains("backend.device = \"auto\"") && out.contains("training on the CPU") && out.contains("threads; auto)"), "{out}");
+    assert!(out.contains("backend.device = \"auto\"") && out.contains("training on the CPU") && out.contains("device cpu (flex, ") && out.contains("; auto)"), "{out}");
 }

@@ -439,6 +439,10 @@ pub struct BackendSection {
     pub device: String,
     /// CPU threads for tensor kernels (0 = all cores).
     pub threads: usize,
+    /// On the CPU, each batch is cut by rows into this many parts, run side by side on the
+    /// threads, one autodiff graph each, their gradients summed (0 = one part per thread, 1 =
+    /// whole batches). The same batches and dropout masks: only the order of float sums differs.
+    pub cpu_split: usize,
     /// Data parallel over several devices, one model replica each, gradients all-reduced with
     /// Burn's collective: `["cuda:0", "cuda:1"]`. Replaces `device` when it holds two or more.
     /// `["cpu", "cpu"]` runs replicas as threads sharing the CPU (it checks the path; it is not
@@ -448,7 +452,7 @@ pub struct BackendSection {
 
 impl Default for BackendSection {
     fn default() -> Self {
-        Self { device: "auto".into(), threads: 0, devices: Vec::new() }
+        Self { device: "auto".into(), threads: 0, cpu_split: 0, devices: Vec::new() }
     }
 }
 

@@ -68,6 +68,39 @@ impl<B: Backend> DeviceBatch<B> {
         }
     }
 
+    /// The batch cut by rows into at most `parts` parts of (nearly) equal rows, each with the
+    /// first row it starts at. Every part keeps the whole batch's padded lengths, so a part's
+    /// tensors are rows of the whole batch's and its dropout masks those rows of the whole's
+    /// (`kiln_model::dropout::MaskState::at_row`). Reads the labels' positions on the host: meant for host
+    /// devices, where that is a copy.
+    pub fn split_rows(&self, parts: usize) -> Vec<(usize, DeviceBatch<B>)> {
+        let [rows, len] = self.input.dims();
+        let parts = parts.clamp(1, rows.max(1));
+        if parts == 1 {
+            return vec![(0, self.clone())];
+        }
+        let device = self.input.device();
+        let positions: Vec<i64> = self.label_rows.to_data().iter::<i64>().collect();
+        let labels: Vec<i64> = self.labels.to_data().iter::<i64>().collect();
+        (0..parts)
+            .map(|p| {
+                let (first, end) = (p * rows / parts, (p + 1) * rows / parts);
+                let (lo, hi) = ((first * len) as i64, (end * len) as i64);
+                let (mine, my_labels): (Vec<i32>, Vec<i32>) =
+                    positions.iter().zip(&labels).filter(|(&at, _)| (lo..hi).contains(&at)).map(|(&at, &label)| ((at - lo) as i32, label as i32)).unzip();
+                let stats = BatchStats { size: end - first, target_tokens: mine.len(), ..self.stats };
+                let part = DeviceBatch {
+                    stats,
+                    src: self.src.as_ref().map(|src| src.clone().slice([first..end, 0..src.dims()[1]])),
+                    input: self.input.clone().slice([first..end, 0..len]),
+                    label_rows: flat(&mine, &device),
+                    labels: flat(&my_labels, &device),
+                };
+                (first, part)
+            })
+            .collect()
+    }
+
     /// A batch of text blocks.
     pub fn blocks(host: HostBlocks, device: &B::Device) -> Self {
         let (rows, labels): (Vec<i32>, Vec<i32>) = host.labels.iter().enumerate().filter(|(_, &t)| t != PAD as i32).map(|(i, &t)| (i as i32, t)).unzip();
@@ -161,4 +194,55 @@ pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recip
     }
     let loss = nll.map(|t| t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64).unwrap_or(f64::NAN);
     EvalResult { loss, ppl: loss.exp(), bleu: None }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+    use kiln_data::{Example, BOS, EOS};
+    use kiln_model::dropout::{mask_state, seed_step, set_mask_state};
+    use kiln_model::Seq2SeqConfig;
+    use kiln_recipe::ModelSection;
+
+    type B = Autodiff<Flex>;
+
+    fn logits(model: &Seq2Seq<B>, batch: &DeviceBatch<B>) -> Vec<f32> {
+        model.logits(batch).into_data().to_vec().unwrap()
+    }
+
+    /// A batch cut by rows (`backend.cpu_split`): each part, run with the mask state at its first
+    /// row, gives exactly its rows of the whole batch's logits — dropout (0.3) included, so the
+    /// parts draw the whole batch's masks. Uneven parts (7 rows in 3), sentences of varied lengths.
+    #[test]
+    fn parts_of_a_batch_give_its_logits_with_its_dropout_masks() {
+        let device = Default::default();
+        let token = |k: usize, i: usize| 4 + ((i * 7 + k * 13) % 50) as u32;
+        let examples: Vec<Example> = (0..7).map(|k| Example { src: (0..3 + k % 4).map(|i| token(k, i)).collect(), tgt: (0..2 + k % 3).map(|i| token(k + 1, i)).collect() }).collect();
+        let host = HostBatch::build(&examples, &(0..7).collect::<Vec<_>>());
+        let batch = DeviceBatch::<B>::new(host, &device);
+        let model = ModelSection { d_model: 16, n_heads: 2, d_ff: 32, encoder_layers: 1, decoder_layers: 1, dropout: 0.3, max_positions: 32, ..Default::default() };
+        let model = Seq2SeqConfig { vocab_size: 60, pad: PAD, bos: BOS, eos: EOS, model }.init::<B>(&device);
+        seed_step(Some(11));
+        let start = mask_state();
+        let whole = logits(&model, &batch);
+        let parts = batch.split_rows(3);
+        assert_eq!(parts.iter().map(|(first, p)| (*first, p.stats.size)).collect::<Vec<_>>(), vec![(0, 2), (2, 2), (4, 3)]);
+        assert_eq!(parts.iter().map(|(_, p)| p.stats.target_tokens).sum::<usize>(), batch.stats.target_tokens);
+        let mut joined = Vec::new();
+        for (first, part) in &parts {
+            set_mask_state(start.at_row(*first));
+            joined.extend(logits(&model, part));
+        }
+        assert_eq!(joined.len(), whole.len());
+        let worst = joined.iter().zip(&whole).map(|(a, b)| (a - b).abs() / b.abs().max(1e-3)).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "parts' logits differ from the whole batch's by {worst}");
+        // The comparison can fail: the last part with the masks of rows 0.. instead.
+        let (first, last) = &parts[2];
+        set_mask_state(start);
+        let wrong = logits(&model, last);
+        let at = whole.len() - wrong.len();
+        assert!(wrong.iter().zip(&whole[at..]).any(|(a, b)| (a - b).abs() > 1e-3), "masks of rows {first}.. needed");
+        seed_step(None);
+    }
 }

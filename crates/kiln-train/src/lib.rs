@@ -65,7 +65,9 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
     match resolved.choice {
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
-            let name = format!("cpu (flex, {} threads{auto})", rayon::current_num_threads());
+            let parts = trainer::HostStep::new("cpu", recipe.backend.cpu_split).parts;
+            let split = if parts > 1 { format!(", batches in {parts} parts") } else { String::new() };
+            let name = format!("cpu (flex, {} threads{split}{auto})", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
             if rayon::current_num_threads() < 2 {
                 return train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink);

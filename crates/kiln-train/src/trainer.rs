@@ -285,6 +285,67 @@ struct Replica {
 
 const SINGLE: Replica = Replica { rank: 0, peer: None };
 
+/// How a step uses a host (CPU) device: dropout masks drawn by kiln on the host, and the parts
+/// each batch is cut into by rows (`backend.cpu_split`), run side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostStep {
+    pub masks: bool,
+    pub parts: usize,
+}
+
+/// A device that is not the CPU: the backend draws masks, batches run whole.
+pub(crate) const DEVICE_STEP: HostStep = HostStep { masks: false, parts: 1 };
+
+impl HostStep {
+    /// For the device named `device_name` (`cpu…` or another) and the recipe's `backend.cpu_split`
+    /// (0: one part per thread of the pool).
+    pub(crate) fn new(device_name: &str, cpu_split: usize) -> Self {
+        if !device_name.starts_with("cpu") {
+            return DEVICE_STEP;
+        }
+        let parts = if cpu_split == 0 { rayon::current_num_threads() } else { cpu_split };
+        Self { masks: true, parts: parts.max(1) }
+    }
+}
+
+/// `batch` cut into `parts` parts that each have a label; empty (run it whole) when that leaves
+/// fewer than two.
+fn split_parts<B: Backend>(batch: &DeviceBatch<B>, parts: usize) -> Vec<(usize, DeviceBatch<B>)> {
+    if parts < 2 {
+        return Vec::new();
+    }
+    let parts: Vec<_> = batch.split_rows(parts).into_iter().filter(|(_, part)| part.stats.target_tokens > 0).collect();
+    if parts.len() < 2 {
+        return Vec::new();
+    }
+    parts
+}
+
+/// Runs the parts of a batch side by side on the thread pool, each on its own autodiff graph
+/// (the model's parameters as fresh leaves over the same weights), each with the dropout masks
+/// of its rows of the whole batch. Single-threaded kernels on independent parts keep every core
+/// busy where one graph's kernels, one after another, leave cores waiting between them. Results
+/// come back in part order, so their sum does not depend on which thread ran what.
+fn run_parts<B: AutodiffBackend, M: TrainModel<B>, R: Send>(model: &M, parts: Vec<(usize, DeviceBatch<B>)>, run: &(dyn Fn(&M, &DeviceBatch<B>) -> R + Sync)) -> Vec<R> {
+    use rayon::prelude::*;
+    let masks = kiln_model::dropout::mask_state();
+    let compute = kiln_model::autocast::compute();
+    let units: Vec<(usize, DeviceBatch<B>, M)> =
+        parts.into_iter().enumerate().map(|(i, (first, part))| (first, part, if i == 0 { model.clone() } else { M::from_inner(model.valid()) })).collect();
+    let done: Vec<(R, kiln_model::dropout::MaskState)> = units
+        .into_par_iter()
+        .map(|(first, part, model)| {
+            let _autocast = kiln_model::autocast::enter(compute);
+            kiln_model::dropout::set_mask_state(masks.at_row(first));
+            let out = run(&model, &part);
+            (out, kiln_model::dropout::mask_state())
+        })
+        .collect();
+    // Every part drew the same number of masks: the step goes on from there, at row 0.
+    kiln_model::dropout::set_mask_state(done[0].1.at_row(0));
+    done.into_iter().map(|(out, _)| out).collect()
+}
+
 /// Forward and backward passes of one optimizer step (`step` = steps done before it): the
 /// gradients, clipped, and, on the device, the step's summed loss and pre-clip gradient norm.
 /// `step_tokens` counts the target tokens of the whole step (all replicas'), so that the
@@ -298,7 +359,7 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
     tr: &kiln_recipe::TrainSection,
     step: usize,
     device: &B::Device,
-    host_masks: bool,
+    host: HostStep,
     step_tokens: usize,
     idle: bool,
     replica: Replica,
@@ -308,11 +369,12 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
     // On the CPU kiln draws them on the host (kiln_model::dropout), elsewhere the backend does.
     let seed = if replica.rank == 0 { tr.seed } else { mix_seed(tr.seed, 7, replica.rank as u64) };
     B::seed(device, mix_seed(seed, 2, step as u64));
-    kiln_model::dropout::seed_step(host_masks.then(|| mix_seed(seed, 5, step as u64)));
+    kiln_model::dropout::seed_step(host.masks.then(|| mix_seed(seed, 5, step as u64)));
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut step_loss: Option<Tensor<B::InnerBackend, 1>> = None;
     let poisoned = injected_nonfinite_steps().contains(&(step + 1));
-    for b in batches {
+    // Forward and backward of one batch (or part of one): its gradients and summed loss.
+    let run = |model: &M, b: &DeviceBatch<B>| {
         let logits = model.logits(b);
         let mut sums = label_smoothed_loss(logits, b.labels.clone(), PAD, tr.label_smoothing);
         if poisoned {
@@ -322,10 +384,6 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
             sums.smoothed = sums.smoothed * 0.0;
         }
         let inner = sums.smoothed.clone().inner();
-        step_loss = Some(match step_loss.take() {
-            Some(acc) => acc + inner,
-            None => inner,
-        });
         // Mean over the tokens of the whole optimizer step, so accumulation = a bigger batch.
         let mut loss = sums.smoothed / step_tokens.max(1) as f64;
         if let Some(scale) = loss_scale {
@@ -335,8 +393,22 @@ fn step_gradients<B: AutodiffBackend, M: TrainModel<B>>(
                 loss = loss * f64::INFINITY;
             }
         }
-        let grads = GradientsParams::from_grads(loss.backward(), model);
-        accumulator.accumulate(model, grads);
+        (GradientsParams::from_grads(loss.backward(), model), inner)
+    };
+    for b in batches {
+        let parts = if replica.peer.is_none() { split_parts(b, host.parts) } else { Vec::new() };
+        let results = if parts.len() > 1 {
+            run_parts(model, parts, &run)
+        } else {
+            vec![run(model, b)]
+        };
+        for (grads, inner) in results {
+            step_loss = Some(match step_loss.take() {
+                Some(acc) => acc + inner,
+                None => inner,
+            });
+            accumulator.accumulate(model, grads);
+        }
     }
     kiln_model::dropout::seed_step(None);
     let mut grads = accumulator.grads();
@@ -404,7 +476,7 @@ struct ReplicaPool<B: AutodiffBackend, M: TrainModel<B>> {
 
 impl<B: AutodiffBackend, M: TrainModel<B>> ReplicaPool<B, M> {
     /// Starts ranks 1.. on `devices` and registers rank 0 (the calling thread) on `main_device`.
-    fn start(model: &M, optim: &AdamWOptimizer<M, B>, tr: &kiln_recipe::TrainSection, main_device: &B::Device, devices: &[B::Device], host_masks: bool, compute: Option<burn::tensor::FloatDType>) -> Self {
+    fn start(model: &M, optim: &AdamWOptimizer<M, B>, tr: &kiln_recipe::TrainSection, main_device: &B::Device, devices: &[B::Device], host: HostStep, compute: Option<burn::tensor::FloatDType>) -> Self {
         let config = CollectiveConfig::default().with_num_devices(devices.len() + 1);
         let mut ranks = Vec::new();
         let mut threads = Vec::new();
@@ -426,7 +498,7 @@ impl<B: AutodiffBackend, M: TrainModel<B>> ReplicaPool<B, M> {
                             ReplicaJob::Step { batches, idle, step, lr, step_tokens } => {
                                 let batches: Vec<DeviceBatch<B>> = batches.into_iter().map(|b| b.to_device(&device)).collect();
                                 let scale = scaler.as_ref().map(|s| &s.scale);
-                                let (grads, _, norm) = step_gradients(&model, &batches, &tr, step, &device, host_masks, step_tokens, idle, Replica { rank, peer: Some(peer) }, scale);
+                                let (grads, _, norm) = step_gradients(&model, &batches, &tr, step, &device, host, step_tokens, idle, Replica { rank, peer: Some(peer) }, scale);
                                 (model, optim, _) = apply_step(model, optim, grads, norm, lr, scaler.as_mut());
                             }
                             ReplicaJob::Reset { model: m, optim: o } => {
@@ -573,7 +645,7 @@ fn probe_batch_sizes<B: AutodiffBackend, M: TrainModel<B>, O: Optimizer<M, B>>(
     let text = data.text.is_some();
     let lengths = if text { vec![recipe.data.block_size] } else { crate::autobatch::length_ranges(recipe.data.max_len + 2) };
     let vocab = data.tokenizer.vocab_size() as u32;
-    let host_masks = device_name.starts_with("cpu");
+    let host = HostStep::new(device_name, recipe.backend.cpu_split);
     // Ordinary (non-special) ids, varied so no kernel sees a constant.
     let token = |i: usize| 4 + (i as u32).wrapping_mul(2_654_435_761) % (vocab.max(5) - 4);
     let mut try_size = |len: usize, n: usize| -> crate::autobatch::Outcome {
@@ -591,7 +663,7 @@ fn probe_batch_sizes<B: AutodiffBackend, M: TrainModel<B>, O: Optimizer<M, B>>(
         std::panic::set_hook(Box::new(|_| {}));
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let tokens = batch.stats.target_tokens;
-            let (grads, loss, norm) = step_gradients(model, std::slice::from_ref(&batch), &recipe.train, 0, device, host_masks, tokens, false, SINGLE, None);
+            let (grads, loss, norm) = step_gradients(model, std::slice::from_ref(&batch), &recipe.train, 0, device, host, tokens, false, SINGLE, None);
             let stepped = optim.clone().step(recipe.train.lr, model.clone(), grads);
             // Waits for the step, optimizer included, to finish on the device.
             let _ = Tensor::cat(vec![loss, norm], 0).into_data();
@@ -819,13 +891,13 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
 
     let policy = tr.on_nan;
     let measuring = job.step_times.is_some();
-    let host_masks = job.device_name.starts_with("cpu");
+    let host = HostStep::new(&job.device_name, recipe.backend.cpu_split);
     // f16: dynamic loss scaling, on the device (a resumed run starts again at 2¹⁶).
     let mut scaler = (tr.precision == kiln_recipe::Precision::F16).then(|| LossScale::<B::InnerBackend>::standard(device));
     // Data parallel: ranks 1.. start from the model and optimizer as they are now (resumed or
     // fresh), so every replica starts identical.
     let pool = (!job.replica_devices.is_empty())
-        .then(|| ReplicaPool::start(&model, &optim, tr, device, &job.replica_devices, host_masks, kiln_model::autocast::compute()));
+        .then(|| ReplicaPool::start(&model, &optim, tr, device, &job.replica_devices, host, kiln_model::autocast::compute()));
     let replicas = pool.as_ref().map_or(1, ReplicaPool::len);
 
     // `skip`: where the open window started, to replay it without its non-finite steps.
@@ -872,7 +944,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                     let mut skipped = Vec::new();
                     for batches in &start.batches {
                         let tokens = batches.iter().map(|b| b.stats.target_tokens).sum();
-                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host_masks, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
+                        let (grads, loss, norm) = step_gradients(&model, batches, tr, state.step, device, host, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
                         let values: Vec<f64> = Tensor::cat(vec![loss, norm], 0).into_data().iter::<f64>().collect();
                         state.step += 1;
                         last_lr = schedule.at(state.step) * state.lr_scale;
@@ -908,7 +980,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                         window_start = Some(WindowStart { model: model.clone(), optim: optim.clone(), step: state.step, batches: Vec::new() });
                         for batches in queued_after {
                             let tokens = batches.iter().map(|b| b.stats.target_tokens).sum();
-                            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host_masks, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
+                            let (grads, loss_sum, norm) = step_gradients(&model, &batches, tr, state.step, device, host, tokens, false, SINGLE, scaler.as_ref().map(|s| &s.scale));
                             state.step += 1;
                             last_lr = schedule.at(state.step) * state.lr_scale;
                             let (m, o, norm) = apply_step(model, optim, grads, norm, last_lr, scaler.as_mut());
@@ -1035,7 +1107,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
             let lr = schedule.at(state.step + 1) * state.lr_scale;
             let scale = scaler.as_ref().map(|s| &s.scale);
             let (grads, loss_sum, norm) = match &pool {
-                None => step_gradients(&model, &batches, tr, state.step, device, host_masks, step_tokens, false, SINGLE, scale),
+                None => step_gradients(&model, &batches, tr, state.step, device, host, step_tokens, false, SINGLE, scale),
                 Some(pool) => {
                     // Rank r takes the step's batches r·accumulate .. (r+1)·accumulate.
                     let mut shares: Vec<Vec<DeviceBatch<B>>> = (0..pool.len()).map(|r| batches.iter().skip(r * tr.accumulate).take(tr.accumulate).cloned().collect()).collect();
@@ -1044,7 +1116,7 @@ pub fn run<B: AutodiffBackend, M: TrainModel<B>>(job: TrainJob<'_, B>, model: M,
                         window.device_tokens[r] += share.iter().map(|b| b.stats.target_tokens as u64).sum::<u64>();
                     }
                     pool.send(&mut shares, state.step, lr, step_tokens);
-                    step_gradients(&model, &shares[0], tr, state.step, device, host_masks, step_tokens, false, Replica { rank: 0, peer: Some(PeerId::from(0)) }, scale)
+                    step_gradients(&model, &shares[0], tr, state.step, device, host, step_tokens, false, Replica { rank: 0, peer: Some(PeerId::from(0)) }, scale)
                 }
             };
             state.step += 1;
