@@ -406,7 +406,7 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     let scratch = tempfile::tempdir()?;
     eprintln!("bench data: {} (cold prepare, cache hit, loader 1 and 2 workers, padding)…", recipe_path.display());
     let figures = kiln_train::bench::bench_data(&recipe, scratch.path())?;
-    let (machine, commit, date) = provenance();
+    let (machine, commit, date) = provenance(out);
     let section = figures.markdown(&recipe.name, &machine, &commit, &date);
     print!("{section}");
     if let Some(dir) = out.parent() {
@@ -421,10 +421,15 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     Ok(())
 }
 
-/// The machine (CPU model, cores), the commit (`+dirty` with uncommitted changes) and the UTC date.
-fn provenance() -> (String, String, String) {
+/// The machine (CPU model, cores), the commit (`+dirty` with uncommitted changes) of the checkout
+/// the report `out` is written into (wherever the command runs from) and the UTC date.
+fn provenance(out: &std::path::Path) -> (String, String, String) {
+    let repo = match out.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
     let git = |args: &[&str]| {
-        std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        std::process::Command::new("git").arg("-C").arg(&repo).args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     let mut commit = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
     if git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty()) {
@@ -515,7 +520,7 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
         .map(|(k, p, r)| serde_json::json!({ "kiln_tokens_per_s": k.tokens_per_s, "peer_tokens_per_s": p.as_ref().map(|p| p["tokens_per_s"].clone()), "ratio": r }))
         .collect();
     let (kiln, peer, ratio) = rounds.swap_remove(order[order.len() / 2]);
-    let (machine, commit, date) = provenance();
+    let (machine, commit, date) = provenance(&args.out);
     let report = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "note": args.note, "kiln": kiln, "peer": peer, "ratio": ratio, "rounds": all });
     println!("{}", kiln_views::bench_report::table(&report));
     if let Some(path) = &args.json {
