@@ -21,13 +21,9 @@ pub(crate) fn merge_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
 /// softmax(q·kᵀ/√d, masked) · v. `mask` is true where a query must not look, broadcastable to
 /// `[batch, heads, len_q, len_k]` by `expand`.
 pub(crate) fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4, Bool>>, dropout: &Dropout) -> Tensor<B, 4> {
-    let [batch, heads, len_q, hd] = q.dims();
-    let len_k = k.dims()[2];
-    let mut scores = crate::autocast::matmul(q, k.swap_dims(2, 3)) / (hd as f64).sqrt();
-    if let Some(mask) = mask {
-        scores = scores.mask_fill(mask.expand([batch, heads, len_q, len_k]), -1.0e9);
-    }
-    crate::autocast::matmul(crate::dropout::apply(dropout, crate::fused::softmax_last(scores)), v)
+    let hd = q.dims()[3];
+    let scores = crate::autocast::matmul(q, k.swap_dims(2, 3));
+    crate::autocast::matmul(crate::fused::attention_weights(scores, (hd as f64).sqrt(), mask.as_ref(), dropout), v)
 }
 
 /// `[len, total]`, true where query `i` (absolute position `start + i`) must not see key `j`.

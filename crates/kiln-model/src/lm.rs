@@ -11,7 +11,7 @@ use burn::nn::{
     PositionalEncoding, PositionalEncodingConfig, RotaryEncoding, RotaryEncodingConfig,
 };
 use burn::tensor::activation::relu;
-use crate::fused::{gelu, layer_norm, softmax_last};
+use crate::fused::{gelu, layer_norm};
 use burn::tensor::backend::Backend;
 use crate::linear::over_rows;
 use burn::tensor::{Bool, Int, Tensor};
@@ -68,16 +68,14 @@ impl<B: Backend> Block<B> {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let total = k.dims()[2];
-        let scores = crate::autocast::matmul(q, k.swap_dims(2, 3)) / (hd as f64).sqrt();
+        let scores = crate::autocast::matmul(q, k.swap_dims(2, 3));
         // Query i (absolute position start + i) sees keys 0 ..= start + i.
-        let scores = scores.mask_fill(causal.clone().unsqueeze::<4>().expand([batch, heads, len, total]), -1.0e9);
-        let attn = crate::dropout::apply(&self.dropout, softmax_last(scores));
+        let attn = crate::fused::attention_weights(scores, (hd as f64).sqrt(), Some(&causal.clone().unsqueeze::<4>()), &self.dropout);
         let context = crate::autocast::matmul(attn, v).swap_dims(1, 2).reshape([batch, len, d]);
-        let x = x + crate::dropout::apply(&self.dropout, over_rows(&self.attn_out, context));
+        let x = crate::fused::residual_add(x, over_rows(&self.attn_out, context), &self.dropout);
         let h = over_rows(&self.mlp_in, layer_norm(&self.norm_mlp, x.clone()));
         let h = if self.relu { relu(h) } else { gelu(h) };
-        x + crate::dropout::apply(&self.dropout, over_rows(&self.mlp_out, h))
+        crate::fused::residual_add(x, over_rows(&self.mlp_out, h), &self.dropout)
     }
 }
 

@@ -36,9 +36,11 @@ pub struct Seq2SeqConfig {
 /// A residual sub-layer: pre-LN `x + dropout(f(norm(x)))` or post-LN `norm(x + dropout(f(x)))`.
 fn residual<B: Backend>(x: Tensor<B, 3>, norm: &LayerNorm<B>, pre_ln: bool, dropout: &Dropout, f: &dyn Fn(Tensor<B, 3>) -> Tensor<B, 3>) -> Tensor<B, 3> {
     if pre_ln {
-        x.clone() + crate::dropout::apply(dropout, f(layer_norm(norm, x)))
+        let y = f(layer_norm(norm, x.clone()));
+        crate::fused::residual_add(x, y, dropout)
     } else {
-        layer_norm(norm, x.clone() + crate::dropout::apply(dropout, f(x)))
+        let y = f(x.clone());
+        layer_norm(norm, crate::fused::residual_add(x, y, dropout))
     }
 }
 

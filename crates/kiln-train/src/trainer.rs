@@ -16,8 +16,9 @@
 //! window late under `sync_overlap`, the steps queued after it are replayed or abandoned with it;
 //! saves wait for every read, so no checkpoint holds a step that was not checked.
 //!
-//! Also here: data parallel over `backend.devices` (`ReplicaPool`: a replica per device, the
-//! gradients all-reduced with Burn's collective), f16 loss scaling (`apply_step`, with
+//! Also here: batches cut by rows into parts that run side by side on the CPU's threads
+//! (`run_parts`, `backend.cpu_split`), data parallel over `backend.devices` (`ReplicaPool`: a
+//! replica per device, the gradients all-reduced with Burn's collective), f16 loss scaling (`apply_step`, with
 //! `crate::loss_scale`), and the probe of `loader.max_tokens = "auto"` (`probe_batch_sizes`).
 
 use std::path::Path;

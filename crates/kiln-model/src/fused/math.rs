@@ -141,6 +141,54 @@ fn softmax_backward_row_body(y: &[f32], grad: &mut [f32]) {
     }
 }
 
+/// MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ≈ ½.
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// A dropout mask as a pure function of the element's index: element `i` is kept (value
+/// `scale`, else 0) when `fmix32(fmix32(lo(i) ⊕ k1) ⊕ hi(i) ⊕ k2) < threshold`. 32-bit
+/// arithmetic only, so the loops below run 8 lanes wide on AVX2 (a 64-bit generator such as
+/// SplitMix64 cannot: AVX2 has no 64-bit multiply).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskStream {
+    pub k1: u32,
+    pub k2: u32,
+    pub threshold: u32,
+    pub scale: f32,
+}
+
+impl MaskStream {
+    #[inline(always)]
+    fn value(&self, lo: u32, hi_key: u32) -> f32 {
+        if fmix32(fmix32(lo ^ self.k1) ^ hi_key) < self.threshold {
+            self.scale
+        } else {
+            0.0
+        }
+    }
+}
+
+fn mask_fill_body(out: &mut [f32], first: u64, s: MaskStream) {
+    let (lo, hi_key) = (first as u32, (first >> 32) as u32 ^ s.k2);
+    out.iter_mut().enumerate().for_each(|(i, o)| *o = s.value(lo.wrapping_add(i as u32), hi_key));
+}
+
+fn mask_multiply_body(values: &mut [f32], first: u64, s: MaskStream) {
+    let (lo, hi_key) = (first as u32, (first >> 32) as u32 ^ s.k2);
+    values.iter_mut().enumerate().for_each(|(i, v)| *v *= s.value(lo.wrapping_add(i as u32), hi_key));
+}
+
+fn mask_multiply_add_body(values: &mut [f32], base: &[f32], first: u64, s: MaskStream) {
+    let (lo, hi_key) = (first as u32, (first >> 32) as u32 ^ s.k2);
+    values.iter_mut().zip(base).enumerate().for_each(|(i, (v, b))| *v = *b + *v * s.value(lo.wrapping_add(i as u32), hi_key));
+}
+
 fn has_avx2_fma() -> bool {
     static DETECTED: OnceLock<bool> = OnceLock::new();
     *DETECTED.get_or_init(|| {
@@ -184,6 +232,41 @@ dispatch!(scaled_exp_minus, scaled_exp_minus_avx2, scaled_exp_minus_body, (row: 
 dispatch!(softmax_row, softmax_row_avx2, softmax_row_body, (row: &mut [f32]) -> ());
 dispatch!(softmax_backward_row, softmax_backward_row_avx2, softmax_backward_row_body, (y: &[f32], grad: &mut [f32]) -> ());
 
+dispatch!(mask_fill_chunk, mask_fill_avx2, mask_fill_body, (out: &mut [f32], first: u64, s: MaskStream) -> ());
+dispatch!(mask_multiply_chunk, mask_multiply_avx2, mask_multiply_body, (values: &mut [f32], first: u64, s: MaskStream) -> ());
+dispatch!(mask_multiply_add_chunk, mask_multiply_add_avx2, mask_multiply_add_body, (values: &mut [f32], base: &[f32], first: u64, s: MaskStream) -> ());
+
+/// Runs `body(part, index of its first element)` over `values` (elements `start ..` of a mask) in
+/// parallel chunks, each cut where the index's high 32 bits change.
+fn over_mask_chunks(values: &mut [f32], start: u64, body: impl Fn(usize, &mut [f32], u64) + Sync) {
+    values.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        let offset = c * CHUNK;
+        let first = start + offset as u64;
+        let cut = ((((first >> 32) + 1) << 32) - first).min(chunk.len() as u64) as usize;
+        let (a, b) = chunk.split_at_mut(cut);
+        body(offset, a, first);
+        if !b.is_empty() {
+            body(offset + cut, b, first + cut as u64);
+        }
+    });
+}
+
+/// `out` ← elements `start ..` of the mask `s`.
+pub fn mask_fill(out: &mut [f32], start: u64, s: MaskStream) {
+    over_mask_chunks(out, start, |_, part, first| mask_fill_chunk(part, first, s));
+}
+
+/// `values ← values · mask`, `values` being elements `start ..`.
+pub fn mask_multiply(values: &mut [f32], start: u64, s: MaskStream) {
+    over_mask_chunks(values, start, |_, part, first| mask_multiply_chunk(part, first, s));
+}
+
+/// `values ← base + values · mask`, `values` being elements `start ..`.
+pub fn mask_multiply_add(values: &mut [f32], base: &[f32], start: u64, s: MaskStream) {
+    assert_eq!(values.len(), base.len(), "dropout: residual of another size");
+    over_mask_chunks(values, start, |offset, part, first| mask_multiply_add_chunk(part, &base[offset..offset + part.len()], first, s));
+}
+
 /// `out = x·Φ(x)` (exact GELU).
 pub fn gelu(x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_forward_chunk(x, o));
@@ -217,6 +300,77 @@ pub fn softmax_backward_rows(y: &[f32], grad: &mut [f32], width: usize) {
     grad.par_chunks_mut(rows_per_task * width)
         .zip(y.par_chunks(rows_per_task * width))
         .for_each(|(g, y)| g.chunks_exact_mut(width).zip(y.chunks_exact(width)).for_each(|(g, y)| softmax_backward_row(y, g)));
+}
+
+/// Which keys each row of attention scores `[batch, heads, queries, keys]` must not see: a boolean
+/// mask of shape `[batch or 1, heads or 1, queries or 1, keys]`, broadcast over the dimensions it
+/// has only once.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyMask<'a> {
+    bits: &'a [bool],
+    /// Steps in `bits` per batch row, head and query (0 where the mask is broadcast).
+    strides: [usize; 3],
+    heads: usize,
+    queries: usize,
+    keys: usize,
+}
+
+impl<'a> KeyMask<'a> {
+    /// `bits` of shape `mask_dims` over scores of shape `scores_dims`; `None` when the shapes do
+    /// not broadcast.
+    pub fn new(bits: &'a [bool], mask_dims: [usize; 4], scores_dims: [usize; 4]) -> Option<Self> {
+        let [b, h, q, k] = scores_dims;
+        let [mb, mh, mq, mk] = mask_dims;
+        let fits = |m: usize, n: usize| m == n || m == 1;
+        if mk != k || !fits(mb, b) || !fits(mh, h) || !fits(mq, q) || bits.len() != mb * mh * mq * mk {
+            return None;
+        }
+        let strides = [if mb > 1 { mh * mq * mk } else { 0 }, if mh > 1 { mq * mk } else { 0 }, if mq > 1 { mk } else { 0 }];
+        Some(Self { bits, strides, heads: h, queries: q, keys: k })
+    }
+
+    fn row(&self, r: usize) -> &'a [bool] {
+        let (query, head, batch) = (r % self.queries, (r / self.queries) % self.heads, r / (self.queries * self.heads));
+        let at = batch * self.strides[0] + head * self.strides[1] + query * self.strides[2];
+        &self.bits[at..at + self.keys]
+    }
+}
+
+/// Attention weights, in place, over rows of `width`: `softmax(x / divisor)` per row, the keys
+/// `mask` marks set to −10⁹ first (as `mask_fill` does, so a row with every key masked comes out
+/// uniform, and no row divides by zero).
+pub fn attention_softmax_rows(data: &mut [f32], width: usize, divisor: f32, mask: Option<KeyMask<'_>>) {
+    if width == 0 {
+        return;
+    }
+    let rows_per_task = (CHUNK / width).max(1);
+    data.par_chunks_mut(rows_per_task * width).enumerate().for_each(|(task, block)| {
+        for (i, row) in block.chunks_exact_mut(width).enumerate() {
+            match mask {
+                Some(mask) => row.iter_mut().zip(mask.row(task * rows_per_task + i)).for_each(|(v, &m)| *v = if m { -1.0e9 } else { *v / divisor }),
+                None => row.iter_mut().for_each(|v| *v /= divisor),
+            }
+            softmax_row(row);
+        }
+    });
+}
+
+/// The backward of [`attention_softmax_rows`]: `grad ← y·(grad − Σ grad·y) / divisor`, zero at
+/// masked keys (the composition's `mask_fill` backward), in the composition's order of operations.
+pub fn attention_softmax_backward_rows(y: &[f32], grad: &mut [f32], width: usize, divisor: f32, mask: Option<KeyMask<'_>>) {
+    if width == 0 {
+        return;
+    }
+    let rows_per_task = (CHUNK / width).max(1);
+    grad.par_chunks_mut(rows_per_task * width).zip(y.par_chunks(rows_per_task * width)).enumerate().for_each(|(task, (g, y))| {
+        for (i, (g, y)) in g.chunks_exact_mut(width).zip(y.chunks_exact(width)).enumerate() {
+            softmax_backward_row(y, g);
+            match mask {
+                Some(mask) => g.iter_mut().zip(mask.row(task * rows_per_task + i)).for_each(|(g, &m)| *g = if m { 0.0 } else { *g / divisor }),
+                None => g.iter_mut().for_each(|g| *g /= divisor),
+            }
+        }
+    });
 }
 
 /// Layer normalisation of rows of `gamma.len()`: `out = (x − μ)·r·γ + β` with the biased

@@ -1,6 +1,9 @@
-//! Fused CPU operations: label-smoothed cross-entropy, exact GELU, the last-axis softmax and
-//! layer normalisation, each one pass forward and one backward over its tensor, instead of the
-//! chain of element-wise passes (and autodiff nodes) that Burn composes them from.
+//! Fused CPU operations: label-smoothed cross-entropy, exact GELU, the last-axis softmax, layer
+//! normalisation, attention weights (scale, key mask, softmax, dropout) and the residual add with
+//! dropout, each one pass forward and one backward over its tensor, instead of the chain of
+//! element-wise passes (and autodiff nodes) that Burn composes them from. Dropout masks inside
+//! them are the step's host masks (`crate::dropout`), drawn where they are applied and drawn again
+//! for the backward, never stored.
 //!
 //! They exist for Burn's CPU backend, Flex, and the autodiff over it, kiln's training backend.
 //! The functions here are generic over any backend and specialise at run time by type: for
@@ -21,7 +24,7 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{Bool, DType, Int, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
@@ -269,6 +272,167 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
         }
         Kind::Other => burn::tensor::activation::softmax(x, D - 1),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention weights: scale, key mask, softmax and dropout in one pass each way
+
+/// A key mask read to the host, with its 4-D shape.
+#[derive(Debug, Clone)]
+struct HostKeyMask {
+    bits: Vec<bool>,
+    dims: [usize; 4],
+}
+
+impl HostKeyMask {
+    fn read<B: Backend>(mask: &Tensor<B, 4, Bool>) -> Self {
+        let dims = mask.dims();
+        let bits = mask.to_data().iter::<bool>().collect();
+        Self { bits, dims }
+    }
+
+    fn over(&self, scores: [usize; 4]) -> math::KeyMask<'_> {
+        math::KeyMask::new(&self.bits, self.dims, scores).expect("attention: the key mask does not broadcast over the scores")
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AttentionState {
+    /// The softmax output, before dropout.
+    y: FlexTensor,
+    divisor: f32,
+    mask: Option<HostKeyMask>,
+    /// Drawn again for the backward rather than kept.
+    dropout: Option<crate::dropout::HostMask>,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl Backward<Flex, 1> for AttentionBackward {
+    type State = AttentionState;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let AttentionState { y, divisor, mask, dropout } = ops.state;
+        let y = dense(y);
+        let dims = dims4(&y);
+        unary::<Flex, _>(ops.parents, ops.node, grads, |grad| {
+            map_in_place(grad, |g| {
+                if let Some(dropout) = dropout {
+                    dropout.multiply(g);
+                }
+                math::attention_softmax_backward_rows(values(&y), g, dims[3], divisor, mask.as_ref().map(|m| m.over(dims)));
+            })
+        });
+    }
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.layout().shape();
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// Softmax of `scores / divisor` with masked keys at −10⁹, written over the scores when nothing
+/// else holds them.
+fn attention_softmax_flex(scores: FlexTensor, divisor: f32, mask: Option<&HostKeyMask>) -> FlexTensor {
+    let scores = dense(scores);
+    let dims = dims4(&scores);
+    map_in_place(scores, |v| math::attention_softmax_rows(v, dims[3], divisor, mask.map(|m| m.over(dims))))
+}
+
+/// `dropout(softmax(mask_fill(scores / divisor, mask, −10⁹)))` over the last axis of attention
+/// scores `[batch, heads, queries, keys]`; `mask` (true where a query must not look) broadcasts to
+/// them. On Flex under autodiff one pass forward and one backward, the dropout mask drawn in the
+/// pass (and again for the backward) instead of kept; elsewhere Burn's composition. Either way the
+/// same values: the same operations in the same order, and the mask `dropout::apply` would draw.
+pub fn attention_weights<B: Backend>(scores: Tensor<B, 4>, divisor: f64, mask: Option<&Tensor<B, 4, Bool>>, dropout: &burn::nn::Dropout) -> Tensor<B, 4> {
+    match kind::<B>() {
+        Kind::Flex => {
+            let scores: Tensor<Flex, 4> = cast(scores);
+            let mask = mask.map(HostKeyMask::read);
+            let y = attention_softmax_flex(scores.into_primitive().tensor(), divisor as f32, mask.as_ref());
+            cast(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(y)))
+        }
+        Kind::AutodiffFlex => {
+            let scores = float_primitive(cast::<_, Tensor<Ad, 4>>(scores));
+            let host_mask = mask.map(HostKeyMask::read);
+            let dims = dims4(&scores.primitive);
+            let drop_mask = crate::dropout::next_host_mask(dropout, &dims, true);
+            let node = scores.node.clone();
+            let primitive = scores.primitive.clone();
+            // The autodiff tensor goes first, so the scores' buffer can take the weights.
+            drop(scores);
+            let divisor = divisor as f32;
+            let dropped = |y: &FlexTensor| match drop_mask {
+                Some(m) => {
+                    let mut out = values(y).to_vec();
+                    m.multiply(&mut out);
+                    from_vec(out, y.layout().shape().to_vec())
+                }
+                None => y.clone(),
+            };
+            let out = match AttentionBackward.prepare::<NoCheckpointing>([node]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let y = attention_softmax_flex(primitive, divisor, host_mask.as_ref());
+                    let out = dropped(&y);
+                    prep.finish(AttentionState { y, divisor, mask: host_mask, dropout: drop_mask }, out)
+                }
+                OpsKind::UnTracked(prep) => {
+                    let y = attention_softmax_flex(primitive, divisor, host_mask.as_ref());
+                    prep.finish(dropped(&y))
+                }
+            };
+            let weights: Tensor<B, 4> = cast(Tensor::<Ad, 4>::from_primitive(TensorPrimitive::Float(out)));
+            // Without a host mask (none seeded for this step) Burn's dropout, as `apply` does.
+            if drop_mask.is_none() { crate::dropout::apply(dropout, weights) } else { weights }
+        }
+        Kind::Other => {
+            let dims = scores.dims();
+            let mut scores = scores / divisor;
+            if let Some(mask) = mask {
+                scores = scores.mask_fill(mask.clone().expand(dims), -1.0e9);
+            }
+            crate::dropout::apply(dropout, burn::tensor::activation::softmax(scores, 3))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Residual connection with dropout: x + dropout(y)
+
+#[derive(Debug)]
+struct ResidualBackward;
+
+impl Backward<Flex, 2> for ResidualBackward {
+    /// The dropout mask, drawn again rather than kept.
+    type State = crate::dropout::HostMask;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let mask = ops.state;
+        burn::backend::autodiff::ops::binary::<Flex, _, _>(ops.parents, ops.node, grads, |grad| grad, |grad| map_in_place(grad, |g| mask.multiply(g)));
+    }
+}
+
+/// `x + dropout(y)`, a residual connection: on Flex under autodiff with the step's host mask, one
+/// pass forward (the mask drawn in it, never stored) and one backward (drawn again); elsewhere
+/// `x + dropout::apply(dropout, y)`. The same values either way.
+pub fn residual_add<B: Backend, const D: usize>(x: Tensor<B, D>, y: Tensor<B, D>, dropout: &burn::nn::Dropout) -> Tensor<B, D> {
+    let Kind::AutodiffFlex = kind::<B>() else { return x + crate::dropout::apply(dropout, y) };
+    if x.dims() != y.dims() {
+        return x + crate::dropout::apply(dropout, y);
+    }
+    let Some(mask) = crate::dropout::next_host_mask(dropout, &y.dims(), true) else { return x + crate::dropout::apply(dropout, y) };
+    let (x, y) = (float_primitive(cast::<_, Tensor<Ad, D>>(x)), float_primitive(cast::<_, Tensor<Ad, D>>(y)));
+    let nodes = [x.node.clone(), y.node.clone()];
+    let (base, values_of_y) = (dense(x.primitive.clone()), y.primitive.clone());
+    // The autodiff tensors go first, so `y`'s buffer can take the sum.
+    drop((x, y));
+    let sum = map_in_place(values_of_y, |v| mask.multiply_add(v, values(&base)));
+    let out = match ResidualBackward.prepare::<NoCheckpointing>(nodes).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(mask, sum),
+        OpsKind::UnTracked(prep) => prep.finish(sum),
+    };
+    cast(Tensor::<Ad, D>::from_primitive(TensorPrimitive::Float(out)))
 }
 
 // ---------------------------------------------------------------------------------------------

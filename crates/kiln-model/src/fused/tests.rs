@@ -142,3 +142,85 @@ fn layer_norm_over_many_rows_splits_its_parameter_gradients_exactly() {
     let beta = norm.beta.as_ref().unwrap();
     assert_close(beta.grad(&ga).unwrap(), beta.grad(&gb).unwrap(), "d beta");
 }
+
+/// Burn's composition of what `attention_weights` fuses, dropout by `dropout::apply`.
+fn attention_composed<B: burn::tensor::backend::Backend>(s: Tensor<B, 4>, divisor: f64, mask: Option<&Tensor<B, 4, burn::tensor::Bool>>, dropout: &burn::nn::Dropout) -> Tensor<B, 4> {
+    let dims = s.dims();
+    let mut s = s / divisor;
+    if let Some(mask) = mask {
+        s = s.mask_fill(mask.clone().expand(dims), -1.0e9);
+    }
+    crate::dropout::apply(dropout, burn::tensor::activation::softmax(s, 3))
+}
+
+/// Scale, key mask, softmax and dropout in one pass each way, against the composition: a padding
+/// mask `[batch, 1, 1, keys]` with one query row whose keys are all masked, a causal mask
+/// `[1, 1, queries, keys]`, and none; dropout 0.3 with the step's host masks (the same draw both
+/// ways), rows split over parts of a batch; values and the gradient of a weighted sum.
+#[test]
+fn attention_weights_match_the_composition_with_masks_and_dropout() {
+    use crate::dropout::{mask_state, seed_step, set_mask_state};
+    let device = Default::default();
+    let (b, h, q, k) = (3, 2, 5, 6);
+    let dropout = burn::nn::DropoutConfig::new(0.3).init();
+    let bool4 = |bits: Vec<bool>, dims: [usize; 4]| Tensor::<Ad, 4, burn::tensor::Bool>::from_data(TensorData::new(bits, dims), &device);
+    // Batch row 2 is all padding: its queries see no key at all.
+    let padding = bool4((0..b).flat_map(|bi| (0..k).map(move |j| bi == 2 || j >= k - bi)).collect(), [b, 1, 1, k]);
+    let causal = bool4((0..q).flat_map(|i| (0..k).map(move |j| j > i + 1)).collect(), [1, 1, q, k]);
+    for (what, mask) in [("padding", Some(&padding)), ("causal", Some(&causal)), ("no mask", None)] {
+        let x = random::<Ad, 4>([b, h, q, k], 3.0);
+        let w = random::<Ad, 4>([b, h, q, k], 1.0).detach();
+        let (xa, xb) = (x.clone().detach().require_grad(), x.detach().require_grad());
+        seed_step(Some(5));
+        let start = mask_state();
+        let fa = attention_weights(xa.clone(), 8f64.sqrt(), mask, &dropout);
+        set_mask_state(start);
+        let fb = attention_composed(xb.clone(), 8f64.sqrt(), mask, &dropout);
+        assert_close(fa.clone(), fb.clone(), &format!("{what}: weights"));
+        let dropped = fa.clone().equal_elem(0.0).int().sum().into_scalar() as usize;
+        assert!(dropped > 0, "{what}: dropout dropped nothing");
+        let (ga, gb) = ((fa * w.clone()).sum().backward(), (fb * w).sum().backward());
+        assert_close(xa.grad(&ga).unwrap(), xb.grad(&gb).unwrap(), &format!("{what}: d scores"));
+        // Rows 1.. of the batch alone, with the mask state at row 1: the same rows of the weights.
+        let x = random::<Ad, 4>([b, h, q, k], 3.0);
+        set_mask_state(start);
+        let whole = attention_weights(x.clone(), 8f64.sqrt(), mask, &dropout);
+        set_mask_state(start.at_row(1));
+        let part_mask = mask.map(|m| if m.dims()[0] == b { m.clone().slice([1..b, 0..1, 0..1, 0..k]) } else { m.clone() });
+        let part = attention_weights(x.slice([1..b, 0..h, 0..q, 0..k]), 8f64.sqrt(), part_mask.as_ref(), &dropout);
+        assert_close(part, whole.slice([1..b, 0..h, 0..q, 0..k]), &format!("{what}: rows 1.. alone"));
+        seed_step(None);
+    }
+    // Without autodiff (evaluation): no dropout, the masked softmax alone.
+    let x = random::<F, 4>([b, h, q, k], 3.0);
+    let causal = Tensor::<F, 4, burn::tensor::Bool>::from_data(causal.into_data(), &device);
+    let off = burn::nn::DropoutConfig::new(0.3).init();
+    assert_close(attention_weights(x.clone(), 2.0, Some(&causal), &off), attention_composed(x, 2.0, Some(&causal), &off), "evaluation");
+}
+
+/// `x + dropout(y)` in one pass each way, against `x + dropout::apply(dropout, y)` with the same
+/// host mask: the sum and both gradients; and the mask state counts the call either way.
+#[test]
+fn residual_add_matches_the_composition_and_both_gradients() {
+    use crate::dropout::{mask_state, seed_step, set_mask_state};
+    let dropout = burn::nn::DropoutConfig::new(0.25).init();
+    // More elements than one block of the mask stream, rows split at an odd offset.
+    let (x, y) = (random::<Ad, 3>([5, 37, 130], 1.0), random::<Ad, 3>([5, 37, 130], 2.0) * 0.5);
+    let w = random::<Ad, 3>([5, 37, 130], 1.0).detach();
+    let (xa, ya, xb, yb) = (x.clone().detach().require_grad(), y.clone().detach().require_grad(), x.detach().require_grad(), y.detach().require_grad());
+    seed_step(Some(3));
+    let start = mask_state().at_row(2);
+    set_mask_state(start);
+    let fa = residual_add(xa.clone(), ya.clone(), &dropout);
+    let after = mask_state();
+    set_mask_state(start);
+    let fb = xb.clone() + crate::dropout::apply(&dropout, yb.clone());
+    assert_eq!(mask_state(), after, "one dropout call either way");
+    assert_close(fa.clone(), fb.clone(), "x + dropout(y)");
+    let dropped = (fa.clone() - xa.clone()).equal_elem(0.0).int().sum().into_scalar() as usize;
+    assert!(dropped > 1000, "dropout dropped {dropped} values");
+    let (ga, gb) = ((fa * w.clone()).sum().backward(), (fb * w).sum().backward());
+    assert_close(xa.grad(&ga).unwrap(), xb.grad(&gb).unwrap(), "d x");
+    assert_close(ya.grad(&ga).unwrap(), yb.grad(&gb).unwrap(), "d y");
+    seed_step(None);
+}
