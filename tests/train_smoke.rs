@@ -529,25 +529,29 @@ fn fused_kernels_train_like_burns_composition() {
 /// `backend.cpu_split`: each batch cut by rows into parts that run side by side, one autodiff
 /// graph each, gradients summed. The same batches and the same dropout masks (each part draws its
 /// rows of the whole batch's), so the run is the whole-batch run up to the order of float sums.
-/// Three parts on the pool's threads: uneven parts, one of them waiting for a thread.
+/// Three parts on the pool's threads: uneven parts, one of them waiting for a thread; and with
+/// two batches a step, the masks carry on from one batch's parts to the next batch.
 #[test]
 fn batch_parts_train_like_whole_batches() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("whole"), dir.path().join("parts"));
-    let oa = train(&a, &["backend.cpu_split=1", "train.epochs=2"]);
-    let ob = train(&b, &["backend.cpu_split=3", "train.epochs=2"]);
-    assert!(!stdout(&oa).contains("parts"), "{}", stdout(&oa));
-    assert!(stdout(&ob).contains("batches in 3 parts"), "the header names the parts:\n{}", stdout(&ob));
-    let (ra, rb) = (read_jsonl(&a.join("metrics.jsonl")), read_jsonl(&b.join("metrics.jsonl")));
-    let (wa, wb) = (windows(&ra), windows(&rb));
-    assert_eq!(wa.len(), wb.len());
-    assert!(wa.len() >= 4, "need several windows, got {}", wa.len());
-    for (i, (x, y)) in wa.iter().zip(&wb).enumerate() {
-        assert_eq!((&x["step"], &x["tokens"]), (&y["step"], &y["tokens"]));
-        let (lx, ly) = (f(&x["loss"]), f(&y["loss"]));
-        assert!((lx - ly).abs() / lx <= 1e-5, "window {i}: loss {lx} whole vs {ly} in parts");
+    for accumulate in [1, 2] {
+        let (a, b) = (dir.path().join(format!("whole-{accumulate}")), dir.path().join(format!("parts-{accumulate}")));
+        let acc = format!("train.accumulate={accumulate}");
+        let oa = train(&a, &["backend.cpu_split=1", "train.epochs=2", &acc]);
+        let ob = train(&b, &["backend.cpu_split=3", "train.epochs=2", &acc]);
+        assert!(!stdout(&oa).contains("parts"), "{}", stdout(&oa));
+        assert!(stdout(&ob).contains("batches in 3 parts"), "the header names the parts:\n{}", stdout(&ob));
+        let (ra, rb) = (read_jsonl(&a.join("metrics.jsonl")), read_jsonl(&b.join("metrics.jsonl")));
+        let (wa, wb) = (windows(&ra), windows(&rb));
+        assert_eq!(wa.len(), wb.len());
+        assert!(wa.len() >= 2, "need several windows, got {}", wa.len());
+        for (i, (x, y)) in wa.iter().zip(&wb).enumerate() {
+            assert_eq!((&x["step"], &x["tokens"]), (&y["step"], &y["tokens"]));
+            let (lx, ly) = (f(&x["loss"]), f(&y["loss"]));
+            assert!((lx - ly).abs() / lx <= 1e-5, "accumulate {accumulate}, window {i}: loss {lx} whole vs {ly} in parts");
+        }
+        let (sa, sb) = (read_json(&a.join("summary.json")), read_json(&b.join("summary.json")));
+        let (la, lb) = (f(&sa["valid_loss"]), f(&sb["valid_loss"]));
+        assert!((la - lb).abs() / la <= 1e-5, "accumulate {accumulate}: validation loss {la} whole vs {lb} in parts");
     }
-    let (sa, sb) = (read_json(&a.join("summary.json")), read_json(&b.join("summary.json")));
-    let (la, lb) = (f(&sa["valid_loss"]), f(&sb["valid_loss"]));
-    assert!((la - lb).abs() / la <= 1e-5, "validation loss {la} whole vs {lb} in parts");
 }
