@@ -110,11 +110,11 @@ impl HostMask {
     }
 }
 
-/// The host mask `dropout` takes next in this step for a tensor of `dims` (the batch first): what
-/// [`apply`] would multiply by. `None` where `apply` would not use a host mask (no dropout,
-/// evaluation, host masks off); the call is then not counted.
-pub fn next_host_mask(dropout: &Dropout, dims: &[usize], autodiff: bool) -> Option<HostMask> {
-    if dropout.prob == 0.0 || !autodiff {
+/// The host mask `dropout` takes next in this step for a tensor of `dims` (the batch first), in a
+/// training (autodiff) pass: what [`apply`] would multiply by. `None` without dropout or with host
+/// masks off; the call is then not counted.
+pub fn next_host_mask(dropout: &Dropout, dims: &[usize]) -> Option<HostMask> {
+    if dropout.prob == 0.0 {
         return None;
     }
     let (seed, call) = STEP.with(|s| s.get())?;
@@ -130,7 +130,7 @@ pub fn apply<B: Backend, const D: usize>(dropout: &Dropout, x: Tensor<B, D>) -> 
         return x;
     }
     let shape = x.shape();
-    let Some(host) = next_host_mask(dropout, &shape.dims::<D>(), true) else {
+    let Some(host) = next_host_mask(dropout, &shape.dims::<D>()) else {
         return dropout.forward(x);
     };
     let mut mask = vec![0f32; shape.num_elements()];

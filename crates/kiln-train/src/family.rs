@@ -71,8 +71,9 @@ impl<B: Backend> DeviceBatch<B> {
     /// The batch cut by rows into at most `parts` parts of (nearly) equal rows, each with the
     /// first row it starts at. Every part keeps the whole batch's padded lengths, so a part's
     /// tensors are rows of the whole batch's and its dropout masks those rows of the whole's
-    /// (`kiln_model::dropout::MaskState::at_row`). Reads the labels' positions on the host: meant for host
-    /// devices, where that is a copy.
+    /// (`kiln_model::dropout::MaskState::at_row`). A part's `stats` count its own rows and labels;
+    /// its token and slot counts are the whole batch's (the loop counts whole batches). Reads the
+    /// labels' positions on the host: meant for host devices, where that is a copy.
     pub fn split_rows(&self, parts: usize) -> Vec<(usize, DeviceBatch<B>)> {
         let [rows, len] = self.input.dims();
         let parts = parts.clamp(1, rows.max(1));

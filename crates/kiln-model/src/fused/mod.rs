@@ -357,7 +357,7 @@ pub fn attention_weights<B: Backend>(scores: Tensor<B, 4>, divisor: f64, mask: O
             let scores = float_primitive(cast::<_, Tensor<Ad, 4>>(scores));
             let host_mask = mask.map(HostKeyMask::read);
             let dims = dims4(&scores.primitive);
-            let drop_mask = crate::dropout::next_host_mask(dropout, &dims, true);
+            let drop_mask = crate::dropout::next_host_mask(dropout, &dims);
             let node = scores.node.clone();
             let primitive = scores.primitive.clone();
             // The autodiff tensor goes first, so the scores' buffer can take the weights.
@@ -417,11 +417,10 @@ impl Backward<Flex, 2> for ResidualBackward {
 /// pass forward (the mask drawn in it, never stored) and one backward (drawn again); elsewhere
 /// `x + dropout::apply(dropout, y)`. The same values either way.
 pub fn residual_add<B: Backend, const D: usize>(x: Tensor<B, D>, y: Tensor<B, D>, dropout: &burn::nn::Dropout) -> Tensor<B, D> {
-    let Kind::AutodiffFlex = kind::<B>() else { return x + crate::dropout::apply(dropout, y) };
-    if x.dims() != y.dims() {
+    let fused = matches!(kind::<B>(), Kind::AutodiffFlex) && x.dims() == y.dims();
+    let Some(mask) = fused.then(|| crate::dropout::next_host_mask(dropout, &y.dims())).flatten() else {
         return x + crate::dropout::apply(dropout, y);
-    }
-    let Some(mask) = crate::dropout::next_host_mask(dropout, &y.dims(), true) else { return x + crate::dropout::apply(dropout, y) };
+    };
     let (x, y) = (float_primitive(cast::<_, Tensor<Ad, D>>(x)), float_primitive(cast::<_, Tensor<Ad, D>>(y)));
     let nodes = [x.node.clone(), y.node.clone()];
     let (base, values_of_y) = (dense(x.primitive.clone()), y.primitive.clone());
