@@ -4,6 +4,7 @@
 //! (with defaults, so older files still read), never renamed or removed. [`Control`] is the one
 //! way back: views ask the trainer to pause or stop, and the trainer polls it between steps.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -80,6 +81,9 @@ pub struct WindowRow {
     pub overflow_skips: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
+    /// The task's own training metrics over the window, by name (absent when it has none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -96,6 +100,9 @@ pub struct ValidRow {
     pub ppl: f64,
     /// Corpus BLEU of greedy translations (sacreBLEU 13a); null when disabled.
     pub bleu: Option<f64>,
+    /// The task's own validation metrics, by name (absent when it has none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// Final figures (`summary.json`).
@@ -125,6 +132,9 @@ pub struct Summary {
     pub skipped_steps: usize,
     #[serde(default)]
     pub rollbacks: usize,
+    /// The task's own metrics at the last validation, by name (e.g. `accuracy`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// How the data was prepared and fed.
@@ -138,12 +148,14 @@ pub struct DataFigures {
     pub padding_pct: f64,
 }
 
-/// Loss, perplexity and BLEU of one evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// Loss, perplexity and BLEU of one evaluation, and the task's own metrics by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalFigures {
     pub loss: f64,
     pub ppl: f64,
     pub bleu: Option<f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use kiln_data::prepare::TokenizerSource;
 use kiln_data::HostBatch;
 use kiln_recipe::Recipe;
 
-use crate::trainer::{epoch_batches, DeviceBatch};
+use crate::family::{epoch_batches, DeviceBatch};
 
 /// Figures of one `bench data` run.
 #[derive(Debug, Clone)]

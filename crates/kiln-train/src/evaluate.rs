@@ -9,13 +9,7 @@ use kiln_metrics::BleuStats;
 use kiln_model::{label_smoothed_loss, Seq2Seq};
 use kiln_recipe::Recipe;
 
-/// Figures of one evaluation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalResult {
-    pub loss: f64,
-    pub ppl: f64,
-    pub bleu: Option<f64>,
-}
+pub use kiln_events::EvalFigures;
 
 pub fn ids<B: Backend>(data: &[i32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
@@ -37,7 +31,7 @@ pub fn max_len_for(recipe: &Recipe, src_len: usize) -> usize {
     ((recipe.eval.max_len_a * src_len as f64) as usize + recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
 }
 
-pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalResult {
+pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
     for batch in eval_batches(set, recipe, set.examples.len()) {
@@ -75,5 +69,5 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     } else {
         None
     };
-    EvalResult { loss, ppl: loss.exp(), bleu }
+    EvalFigures { loss, ppl: loss.exp(), bleu, metrics: Default::default() }
 }

@@ -1,36 +1,24 @@
-//! Model families as the training loop sees them. The loop needs three things of a model: the
-//! logits of a batch's labelled positions (the loss is the same label-smoothed cross-entropy for
-//! every family), an evaluation on the validation or test split, and being a Burn module it can
-//! optimise and save. Adding a family is one model module plus an impl of [`TrainModel`] here.
+//! The built-in families as ordinary users of the task API ([`crate::task::Task`]): a
+//! transformer translating sentence pairs ([`TranslationTask`]) and a decoder-only language model
+//! on text blocks ([`LmTask`]), both on kiln's [`DeviceBatch`] and label-smoothed cross-entropy,
+//! both fed by kiln's prepared corpora ([`PairData`], [`TextData`]).
 
-use burn::module::AutodiffModule;
+use std::sync::Arc;
+
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
-use kiln_data::text::{blocks_per_batch, eval_blocks, HostBlocks};
-use kiln_data::{HostBatch, Prepared, PAD};
-use kiln_model::{label_smoothed_loss, DecoderLm, Seq2Seq};
+use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::loader::{pair_jobs, Job};
+use kiln_data::text::{blocks_per_batch, eval_blocks, plan_blocks, train_blocks, HostBlocks};
+use kiln_data::{mix_seed, Example, HostBatch, Prepared, Regulariser, BOS, EOS, PAD};
+use kiln_model::{label_smoothed_loss, DecoderLm, LmConfig, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
-use crate::evaluate::{evaluate, flat, ids, EvalResult};
-
-/// Which held-out split to evaluate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Valid,
-    Test,
-}
-
-/// Host-side counts of a batch: the loop's token and padding statistics need no device read.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct BatchStats {
-    /// Rows (sentences or blocks).
-    pub size: usize,
-    /// Labels that count in the loss.
-    pub target_tokens: usize,
-    /// Real tokens and the slots holding them, both sides: padding % = 1 − real / slots.
-    pub real_tokens: usize,
-    pub slots: usize,
-}
+use crate::checkpoint::Architecture;
+use crate::data::TrainData;
+use crate::evaluate::{evaluate, flat, ids, EvalFigures};
+pub use crate::task::{BatchStats, Split};
+use crate::task::{Task, TaskBatch, TaskInfo, TaskOutput};
 
 /// A batch as the loader workers leave it: tensors already on the device.
 #[derive(Clone)]
@@ -115,70 +103,236 @@ impl<B: Backend> DeviceBatch<B> {
     }
 }
 
-/// What the training loop asks of a model.
-pub trait TrainModel<B: AutodiffBackend>: AutodiffModule<B> + Clone + Send + 'static {
-    /// Logits `[labelled positions, vocab]` of a batch, in the order of `batch.labels`.
-    fn logits(&self, batch: &DeviceBatch<B>) -> Tensor<B, 2>;
-    /// Loss, perplexity and (for translation) BLEU on a held-out split, without dropout.
-    fn evaluate(&self, data: &Prepared, split: Split, recipe: &Recipe, device: &B::Device) -> EvalResult;
-    /// Whether `data` holds this split (a test split is optional).
-    fn has_split(data: &Prepared, split: Split) -> bool;
+pub fn model_config(recipe: &Recipe, vocab_size: usize) -> Seq2SeqConfig {
+    Seq2SeqConfig { vocab_size, pad: PAD, bos: BOS, eos: EOS, model: recipe.model.clone() }
 }
 
-impl<B: AutodiffBackend> TrainModel<B> for Seq2Seq<B> {
-    fn logits(&self, b: &DeviceBatch<B>) -> Tensor<B, 2> {
-        let src = b.src.clone().expect("sentence-pair batches have a source");
-        self.forward_rows(src, b.input.clone(), b.label_rows.clone())
+pub fn lm_config(recipe: &Recipe, vocab_size: usize) -> LmConfig {
+    LmConfig { vocab_size, model: recipe.model.clone() }
+}
+
+impl<B: Backend> TaskBatch<B> for DeviceBatch<B> {
+    fn stats(&self) -> BatchStats {
+        self.stats
     }
 
-    fn evaluate(&self, data: &Prepared, split: Split, recipe: &Recipe, device: &B::Device) -> EvalResult {
+    fn to_device(self, device: &B::Device) -> Self {
+        DeviceBatch::to_device(self, device)
+    }
+
+    fn split_rows(&self, parts: usize) -> Vec<(usize, Self)> {
+        DeviceBatch::split_rows(self, parts)
+    }
+}
+
+fn batch_settings(recipe: &Recipe) -> BatchSettings {
+    BatchSettings {
+        max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens),
+        max_sentences: recipe.loader.max_sentences,
+        pool_batches: recipe.loader.bucket_pool,
+        multiple: recipe.loader.batch_multiple,
+    }
+}
+
+/// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
+pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
+    plan_batches(&lengths, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+}
+
+/// Batches of block starts of epoch `epoch` over a training stream of `len` tokens: the blocks
+/// are cut from an offset drawn from (seed, epoch), then shuffled.
+pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
+    let block = recipe.data.block_size;
+    let starts = train_blocks(len, block, mix_seed(recipe.train.seed, 4, epoch as u64));
+    plan_blocks(starts, block, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+}
+
+/// Sentence pairs in token-budget batches. Subword regularisation gives every epoch its own
+/// segmentations of the training examples, drawn from (seed, epoch, example); without it every
+/// epoch shares the prepared ids.
+pub struct PairData {
+    examples: Arc<Vec<Example>>,
+    regulariser: Option<Regulariser>,
+    recipe: Recipe,
+}
+
+impl PairData {
+    /// `recipe` as the run uses it (its `loader.max_tokens` probed already where it was "auto").
+    pub fn new(data: &Prepared, recipe: &Recipe) -> Result<Self, kiln_data::DataError> {
+        let regulariser = Regulariser::new(&data.tokenizer, &recipe.tokenizer)?;
+        Ok(Self { examples: Arc::new(data.train.clone()), regulariser, recipe: recipe.clone() })
+    }
+
+    /// A line for the log when every epoch draws new segmentations.
+    pub fn regularisation_note(&self) -> Option<String> {
+        self.regulariser.as_ref()?;
+        let t = &self.recipe.tokenizer;
+        let how = if t.sample_alpha > 0.0 { format!("Unigram sampling, alpha {}", t.sample_alpha) } else { format!("BPE-dropout {}", t.bpe_dropout) };
+        Some(format!("subword regularisation: {how}, new segmentations every epoch (training only)"))
+    }
+
+    fn epoch_examples(&self, epoch: usize) -> Arc<Vec<Example>> {
+        match &self.regulariser {
+            None => Arc::clone(&self.examples),
+            Some(r) => Arc::new(r.epoch(&self.examples, mix_seed(self.recipe.train.seed, 3, epoch as u64), self.recipe.data.max_len)),
+        }
+    }
+}
+
+impl<B: Backend> TrainData<B> for PairData {
+    type Batch = DeviceBatch<B>;
+
+    fn batches(&self, epoch: usize) -> usize {
+        epoch_batches(&self.epoch_examples(epoch), &self.recipe, epoch).len()
+    }
+
+    fn epoch(&self, epoch: usize, device: &B::Device) -> Vec<Job<DeviceBatch<B>>> {
+        let examples = self.epoch_examples(epoch);
+        let plan = epoch_batches(&examples, &self.recipe, epoch);
+        // Loader workers pad batches and put their tensors on the device ahead of the loop.
+        let device = device.clone();
+        let build: Arc<kiln_data::loader::Build<DeviceBatch<B>>> = Arc::new(move |b| DeviceBatch::new(b, &device));
+        pair_jobs(&examples, &plan, &build)
+    }
+
+    fn examples(&self) -> usize {
+        self.examples.len()
+    }
+}
+
+/// A token stream cut into blocks, in batches of blocks.
+pub struct TextData {
+    stream: Arc<Vec<u32>>,
+    recipe: Recipe,
+}
+
+impl TextData {
+    pub fn new(data: &Prepared, recipe: &Recipe) -> Self {
+        Self { stream: Arc::new(data.text.as_ref().map(|t| t.train.clone()).unwrap_or_default()), recipe: recipe.clone() }
+    }
+}
+
+impl<B: Backend> TrainData<B> for TextData {
+    type Batch = DeviceBatch<B>;
+
+    fn batches(&self, epoch: usize) -> usize {
+        epoch_blocks(self.stream.len(), &self.recipe, epoch).len()
+    }
+
+    fn epoch(&self, epoch: usize, device: &B::Device) -> Vec<Job<DeviceBatch<B>>> {
+        let block = self.recipe.data.block_size;
+        epoch_blocks(self.stream.len(), &self.recipe, epoch)
+            .into_iter()
+            .map(|starts| {
+                let (stream, device) = (Arc::clone(&self.stream), device.clone());
+                Box::new(move || DeviceBatch::blocks(HostBlocks::build(&stream, &starts, block), &device)) as Job<DeviceBatch<B>>
+            })
+            .collect()
+    }
+
+    fn examples(&self) -> usize {
+        self.stream.len() / self.recipe.data.block_size.max(1)
+    }
+}
+
+/// German→English and other sentence-pair translation: the label-smoothed loss of the target's
+/// tokens; validation loss, perplexity and (with `eval.bleu`) BLEU of greedy translations.
+pub struct TranslationTask {
+    data: Arc<Prepared>,
+    recipe: Recipe,
+}
+
+impl TranslationTask {
+    pub fn new(data: Arc<Prepared>, recipe: Recipe) -> Self {
+        Self { data, recipe }
+    }
+}
+
+impl<B: AutodiffBackend> Task<B> for TranslationTask {
+    type Model = Seq2Seq<B>;
+    type Batch = DeviceBatch<B>;
+
+    fn forward(&self, model: &Seq2Seq<B>, b: &DeviceBatch<B>) -> TaskOutput<B> {
+        let src = b.src.clone().expect("sentence-pair batches have a source");
+        let logits = model.forward_rows(src, b.input.clone(), b.label_rows.clone());
+        TaskOutput::loss(label_smoothed_loss(logits, b.labels.clone(), PAD, self.recipe.train.label_smoothing).smoothed)
+    }
+
+    fn evaluate(&self, model: &Seq2Seq<B::InnerBackend>, split: Split, device: &B::Device) -> Option<EvalFigures> {
         match split {
-            Split::Valid => evaluate(&self.valid(), &data.valid, &data.tokenizer, recipe, device),
-            Split::Test => {
+            Split::Valid if !self.data.valid.examples.is_empty() => Some(evaluate(model, &self.data.valid, &self.data.tokenizer, &self.recipe, device)),
+            Split::Test if !self.data.test.examples.is_empty() => {
                 // `eval.bleu_sentences` only shortens the per-epoch validation; the test figure
                 // is over the whole split.
-                let mut whole = recipe.clone();
+                let mut whole = self.recipe.clone();
                 whole.eval.bleu_sentences = 0;
-                evaluate(&self.valid(), &data.test, &data.tokenizer, &whole, device)
+                Some(evaluate(model, &self.data.test, &self.data.tokenizer, &whole, device))
             }
+            _ => None,
         }
     }
 
-    fn has_split(data: &Prepared, split: Split) -> bool {
-        match split {
-            Split::Valid => !data.valid.examples.is_empty(),
-            Split::Test => !data.test.examples.is_empty(),
+    fn info(&self) -> TaskInfo {
+        let d = &self.data;
+        TaskInfo { vocab_size: d.tokenizer.vocab_size(), train_examples: d.train.len(), valid_examples: d.valid.examples.len(), test_label: format!("{} pairs", d.test.examples.len()) }
+    }
+
+    fn architecture(&self) -> Option<Architecture> {
+        Some(Architecture::new(&self.recipe.model, self.data.tokenizer.vocab_size()))
+    }
+}
+
+/// A GPT-style language model on text blocks: next-token loss; validation loss and perplexity.
+pub struct LmTask {
+    data: Arc<Prepared>,
+    recipe: Recipe,
+}
+
+impl LmTask {
+    pub fn new(data: Arc<Prepared>, recipe: Recipe) -> Self {
+        Self { data, recipe }
+    }
+
+    fn stream(&self, split: Split) -> &[u32] {
+        match (&self.data.text, split) {
+            (Some(t), Split::Valid) => &t.valid,
+            (Some(t), Split::Test) => &t.test,
+            (None, _) => &[],
         }
     }
 }
 
-impl<B: AutodiffBackend> TrainModel<B> for DecoderLm<B> {
-    fn logits(&self, b: &DeviceBatch<B>) -> Tensor<B, 2> {
-        self.forward_rows(b.input.clone(), b.label_rows.clone())
+impl<B: AutodiffBackend> Task<B> for LmTask {
+    type Model = DecoderLm<B>;
+    type Batch = DeviceBatch<B>;
+
+    fn forward(&self, model: &DecoderLm<B>, b: &DeviceBatch<B>) -> TaskOutput<B> {
+        let logits = model.forward_rows(b.input.clone(), b.label_rows.clone());
+        TaskOutput::loss(label_smoothed_loss(logits, b.labels.clone(), PAD, self.recipe.train.label_smoothing).smoothed)
     }
 
-    fn evaluate(&self, data: &Prepared, split: Split, recipe: &Recipe, device: &B::Device) -> EvalResult {
-        let text = data.text.as_ref().expect("a language model trains on text");
-        let stream = match split {
-            Split::Valid => &text.valid,
-            Split::Test => &text.test,
-        };
-        evaluate_lm(&self.valid(), stream, recipe, device)
+    fn evaluate(&self, model: &DecoderLm<B::InnerBackend>, split: Split, device: &B::Device) -> Option<EvalFigures> {
+        let stream = self.stream(split);
+        (stream.len() > 1).then(|| evaluate_lm(model, stream, &self.recipe, device))
     }
 
-    fn has_split(data: &Prepared, split: Split) -> bool {
-        data.text.as_ref().is_some_and(|t| match split {
-            Split::Valid => t.valid.len() > 1,
-            Split::Test => t.test.len() > 1,
-        })
+    fn info(&self) -> TaskInfo {
+        let block = self.recipe.data.block_size.max(1);
+        let (train, valid) = self.data.text.as_ref().map_or((0, 0), |t| (t.train.len() / block, t.valid.len().div_ceil(block)));
+        TaskInfo { vocab_size: self.data.tokenizer.vocab_size(), train_examples: train, valid_examples: valid, test_label: format!("{} tokens", self.stream(Split::Test).len()) }
+    }
+
+    fn architecture(&self) -> Option<Architecture> {
+        Some(Architecture::new(&self.recipe.model, self.data.tokenizer.vocab_size()))
     }
 }
 
 /// Mean per-token NLL of a token stream, every next-token prediction counted once (consecutive
 /// blocks from position 0); one device read at the end.
-pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalResult {
+pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let block = recipe.data.block_size;
-    let settings = kiln_data::batching::BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
+    let settings = BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
     let starts = eval_blocks(stream.len(), block);
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
@@ -194,22 +348,20 @@ pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recip
         });
     }
     let loss = nll.map(|t| t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64).unwrap_or(f64::NAN);
-    EvalResult { loss, ppl: loss.exp(), bleu: None }
+    crate::task::figures(loss, Default::default())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
-    use kiln_data::{Example, BOS, EOS};
     use kiln_model::dropout::{mask_state, seed_step, set_mask_state};
-    use kiln_model::Seq2SeqConfig;
     use kiln_recipe::ModelSection;
 
     type B = Autodiff<Flex>;
 
     fn logits(model: &Seq2Seq<B>, batch: &DeviceBatch<B>) -> Vec<f32> {
-        model.logits(batch).into_data().to_vec().unwrap()
+        model.forward_rows(batch.src.clone().unwrap(), batch.input.clone(), batch.label_rows.clone()).into_data().to_vec().unwrap()
     }
 
     /// A batch cut by rows (`backend.cpu_split`): each part, run with the mask state at its first

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::checkpoint::{self, Architecture};
 use crate::evaluate::{evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
-use crate::trainer::{lm_config, model_config};
+use crate::family::{lm_config, model_config};
 
 /// A run directory opened for inference.
 pub struct RunModel {

@@ -1,30 +1,44 @@
-//! Training: from a resolved recipe and a run directory to a trained model, its checkpoints and
-//! its event stream. [`launch`] picks the backend and device, prepares the run directory and the
-//! data, and hands over to [`trainer::run`], the loop with its sync windows.
+//! Training. As a library: [`Trainer`] gives any [`Task`] (a Burn model with its batch type,
+//! loss and metrics) and any [`TrainData`] kiln's loop, with sync windows, checkpoints, recovery
+//! and data parallel. As kiln's CLI: [`launch`] picks the backend and device for a recipe,
+//! prepares the data and hands a built-in family (`family`) to the same [`Trainer`].
 
-pub mod bench;
 pub mod autobatch;
+pub mod bench;
 pub mod checkpoint;
-pub mod device;
 pub mod clip;
+pub mod data;
+pub mod device;
 pub mod evaluate;
-pub mod loss_scale;
 pub mod family;
 pub mod infer;
+pub mod loss_scale;
+mod recovery;
+mod replicas;
 pub mod rundir;
 pub mod schedule;
+pub mod step;
 pub mod system;
+pub mod task;
 pub mod trainer;
+mod window;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use burn::tensor::backend::AutodiffBackend;
 use kiln_data::prepare::TokenizerSource;
+use kiln_data::{Example, HostBatch, HostBlocks};
 use kiln_events::{Event, EventSink, Summary};
 use kiln_recipe::{ModelFamily, Recipe};
 
-pub use family::Split;
+use family::{DeviceBatch, LmTask, PairData, TextData, TranslationTask};
+use family::{lm_config as trainer_lm_config, model_config as trainer_model_config};
+
+pub use data::{Batching, DatasetData, TrainData};
+pub use task::{BatchStats, EvalFigures, MetricDef, Per, Split, Task, TaskBatch, TaskInfo, TaskOutput, ValidModel};
+pub use trainer::Trainer;
 pub use kiln_model::sampling::Sampling;
 pub use kiln_model::seq2seq::BeamSettings;
 
@@ -65,19 +79,11 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
     match resolved.choice {
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
-            let parts = trainer::HostStep::new("cpu", recipe.backend.cpu_split).parts;
+            let parts = step::HostStep::for_backend::<B>(recipe.backend.cpu_split).parts;
             let split = if parts > 1 { format!(", batches in {parts} parts") } else { String::new() };
             let name = format!("cpu (flex, {} threads{split}{auto})", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
-            if rayon::current_num_threads() < 2 {
-                return train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink);
-            }
-            // Flex's kernels run on rayon's pool. The loop runs on a pool thread too, so that each
-            // parallel kernel starts on a worker that takes part in it, instead of this thread
-            // handing it over and sleeping until it is done: two thread switches fewer per
-            // operation, 8-20 % of the quickstart step (docs/bench/train.md, step 12). With one
-            // thread it stays here: nothing would be left to serve other threads' rayon work.
-            rayon::scope(|_| train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink))
+            train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink)
         }
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
@@ -145,13 +151,56 @@ fn train_on<B: AutodiffBackend>(
     replica_devices: Vec<B::Device>,
     device_name: String,
     memory: Option<Box<dyn autobatch::MemoryMeter>>,
-    sink: &mut dyn EventSink,
+    sink: &mut (dyn EventSink + Send),
 ) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let data = prepare_data(launch, sink)?;
+    let device_name = match recipe.train.precision {
+        kiln_recipe::Precision::F32 => device_name,
+        kiln_recipe::Precision::Bf16 => format!("{device_name}, bf16 products"),
+        kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
+    };
+    let run = FamilyRun { launch, device, replica_devices, device_name, memory, data: Arc::clone(&data) };
+    let vocab = data.tokenizer.vocab_size();
+    match recipe.model.family {
+        ModelFamily::Transformer => {
+            let model = trainer_model_config(recipe, vocab).init::<B>(&run.device);
+            let lengths = autobatch::length_ranges(recipe.data.max_len + 2);
+            let probe_batch = |len: usize, n: usize, device: &B::Device| {
+                // Source and target both at the range's top (the lengths count the added `</s>`).
+                let examples: Vec<Example> = (0..n).map(|k| Example { src: (0..len - 1).map(|i| probe_token(vocab, k * len + i)).collect(), tgt: (0..len - 1).map(|i| probe_token(vocab, k * len + i + 7)).collect() }).collect();
+                DeviceBatch::<B>::new(HostBatch::build(&examples, &(0..n).collect::<Vec<_>>()), device)
+            };
+            run.fit(|r| TranslationTask::new(Arc::clone(&data), r.clone()), model, &lengths, &probe_batch, |r| {
+                let pairs = PairData::new(&data, r).map_err(|e| anyhow!("{e}"))?;
+                let note = pairs.regularisation_note();
+                Ok((pairs, note))
+            }, sink)
+        }
+        ModelFamily::Lm => {
+            let model = trainer_lm_config(recipe, vocab).init::<B>(&run.device);
+            let probe_batch = |len: usize, n: usize, device: &B::Device| {
+                let stream: Vec<u32> = (0..n * len + 1).map(|i| probe_token(vocab, i)).collect();
+                let starts: Vec<usize> = (0..n).map(|k| k * len).collect();
+                DeviceBatch::<B>::blocks(HostBlocks::build(&stream, &starts, len), device)
+            };
+            run.fit(|r| LmTask::new(Arc::clone(&data), r.clone()), model, &[recipe.data.block_size], &probe_batch, |r| Ok((TextData::new(&data, r), None)), sink)
+        }
+    }
+}
+
+/// Ordinary (non-special) ids for the probe's synthetic batches, varied so no kernel sees a constant.
+fn probe_token(vocab: usize, i: usize) -> u32 {
+    let vocab = vocab.max(5) as u32;
+    4 + (i as u32).wrapping_mul(2_654_435_761) % (vocab - 4)
+}
+
+/// Reads, splits, tokenizes (or loads from the cache) the run's corpus, with progress notes.
+fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Arc<kiln_data::Prepared>> {
     let recipe = &launch.recipe;
     let run_dir = &launch.run_dir;
     let tokenizer_path = run_dir.join("tokenizer.json");
-    let resume_from = launch.resume.clone();
-    let source = if resume_from.is_some() { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
+    let source = if launch.resume.is_some() { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
     let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
     // Progress of slow preparations, as notes: at most one line every two seconds, after the first.
     let started = std::time::Instant::now();
@@ -194,22 +243,84 @@ fn train_on<B: AutodiffBackend>(
             data.prepare_s
         ),
     )?;
-    // Initialisation is the first use of the seed, so a model starts the same whatever happened
-    // before (data preparation draws no numbers from the backend).
-    B::seed(&device, recipe.train.seed);
-    // Mixed precision: the loop runs on this thread, so its matrix products (training and
-    // validation) follow this setting; weights and optimizer state stay f32.
-    let _autocast = kiln_model::autocast::enter(compute_dtype(recipe.train.precision));
-    let device_name = match recipe.train.precision {
-        kiln_recipe::Precision::F32 => device_name,
-        kiln_recipe::Precision::Bf16 => format!("{device_name}, bf16 products"),
-        kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
-    };
-    let vocab = data.tokenizer.vocab_size();
-    let job = trainer::TrainJob::<B> { recipe, run_dir, data: &data, device: device.clone(), device_name, resume_from, control: launch.control.clone(), step_times: launch.step_times.clone(), memory, replica_devices };
-    match recipe.model.family {
-        ModelFamily::Transformer => trainer::run(job, trainer::model_config(recipe, vocab).init::<B>(&device), sink),
-        ModelFamily::Lm => trainer::run(job, trainer::lm_config(recipe, vocab).init::<B>(&device), sink),
+    Ok(Arc::new(data))
+}
+
+/// A built-in family's run on backend `B`: the batch-size probe where the recipe asks for it,
+/// then the family's task and data handed to [`Trainer`].
+struct FamilyRun<'a, B: AutodiffBackend> {
+    launch: &'a Launch,
+    device: B::Device,
+    replica_devices: Vec<B::Device>,
+    device_name: String,
+    memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    data: Arc<kiln_data::Prepared>,
+}
+
+impl<B: AutodiffBackend> FamilyRun<'_, B> {
+    #[allow(clippy::too_many_arguments)] // a family's parts, each its own
+    fn fit<T, D>(
+        self,
+        task_for: impl Fn(&Recipe) -> T,
+        model: T::Model,
+        probe_lengths: &[usize],
+        probe_batch: &dyn Fn(usize, usize, &B::Device) -> T::Batch,
+        data_for: impl FnOnce(&Recipe) -> Result<(D, Option<String>)>,
+        sink: &mut (dyn EventSink + Send),
+    ) -> Result<Summary>
+    where
+        T: Task<B>,
+        D: TrainData<B, Batch = T::Batch>,
+        Trainer<B, T>: Send,
+    {
+        let FamilyRun { launch, device, replica_devices, device_name, memory, data } = self;
+        let recipe = &launch.recipe;
+        // The parameters are created from the seed before the probe copies the model.
+        B::seed(&device, recipe.train.seed);
+        trainer::create_params(&model);
+        // `loader.max_tokens = "auto"`: the budget table is probed now (or read back on a resume,
+        // so the batches stay those the run started with) and stands in for the key from here on.
+        let mut recipe = recipe.clone();
+        if recipe.loader.max_tokens == kiln_recipe::TokenLimit::Auto {
+            let table = match &launch.resume {
+                Some(_) => autobatch::read(&launch.run_dir).map_err(|m| anyhow!(m))?,
+                None => {
+                    let mut meter = memory;
+                    let meter = meter.as_deref_mut().ok_or_else(|| anyhow!("loader.max_tokens = \"auto\": the memory of {device_name} cannot be measured; give loader.max_tokens a number"))?;
+                    let _autocast = kiln_model::autocast::enter(compute_dtype(recipe.train.precision));
+                    let make = |len: usize, n: usize| probe_batch(len, n, &device);
+                    let table = autobatch::probe(&task_for(&recipe), &model, &recipe.train, recipe.backend.cpu_split, &device, &device_name, meter, probe_lengths, recipe.loader.auto_token_cap, &make).map_err(|m| anyhow!(m))?;
+                    autobatch::write(&launch.run_dir, &table).map_err(|m| anyhow!(m))?;
+                    table
+                }
+            };
+            if launch.resume.is_some() {
+                note(sink, format!("loader.max_tokens = \"auto\": the budgets probed when the run started ({})", autobatch::FILE))?;
+            }
+            for line in table.lines() {
+                note(sink, line)?;
+            }
+            recipe.loader.max_tokens = kiln_recipe::TokenLimit::Table(table.budget_rows());
+        }
+        let (train_data, data_note) = data_for(&recipe)?;
+        if let Some(line) = data_note {
+            note(sink, line)?;
+        }
+        let mut trainer = Trainer::new(task_for(&recipe), model, device)
+            .settings(recipe.train.clone())
+            .name(recipe.name.clone())
+            .run_dir(launch.run_dir.clone())
+            .device_name(device_name)
+            .loader(recipe.loader.workers, recipe.loader.prefetch)
+            .cpu_split(recipe.backend.cpu_split)
+            .resume(launch.resume.clone())
+            .control(launch.control.clone())
+            .replicas(replica_devices)
+            .data_figures(kiln_events::DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: 0.0 });
+        if let Some(times) = &launch.step_times {
+            trainer = trainer.measure_steps(times.clone());
+        }
+        trainer.fit(&train_data, sink)
     }
 }
 
@@ -222,14 +333,7 @@ fn cpu_precision_note(recipe: &Recipe, sink: &mut dyn EventSink) -> Result<()> {
     }
 }
 
-/// The dtype of matrix products for `train.precision` (`None`: f32 throughout).
-pub fn compute_dtype(precision: kiln_recipe::Precision) -> Option<burn::tensor::FloatDType> {
-    match precision {
-        kiln_recipe::Precision::F32 => None,
-        kiln_recipe::Precision::Bf16 => Some(burn::tensor::FloatDType::BF16),
-        kiln_recipe::Precision::F16 => Some(burn::tensor::FloatDType::F16),
-    }
-}
+pub use trainer::compute_dtype;
 
 fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {
     sink.emit(&Event::Note(text)).map_err(|m| anyhow!(m))

@@ -71,12 +71,13 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 format!("epoch {epoch}/{} done | step {step} | train loss {train_loss:.4}", self.epochs)
             }
             Event::Validation(v) => format!(
-                "valid | epoch {} | step {} | loss {:.4} | ppl {:.2} | bleu {}",
+                "valid | epoch {} | step {} | loss {:.4} | ppl {:.2} | bleu {}{}",
                 v.epoch,
                 v.step,
                 v.loss,
                 v.ppl,
-                v.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())
+                v.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into()),
+                named(&v.metrics)
             ),
             Event::Checkpoint { path, step, .. } => format!("checkpoint | step {step} | {path}"),
             Event::Rollback { step } => format!("rollback | back to step {step}"),
@@ -102,10 +103,15 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
     }
 }
 
-/// What only some runs have: each device's tokens/s (data parallel), the f16 loss scale and the
-/// steps it undid.
+/// A task's own metrics as ` | name value` pairs.
+fn named(metrics: &std::collections::BTreeMap<String, f64>) -> String {
+    metrics.iter().map(|(name, value)| format!(" | {name} {value:.4}")).collect()
+}
+
+/// What only some runs have: a task's own metrics, each device's tokens/s (data parallel), the
+/// f16 loss scale and the steps it undid.
 fn extras(w: &kiln_events::WindowRow) -> String {
-    let mut out = String::new();
+    let mut out = named(&w.metrics);
     if !w.device_tokens.is_empty() && w.window_s > 0.0 {
         let rates: Vec<String> = w.device_tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect();
         out.push_str(&format!(" | per device {} tok/s", rates.join(" / ")));
@@ -133,7 +139,7 @@ mod tests {
             let mut sync = SyncStats::default();
             sync.record(1.5);
             sync.record(0.5);
-            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], overflow_skips: 0, loss_scale: None };
+            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], overflow_skips: 0, loss_scale: None, metrics: Default::default() };
             p.emit(&Event::Window(row.clone())).unwrap();
         }
         let line = String::from_utf8(buf).unwrap();
@@ -142,6 +148,8 @@ mod tests {
         let row = WindowRow { device_tokens: vec![3000, 2000], loss_scale: Some(16384.0), overflow_skips: 2, ..row };
         let line = extras(&row);
         assert_eq!(line, " | per device 7,500 / 5,000 tok/s | loss scale 16384 (2 overflowing steps undone)");
+        let row = WindowRow { metrics: [("accuracy".to_string(), 0.5)].into(), ..row };
+        assert!(extras(&row).starts_with(" | accuracy 0.5000 | per device"), "{}", extras(&row));
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1000.0), "1,000");
     }

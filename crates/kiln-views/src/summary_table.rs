@@ -8,25 +8,31 @@ use crate::progress::thousands;
 pub fn summary_table(s: &Summary, run_dir: &str) -> String {
     let opt = |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_else(|| "-".into());
     let sync_pct = if s.wall_s > 0.0 { 100.0 * s.sync.total_ms / 1e3 / s.wall_s } else { 0.0 };
-    let mut rows: Vec<(&str, String)> = vec![
-        ("run", run_dir.to_string()),
-        ("status", if s.stopped { "stopped on request (resumable)".into() } else { "finished".into() }),
-        ("steps / epochs", format!("{} / {}", s.steps, s.epochs)),
-        ("train loss (last epoch)", format!("{:.4}", s.train_loss)),
-        ("valid loss", opt(s.valid_loss, 4)),
-        ("valid BLEU", opt(s.bleu, 2)),
+    let mut rows: Vec<(String, String)> = vec![
+        ("run".into(), run_dir.to_string()),
+        ("status".into(), if s.stopped { "stopped on request (resumable)".into() } else { "finished".into() }),
+        ("steps / epochs".into(), format!("{} / {}", s.steps, s.epochs)),
+        ("train loss (last epoch)".into(), format!("{:.4}", s.train_loss)),
+        ("valid loss".into(), opt(s.valid_loss, 4)),
+        ("valid BLEU".into(), opt(s.bleu, 2)),
     ];
+    for (name, value) in &s.metrics {
+        rows.push((format!("valid {name}"), format!("{value:.4}")));
+    }
     if s.skipped_steps > 0 || s.rollbacks > 0 {
-        rows.push(("non-finite losses", format!("{} steps skipped, {} rollbacks", s.skipped_steps, s.rollbacks)));
+        rows.push(("non-finite losses".into(), format!("{} steps skipped, {} rollbacks", s.skipped_steps, s.rollbacks)));
     }
     if let Some(t) = &s.test {
-        rows.push(("test loss / ppl / BLEU", format!("{:.4} / {:.2} / {}", t.loss, t.ppl, opt(t.bleu, 2))));
+        rows.push(("test loss / ppl / BLEU".into(), format!("{:.4} / {:.2} / {}", t.loss, t.ppl, opt(t.bleu, 2))));
+        for (name, value) in &t.metrics {
+            rows.push((format!("test {name}"), format!("{value:.4}")));
+        }
     }
     rows.extend([
-        ("throughput", format!("{} target tok/s", thousands(s.tokens_per_s))),
-        ("wall time", format!("{:.1} s", s.wall_s)),
-        ("syncs", format!("{} (avg {:.2} ms, max {:.2} ms, {:.2} % of wall)", s.sync.count, s.sync.avg_ms, s.sync.max_ms, sync_pct)),
-        ("data", format!("cache {}, prepared in {:.2} s, padding {:.1} %", if s.data.cache_hit { "hit" } else { "miss" }, s.data.prepare_s, s.data.padding_pct)),
+        ("throughput".into(), format!("{} target tok/s", thousands(s.tokens_per_s))),
+        ("wall time".into(), format!("{:.1} s", s.wall_s)),
+        ("syncs".into(), format!("{} (avg {:.2} ms, max {:.2} ms, {:.2} % of wall)", s.sync.count, s.sync.avg_ms, s.sync.max_ms, sync_pct)),
+        ("data".into(), format!("cache {}, prepared in {:.2} s, padding {:.1} %", if s.data.cache_hit { "hit" } else { "miss" }, s.data.prepare_s, s.data.padding_pct)),
     ]);
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -57,9 +63,11 @@ mod tests {
             stopped: false,
             skipped_steps: 0,
             rollbacks: 0,
+            metrics: [("accuracy".to_string(), 0.975)].into(),
         };
         let t = summary_table(&s, "runs/q");
         assert!(t.contains("1108 / 4") && t.contains("1,030 target tok/s") && t.contains("112 (avg 0.00 ms") && t.contains("padding 4.1 %"), "{t}");
+        assert!(t.lines().any(|l| l.contains("valid accuracy") && l.ends_with("0.9750")), "a task's metric has its row: {t}");
         assert!(t.lines().all(|l| l.starts_with("  ")));
     }
 }
