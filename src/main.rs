@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kiln_events::{Control, Fanout};
+use kiln_events::Control;
 use kiln_recipe::{Override, Recipe};
-use kiln_views::{ProgressLine, RunFiles};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -253,53 +252,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     };
     let control = Control::new();
-    install_stop_signals(&control);
-    let name = recipe.name.clone();
-    let tui = !args.no_tui && std::io::stdout().is_terminal() && std::io::stdin().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
-    let result = (|| {
-        let files = RunFiles::open(&run_dir).map_err(anyhow::Error::msg)?;
-        let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
-        let dashboard = if tui {
-            match kiln_dashboard::start_live(control.clone()) {
-                Ok(d) => Some(d),
-                Err(why) => {
-                    eprintln!("kiln: {why}; plain progress lines instead");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        match dashboard {
-            Some((view, thread)) => {
-                let mut sink = Fanout::new().with(view).with(files);
-                let result = kiln_train::launch(&launch, &mut sink);
-                // Closing the channel ends the dashboard, which restores the terminal.
-                drop(sink);
-                if let Err(why) = thread.finish() {
-                    eprintln!("kiln: {why}");
-                }
-                result
-            }
-            None => {
-                let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout())).with(files);
-                kiln_train::launch(&launch, &mut sink)
-            }
-        }
-    })();
+    let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
+    let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
+    let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_train::launch(&launch, sink));
     match &result {
-        Ok(summary) => {
-            println!("\n{}", kiln_views::summary_table::summary_table(summary, &run_dir.display().to_string()));
-            match kiln_views::plots::write_charts(&run_dir, &name) {
-                Ok(paths) if !paths.is_empty() => {
-                    let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-                    println!("  charts  {}", names.join(", "));
-                }
-                Ok(_) => {}
-                // The run itself is saved; a chart that cannot be drawn is worth a line, not a failure.
-                Err(why) => eprintln!("kiln: warning: {why}"),
-            }
-        }
+        Ok(_) => {}
         Err(_) if created && !run_dir.join("checkpoints").exists() && !run_dir.join("nonfinite.json").exists() => {
             // A run that failed before saving anything (bad corpus, say) leaves no directory
             // behind, nor an empty `runs/<name>/` it made.
@@ -313,20 +270,6 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         Err(_) => {}
     }
     result.map(|_| ())
-}
-
-/// SIGINT / SIGTERM: the first asks the trainer to finish its step, save and stop (resumable);
-/// a second one ends the process at once.
-fn install_stop_signals(control: &Control) {
-    let control = control.clone();
-    let _ = ctrlc::set_handler(move || {
-        if control.stop_requested() {
-            eprintln!("\nkiln: stopping now, without saving");
-            std::process::exit(130);
-        }
-        eprintln!("\nkiln: stopping after this step and saving a checkpoint (again to quit at once)");
-        control.request_stop();
-    });
 }
 
 fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {

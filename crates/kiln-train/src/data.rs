@@ -117,3 +117,53 @@ where
         self.lengths.len()
     }
 }
+
+/// kiln's sentence-pair corpus format (`source<TAB>target` per line) as a burn-dataset
+/// [`Dataset`] of [`kiln_data::Pair`]s, read with kiln's reader (BOM, CRLF, bad lines named by
+/// file and line, or skipped with `OnBadLine::Skip`).
+pub struct TsvPairs {
+    pairs: Vec<kiln_data::Pair>,
+    /// Lines skipped as bad (`OnBadLine::Skip`).
+    pub skipped: usize,
+}
+
+impl TsvPairs {
+    pub fn open(path: &std::path::Path, on_bad_line: kiln_recipe::OnBadLine) -> Result<Self, kiln_data::DataError> {
+        let read = kiln_data::read_parallel(path, on_bad_line, 0)?;
+        Ok(Self { pairs: read.pairs, skipped: read.skipped })
+    }
+}
+
+impl Dataset<kiln_data::Pair> for TsvPairs {
+    fn get(&self, index: usize) -> Option<kiln_data::Pair> {
+        self.pairs.get(index).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+}
+
+/// kiln's plain-text corpus format as a burn-dataset [`Dataset`] of lines (empty lines kept:
+/// they mark paragraphs).
+pub struct TextLines {
+    lines: Vec<String>,
+    pub skipped: usize,
+}
+
+impl TextLines {
+    pub fn open(path: &std::path::Path, on_bad_line: kiln_recipe::OnBadLine) -> Result<Self, kiln_data::DataError> {
+        let read = kiln_data::corpus::read_text(path, on_bad_line, 0)?;
+        Ok(Self { lines: read.lines, skipped: read.skipped })
+    }
+}
+
+impl Dataset<String> for TextLines {
+    fn get(&self, index: usize) -> Option<String> {
+        self.lines.get(index).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.lines.len()
+    }
+}

@@ -163,6 +163,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self
     }
 
+    /// The run directory this trainer writes into.
+    pub fn run_dir_path(&self) -> &Path {
+        &self.run_dir
+    }
+
     /// How the device is named in the header and in errors.
     pub fn device_name(mut self, name: impl Into<String>) -> Self {
         self.device_name = name.into();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use burn::backend::{Autodiff, Flex};
 use burn::data::dataloader::batcher::Batcher;
 use burn::data::dataset::InMemDataset;
-use burn::module::{AutodiffModule, Module, ModuleVisitor};
+use burn::module::{Module, ModuleVisitor};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::{AutodiffBackend, Backend};
