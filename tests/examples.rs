@@ -90,3 +90,25 @@ fn language_id_stopped_by_sigint_and_resumed_ends_as_an_unbroken_run() {
     let valid = |d: &Path| read_jsonl(&d.join("metrics.jsonl")).into_iter().filter(|r| r["kind"] == "valid").collect::<Vec<_>>();
     assert_eq!(valid(&whole), valid(&broken), "every validation row the same");
 }
+
+/// burn-train with kiln's strategy: one read per 10 steps (and one at each epoch's end, for
+/// training and validation) where burn-train's default reads every step, and burn's metric logs
+/// still count every step (entries weighted by the steps they hold).
+#[test]
+fn burn_train_program_reads_once_per_window_with_kiln_strategy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(example("burn_train_strategy")).args(["--run-dir", dir.path().to_str().unwrap(), "--pairs", "4000"]).current_dir(root()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find(|l| l.starts_with("device->host reads")).unwrap_or_else(|| panic!("{stdout}"));
+    let numbers: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect();
+    // 3,600 training pairs → 7,200 sentences in 113 batches of 64; 800 validation sentences in 13.
+    let (train_steps, valid_steps): (usize, usize) = (113, 13);
+    assert_eq!(numbers, vec![train_steps + valid_steps, 10, train_steps.div_ceil(10) + valid_steps.div_ceil(10)], "{line}");
+    let counts = |path: PathBuf| -> usize {
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).lines().map(|l| l.rsplit(',').next().unwrap().parse::<usize>().unwrap()).sum()
+    };
+    assert_eq!(counts(dir.path().join("kiln/train/epoch-1/Loss.log")), train_steps, "every step's loss is in the epoch's");
+    assert_eq!(counts(dir.path().join("default/train/epoch-1/Loss.log")), train_steps);
+    assert_eq!(counts(dir.path().join("kiln/valid/epoch-1/Accuracy.log")), 800, "every validation row counted");
+}

@@ -18,6 +18,7 @@ mod replicas;
 pub mod rundir;
 pub mod schedule;
 pub mod step;
+pub mod strategy;
 pub mod system;
 pub mod task;
 pub mod trainer;
