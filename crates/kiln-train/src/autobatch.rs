@@ -264,6 +264,64 @@ impl MemoryMeter for CudaMemory {
     }
 }
 
+/// Probes the batch budget per length range for `loader.max_tokens = "auto"`: each try is one
+/// training step (forward, backward, clipping, AdamW) on a synthetic batch of `rows` rows of
+/// `len` tokens (`make_batch`), on copies of the model and of a fresh optimizer that are then
+/// dropped, so training starts untouched. A try that panics (a backend's out-of-memory error)
+/// counts as a failure.
+#[allow(clippy::too_many_arguments)] // the probe's inputs, each from its own owner
+pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>(
+    task: &T,
+    model: &T::Model,
+    train: &kiln_recipe::TrainSection,
+    cpu_split: usize,
+    device: &B::Device,
+    device_name: &str,
+    meter: &mut dyn MemoryMeter,
+    lengths: &[usize],
+    cap: usize,
+    make_batch: &dyn Fn(usize, usize) -> T::Batch,
+) -> Result<Table, String> {
+    use burn::optim::{AdamWConfig, Optimizer};
+    use burn::tensor::Tensor;
+    use crate::step::{step_gradients, Faults, HostStep, StepPlace, SINGLE};
+    use crate::task::TaskBatch;
+    let started = std::time::Instant::now();
+    let capacity = meter.capacity();
+    let limit = (capacity as f64 * 0.85) as u64;
+    let host = HostStep::for_backend::<B>(cpu_split);
+    let faults = Faults::default();
+    let optim = AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32)
+        .init::<B, T::Model>();
+    let mut try_size = |len: usize, n: usize| -> Outcome {
+        let batch = make_batch(len, n);
+        meter.reset();
+        let previous_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let tokens = batch.stats().target_tokens;
+            let at = StepPlace { device, host, replica: SINGLE, loss_scale: None, faults: &faults };
+            let sums = step_gradients(task, model, std::slice::from_ref(&batch), train, 0, tokens, false, at);
+            let stepped = optim.clone().step(train.lr, model.clone(), sums.grads);
+            // Waits for the step, optimizer included, to finish on the device.
+            let _ = Tensor::cat(vec![sums.loss_sum, sums.norm], 0).into_data();
+            drop(stepped);
+        }));
+        std::panic::set_hook(previous_hook);
+        match ran {
+            Ok(()) => Ok(meter.peak()),
+            Err(panic) => Err(panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the step failed".into())),
+        }
+    };
+    let (rows, probes) = plan(lengths, limit, cap, &mut try_size).map_err(|e| format!("loader.max_tokens = \"auto\": {e} on {device_name}"))?;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(Table { rows, device: device_name.to_string(), capacity_mb: mib(capacity), limit_mb: mib(limit), cap_tokens: cap, probes, seconds: started.elapsed().as_secs_f64() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,62 +421,4 @@ mod tests {
         assert_eq!(length_ranges(64), vec![16, 32, 64]);
         assert_eq!(length_ranges(10), vec![10]);
     }
-}
-
-/// Probes the batch budget per length range for `loader.max_tokens = "auto"`: each try is one
-/// training step (forward, backward, clipping, AdamW) on a synthetic batch of `rows` rows of
-/// `len` tokens (`make_batch`), on copies of the model and of a fresh optimizer that are then
-/// dropped, so training starts untouched. A try that panics (a backend's out-of-memory error)
-/// counts as a failure.
-#[allow(clippy::too_many_arguments)] // the probe's inputs, each from its own owner
-pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>(
-    task: &T,
-    model: &T::Model,
-    train: &kiln_recipe::TrainSection,
-    cpu_split: usize,
-    device: &B::Device,
-    device_name: &str,
-    meter: &mut dyn MemoryMeter,
-    lengths: &[usize],
-    cap: usize,
-    make_batch: &dyn Fn(usize, usize) -> T::Batch,
-) -> Result<Table, String> {
-    use burn::optim::{AdamWConfig, Optimizer};
-    use burn::tensor::Tensor;
-    use crate::step::{step_gradients, Faults, HostStep, StepPlace, SINGLE};
-    use crate::task::TaskBatch;
-    let started = std::time::Instant::now();
-    let capacity = meter.capacity();
-    let limit = (capacity as f64 * 0.85) as u64;
-    let host = HostStep::for_backend::<B>(cpu_split);
-    let faults = Faults::default();
-    let optim = AdamWConfig::new()
-        .with_beta_1(train.beta1 as f32)
-        .with_beta_2(train.beta2 as f32)
-        .with_epsilon(train.eps as f32)
-        .with_weight_decay(train.weight_decay as f32)
-        .init::<B, T::Model>();
-    let mut try_size = |len: usize, n: usize| -> Outcome {
-        let batch = make_batch(len, n);
-        meter.reset();
-        let previous_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let tokens = batch.stats().target_tokens;
-            let at = StepPlace { device, host, replica: SINGLE, loss_scale: None, faults: &faults };
-            let sums = step_gradients(task, model, std::slice::from_ref(&batch), train, 0, tokens, false, at);
-            let stepped = optim.clone().step(train.lr, model.clone(), sums.grads);
-            // Waits for the step, optimizer included, to finish on the device.
-            let _ = Tensor::cat(vec![sums.loss_sum, sums.norm], 0).into_data();
-            drop(stepped);
-        }));
-        std::panic::set_hook(previous_hook);
-        match ran {
-            Ok(()) => Ok(meter.peak()),
-            Err(panic) => Err(panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the step failed".into())),
-        }
-    };
-    let (rows, probes) = plan(lengths, limit, cap, &mut try_size).map_err(|e| format!("loader.max_tokens = \"auto\": {e} on {device_name}"))?;
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    Ok(Table { rows, device: device_name.to_string(), capacity_mb: mib(capacity), limit_mb: mib(limit), cap_tokens: cap, probes, seconds: started.elapsed().as_secs_f64() })
 }

@@ -54,6 +54,9 @@ impl Default for Batching {
     }
 }
 
+/// The item, batch and backend types a [`DatasetData`] is for (it holds none of them).
+type Types<B, I, O> = PhantomData<fn() -> (B, I, O)>;
+
 /// A burn-dataset [`Dataset`] of items `I`, batched by a burn [`Batcher`] into `O`, in batches
 /// planned by kiln from each item's length (`length`, measured once when this is made).
 pub struct DatasetData<B: Backend, I, O, D, Bt> {
@@ -61,7 +64,7 @@ pub struct DatasetData<B: Backend, I, O, D, Bt> {
     batcher: Arc<Bt>,
     lengths: Vec<(usize, usize)>,
     batching: Batching,
-    _types: PhantomData<fn() -> (B, I, O)>,
+    _types: Types<B, I, O>,
 }
 
 impl<B, I, O, D, Bt> DatasetData<B, I, O, D, Bt>

@@ -247,6 +247,9 @@ fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Ar
     Ok(Arc::new(data))
 }
 
+/// A synthetic batch of (length, rows) on a device, for the batch-size probe.
+type ProbeBatch<'a, B, T> = dyn Fn(usize, usize, &burn::tensor::Device<B>) -> <T as Task<B>>::Batch + 'a;
+
 /// A built-in family's run on backend `B`: the batch-size probe where the recipe asks for it,
 /// then the family's task and data handed to [`Trainer`].
 struct FamilyRun<'a, B: AutodiffBackend> {
@@ -265,7 +268,7 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
         task_for: impl Fn(&Recipe) -> T,
         model: T::Model,
         probe_lengths: &[usize],
-        probe_batch: &dyn Fn(usize, usize, &B::Device) -> T::Batch,
+        probe_batch: &ProbeBatch<'_, B, T>,
         data_for: impl FnOnce(&Recipe) -> Result<(D, Option<String>)>,
         sink: &mut (dyn EventSink + Send),
     ) -> Result<Summary>

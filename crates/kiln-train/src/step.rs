@@ -118,6 +118,7 @@ pub(crate) struct StepPlace<'a, B: AutodiffBackend> {
 /// of the replicas, summed, are those of one big batch. An `idle` replica (the last step of an
 /// epoch may have fewer batches than devices) runs its batch at weight 0: it still takes part in
 /// the all-reduce, with zero gradients and a zero loss.
+#[allow(clippy::too_many_arguments)] // one step's inputs, each from its own owner
 pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
     task: &T,
     model: &T::Model,
@@ -187,18 +188,20 @@ pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
         // The replicas' gradients, losses and metric sums summed, on every replica: each then
         // clips and steps alike, so the replicas stay identical.
         grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).expect("kiln: gradient all-reduce failed");
-        let sum = |t: Tensor<B::InnerBackend, 1>| {
-            let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, t.into_primitive().tensor(), ReduceOperation::Sum).expect("kiln: loss all-reduce failed");
-            Tensor::from_primitive(TensorPrimitive::Float(summed))
-        };
-        step_loss = sum(step_loss);
-        metric_sums = metric_sums.into_iter().map(sum).collect();
+        step_loss = all_reduce_sum::<B>(peer, step_loss);
+        metric_sums = metric_sums.into_iter().map(|m| all_reduce_sum::<B>(peer, m)).collect();
     }
     if let Some(scale) = at.loss_scale {
         crate::clip::scale_gradients::<B, _>(model, &mut grads, scale.clone().recip());
     }
     let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
     StepSums { grads, loss_sum: step_loss, norm: norm.unwrap_or_else(zero), metric_sums }
+}
+
+/// A `[1]` sum over the replicas, on every replica.
+fn all_reduce_sum<B: AutodiffBackend>(peer: PeerId, t: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
+    let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, t.into_primitive().tensor(), ReduceOperation::Sum).expect("kiln: loss all-reduce failed");
+    Tensor::from_primitive(TensorPrimitive::Float(summed))
 }
 
 /// The optimizer step after [`step_gradients`]. With f16 loss scaling the scaler takes the

@@ -25,7 +25,6 @@
 //! is `crate::replicas`; the CPU specifics (host dropout masks, batches in parts, the loop on a
 //! rayon worker) are chosen here by the backend's type.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -298,6 +297,9 @@ enum Pass {
     RolledBack,
 }
 
+/// The model, optimizer and state at a point of the run (shared tensors, not copies).
+pub(crate) type Snapshot<B, T> = (<T as Task<B>>::Model, AdamWOptimizer<<T as Task<B>>::Model, B>, TrainState);
+
 /// One run of the loop: the model, the optimizer and everything that changes as it trains.
 pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> {
     pub task: Arc<T>,
@@ -333,7 +335,7 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     pub window_start: Option<WindowStart<B, T>>,
     /// `rollback`: the model, optimizer and state of the last checkpoint (or of the start). Held
     /// in memory (the tensors are shared, not copied), so going back reads nothing from disk.
-    pub last_good: Option<(T::Model, AdamWOptimizer<T::Model, B>, TrainState)>,
+    pub last_good: Option<Snapshot<B, T>>,
     pub last_lr: f64,
     pub stopped: bool,
 }
@@ -788,7 +790,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             stopped: self.stopped,
             skipped_steps: self.state.skipped_steps,
             rollbacks: self.state.rollbacks,
-            metrics: last_valid.map(|v| v.metrics).unwrap_or_else(BTreeMap::new),
+            metrics: last_valid.map(|v| v.metrics).unwrap_or_default(),
         };
         self.emit(Event::Finished(summary.clone()))?;
         Ok(summary)
