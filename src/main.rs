@@ -154,7 +154,7 @@ struct DecodeArgs {
 }
 
 impl DecodeArgs {
-    fn settings(&self) -> anyhow::Result<kiln_train::BeamSettings> {
+    fn settings(&self) -> anyhow::Result<kiln_families::BeamSettings> {
         if self.beam == 0 {
             anyhow::bail!("--beam: expected an integer >= 1, got 0");
         }
@@ -162,7 +162,7 @@ impl DecodeArgs {
             anyhow::bail!("--len-penalty: expected a number >= 0, got {}", self.len_penalty);
         }
         // max_len comes from the run's eval.max_len_a / max_len_b per sentence.
-        Ok(kiln_train::BeamSettings { beam: self.beam, max_len: 0, len_penalty: self.len_penalty })
+        Ok(kiln_families::BeamSettings { beam: self.beam, max_len: 0, len_penalty: self.len_penalty })
     }
 }
 
@@ -202,7 +202,7 @@ fn main() -> ExitCode {
         Command::Watch { run_dir } => watch(&run_dir),
         Command::Translate { run_dir, input, decode } => translate(&run_dir, input.as_deref(), &decode),
         Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint } => {
-            generate(&run_dir, &prompt, kiln_train::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref())
+            generate(&run_dir, &prompt, kiln_families::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref())
         }
         Command::Eval { run_dir, split, decode } => eval(&run_dir, &split, &decode),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
@@ -229,14 +229,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let (recipe, run_dir, resume, created) = match &args.resume {
         Some(dir) => {
-            let recipe = kiln_train::resume_recipe(dir, &overrides)?;
+            let recipe = kiln_families::resume_recipe(dir, &overrides)?;
             if let Some(path) = &args.recipe {
                 let given = Recipe::load(path, &[])?;
                 if let Some(key) = first_difference(&given, &recipe) {
                     anyhow::bail!("{}: differs from {} at `{key}`; a run resumes with its own recipe", path.display(), dir.join("recipe.toml").display());
                 }
             }
-            let (checkpoint, skipped) = kiln_train::prepare_resume(dir)?;
+            let (checkpoint, skipped) = kiln_families::prepare_resume(dir)?;
             for line in skipped {
                 eprintln!("kiln: warning: {line}");
             }
@@ -247,14 +247,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 anyhow::bail!("a recipe is required: kiln train <recipe.toml> (or --resume RUN_DIR)");
             };
             let recipe = Recipe::load(path, &overrides)?;
-            let (dir, created) = kiln_train::rundir::create(&recipe, args.run_dir.as_deref())?;
+            let (dir, created) = kiln_families::rundir::create(&recipe, args.run_dir.as_deref())?;
             (recipe, dir, None, created)
         }
     };
     let control = Control::new();
     let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
-    let launch = kiln_train::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
-    let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_train::launch(&launch, sink));
+    let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
+    let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_families::launch(&launch, sink));
     match &result {
         Ok(_) => {}
         Err(_) if created && !run_dir.join("checkpoints").exists() && !run_dir.join("nonfinite.json").exists() => {
@@ -275,7 +275,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let beam = decode.settings()?;
-    let run = kiln_train::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let run = kiln_families::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
     let text = match input {
         Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?,
         None => {
@@ -285,7 +285,7 @@ fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode:
         }
     };
     let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-    let out = kiln_train::translate(&run, &lines, beam)?;
+    let out = kiln_families::translate(&run, &lines, beam)?;
     let mut stdout = std::io::stdout().lock();
     for line in out {
         writeln!(stdout, "{line}")?;
@@ -293,12 +293,12 @@ fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode:
     Ok(())
 }
 
-fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_train::Sampling, checkpoint: Option<&str>) -> anyhow::Result<()> {
+fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_families::Sampling, checkpoint: Option<&str>) -> anyhow::Result<()> {
     if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
         anyhow::bail!("--temperature: expected a number >= 0, got {}", sampling.temperature);
     }
-    let run = kiln_train::infer::open_run(run_dir, checkpoint)?;
-    let text = kiln_train::generate(&run, prompt, sampling)?;
+    let run = kiln_families::infer::open_run(run_dir, checkpoint)?;
+    let text = kiln_families::generate(&run, prompt, sampling)?;
     let sep = if prompt.is_empty() || text.starts_with('\n') { "" } else { " " };
     println!("{prompt}{sep}{text}");
     Ok(())
@@ -306,16 +306,17 @@ fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_train::Sampl
 
 fn eval(run_dir: &std::path::Path, split: &str, decode: &DecodeArgs) -> anyhow::Result<()> {
     let beam = decode.settings()?;
-    let run = kiln_train::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
-    let split = if split == "valid" { kiln_train::Split::Valid } else { kiln_train::Split::Test };
-    let r = kiln_train::evaluate(&run, split, beam)?;
+    let run = kiln_families::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let split = if split == "valid" { kiln_families::Split::Valid } else { kiln_families::Split::Test };
+    let r = kiln_families::evaluate(&run, split, beam)?;
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
     println!(
-        "{} | {} | step {} | {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
+        "{} | {} | step {} | {} {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
         run_dir.display(),
         r.split,
         r.step,
-        if run.recipe.model.family == kiln_recipe::ModelFamily::Lm { format!("{} tokens", r.size) } else { format!("{} pairs", r.size) },
+        r.size,
+        r.unit,
         r.loss,
         r.ppl,
         opt(r.bleu),
@@ -348,7 +349,7 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     let recipe = Recipe::load(recipe_path, &overrides)?;
     let scratch = tempfile::tempdir()?;
     eprintln!("bench data: {} (cold prepare, cache hit, loader 1 and 2 workers, padding)…", recipe_path.display());
-    let figures = kiln_train::bench::bench_data(&recipe, scratch.path())?;
+    let figures = kiln_families::bench::bench_data(&recipe, scratch.path())?;
     let (machine, commit, date) = provenance(out);
     let section = figures.markdown(&recipe.name, &machine, &commit, &date);
     print!("{section}");
@@ -383,7 +384,7 @@ fn provenance(out: &std::path::Path) -> (String, String, String) {
         .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    (format!("{cpu}, {cores} cores"), commit, kiln_train::rundir::timestamp(std::time::SystemTime::now()))
+    (format!("{cpu}, {cores} cores"), commit, kiln_families::rundir::timestamp(std::time::SystemTime::now()))
 }
 
 struct BenchTrainArgs {
@@ -411,8 +412,8 @@ fn peer_python() -> Option<String> {
 
 /// The PyTorch reference on the batches kiln's bench round just trained on; `None` where it
 /// cannot run them (said why).
-fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_train::bench::TrainBench) -> anyhow::Result<Option<serde_json::Value>> {
-    let spec = match kiln_train::bench::peer_spec(recipe, dir, kiln.steps, kiln.warmup_steps) {
+fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_families::bench::TrainBench) -> anyhow::Result<Option<serde_json::Value>> {
+    let spec = match kiln_families::bench::peer_spec(recipe, dir, kiln.steps, kiln.warmup_steps) {
         Ok(spec) => spec,
         Err(why) => {
             eprintln!("bench train: PyTorch reference skipped: {why}");
@@ -444,7 +445,7 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
         std::fs::create_dir_all(&dir)?;
         let of = if args.rounds > 1 { format!(" (round {} of {})", round + 1, args.rounds) } else { String::new() };
         eprintln!("bench train: {} — {} warm-up + {} measured steps{of}…", recipe_path.display(), args.warmup, args.steps);
-        let kiln = kiln_train::bench::bench_train(&recipe, args.steps, args.warmup, &dir)?;
+        let kiln = kiln_families::bench::bench_train(&recipe, args.steps, args.warmup, &dir)?;
         let peer = match &python {
             Some(py) => run_peer(py, &recipe, &dir, &kiln)?,
             None => None,

@@ -107,7 +107,7 @@ pub fn new_run_dir(dir: &Path) -> Result<PathBuf> {
 /// each one passed over); `metrics.jsonl` rows past it are dropped, so the log continues as the
 /// resumed run does.
 pub fn resume_point(run_dir: &Path) -> Result<PathBuf> {
-    let (checkpoint, skipped) = kiln_train::prepare_resume(run_dir)?;
+    let (checkpoint, skipped) = kiln_families::prepare_resume(run_dir)?;
     for line in skipped {
         eprintln!("kiln: warning: {line}");
     }

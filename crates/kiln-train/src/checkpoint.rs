@@ -9,6 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+use burn::tensor::backend::Backend;
 use kiln_events::{SyncStats, ValidRow};
 use kiln_recipe::ModelSection;
 use serde::{Deserialize, Serialize};
@@ -277,6 +280,13 @@ pub fn prune(run_dir: &Path, keep: usize, best: Option<&str>) -> Result<(), Stri
     Ok(())
 }
 
+/// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
+pub fn load_weights<B: Backend, M: Module<B>>(model: M, path: &Path, device: &B::Device) -> anyhow::Result<M> {
+    model
+        .load_file(path.to_path_buf(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
+        .map_err(|e| anyhow::anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", path.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,7 +382,7 @@ mod tests {
                 }
                 bytes.truncate(cut.index(bytes.len() + 1));
                 std::fs::write(&path, &bytes).unwrap();
-                let loaded = crate::infer::load_weights(model, &path.with_extension(""), &device);
+                let loaded = load_weights(model, &path.with_extension(""), &device);
                 if let Err(e) = loaded {
                     prop_assert!(e.to_string().contains("model.mpk") && !e.to_string().contains('\n'));
                 }

@@ -33,13 +33,13 @@ pub(crate) const SINGLE: Replica = Replica { rank: 0, peer: None };
 /// How a step uses a host (CPU) device: dropout masks drawn by kiln on the host, and the parts
 /// each batch is cut into by rows (`backend.cpu_split`), run side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct HostStep {
+pub struct HostStep {
     pub masks: bool,
     pub parts: usize,
 }
 
 /// A device that is not the CPU: the backend draws masks, batches run whole.
-pub(crate) const DEVICE_STEP: HostStep = HostStep { masks: false, parts: 1 };
+pub const DEVICE_STEP: HostStep = HostStep { masks: false, parts: 1 };
 
 /// Whether `B` computes on this host's CPU (Burn's Flex, with or without autodiff).
 pub fn is_host_backend<B: Backend>() -> bool {
@@ -48,7 +48,7 @@ pub fn is_host_backend<B: Backend>() -> bool {
 
 impl HostStep {
     /// For backend `B` and the recipe's `backend.cpu_split` (0: one part per thread of the pool).
-    pub(crate) fn for_backend<B: Backend>(cpu_split: usize) -> Self {
+    pub fn for_backend<B: Backend>(cpu_split: usize) -> Self {
         if !is_host_backend::<B>() {
             return DEVICE_STEP;
         }

@@ -364,7 +364,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 checkpoint::check_architecture(dir, &state, expected).map_err(|m| anyhow!(m))?;
             }
             state.architecture = architecture;
-            model = crate::infer::load_weights(model, &dir.join("model"), &device)?;
+            model = checkpoint::load_weights(model, &dir.join("model"), &device)?;
             let optim_path = dir.join("optimizer");
             let record = FileRecorder::new()
                 .load(optim_path.clone(), &device)

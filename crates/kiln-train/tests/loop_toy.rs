@@ -171,7 +171,7 @@ fn weights(run_dir: &std::path::Path) -> Vec<u32> {
         }
     }
     let latest = kiln_train::checkpoint::latest(run_dir).unwrap().expect("a checkpoint");
-    let model = kiln_train::infer::load_weights(Classifier::<Flex>::new(&Default::default()), &latest.join("model"), &Default::default()).unwrap();
+    let model = kiln_train::checkpoint::load_weights(Classifier::<Flex>::new(&Default::default()), &latest.join("model"), &Default::default()).unwrap();
     let mut values = Values(Vec::new());
     model.visit(&mut values);
     values.0

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use burn::module::Module;
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
 use burn::tensor::backend::Backend;
 use kiln_data::batching::{plan_batches, BatchSettings};
 use kiln_data::prepare::TokenizerSource;
@@ -18,7 +17,7 @@ use kiln_model::{DecoderLm, Seq2Seq};
 use kiln_recipe::{ModelFamily, Recipe};
 use serde::Serialize;
 
-use crate::checkpoint::{self, Architecture};
+use kiln_train::checkpoint::{self, Architecture};
 use crate::evaluate::{evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
 use crate::family::{lm_config, model_config};
@@ -42,7 +41,7 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     let mut recipe = Recipe::load(&recipe_path, &[])?;
     if recipe.loader.max_tokens == kiln_recipe::TokenLimit::Auto {
         // The budgets the run probed; evaluation and decoding batch like training did.
-        let table = crate::autobatch::read(run_dir).map_err(|m| anyhow!(m))?;
+        let table = kiln_train::autobatch::read(run_dir).map_err(|m| anyhow!(m))?;
         recipe.loader.max_tokens = kiln_recipe::TokenLimit::Table(table.budget_rows());
     }
     let tokenizer = SubwordTokenizer::load(&run_dir.join("tokenizer.json")).map_err(|e| anyhow!("{e}"))?;
@@ -65,14 +64,7 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
 }
 
 fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
-    load_weights(model, &run.checkpoint.join("model"), device)
-}
-
-/// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
-pub fn load_weights<B: Backend, M: Module<B>>(model: M, path: &Path, device: &B::Device) -> Result<M> {
-    model
-        .load_file(path.to_path_buf(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
-        .map_err(|e| anyhow!("{}.mpk: checkpoint does not match the recipe's model: {}", path.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))
+    kiln_train::checkpoint::load_weights(model, &run.checkpoint.join("model"), device)
 }
 
 impl RunModel {
@@ -99,7 +91,7 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
     let mut out = vec![Vec::new(); sources.len()];
     if beam.beam <= 1 {
         let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
-        let settings = BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+        let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
         for batch in plan_batches(&lengths, settings, None) {
             let b = HostBatch::build(&examples, &batch);
             let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();
@@ -150,8 +142,9 @@ pub struct EvalReport {
     pub split: String,
     pub checkpoint: String,
     pub step: usize,
-    /// Sentence pairs, or tokens of text.
+    /// Sentence pairs, or tokens of text: `size` of `unit`.
     pub size: usize,
+    pub unit: String,
     pub loss: f64,
     pub ppl: f64,
     pub beam: usize,
@@ -176,6 +169,7 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
         checkpoint: run.checkpoint.display().to_string(),
         step: run.step,
         size: 0,
+        unit: String::new(),
         loss: f64::NAN,
         ppl: f64::NAN,
         beam: beam.beam,
@@ -183,40 +177,64 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
         bleu: None,
         chrf: None,
     };
-    match run.recipe.model.family {
-        ModelFamily::Lm => {
-            let lm = run.language_model::<B>(device)?;
-            let text = data.text.as_ref().ok_or_else(|| anyhow!("{}: no text corpus", run.run_dir.display()))?;
-            let stream = if split == Split::Valid { &text.valid } else { &text.test };
-            if stream.len() < 2 {
-                bail!("{}: the run's data has no {name} split", run.run_dir.display());
-            }
-            let r = evaluate_lm(&lm, stream, &run.recipe, device);
-            (report.size, report.loss, report.ppl) = (stream.len(), r.loss, r.ppl);
-        }
-        ModelFamily::Transformer => {
-            let model = run.translation_model::<B>(device)?;
-            let set = if split == Split::Valid { &data.valid } else { &data.test };
-            if set.examples.is_empty() {
-                bail!("{}: the run's data has no {name} split", run.run_dir.display());
-            }
-            let mut loss_only = run.recipe.clone();
-            loss_only.eval.bleu = false;
-            let r = evaluate(&model, set, &data.tokenizer, &loss_only, device);
-            let sources: Vec<Vec<u32>> = set.examples.iter().map(|e| e.src.clone()).collect();
-            let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
-            let (mut bleu, mut chrf) = (BleuStats::default(), ChrfStats::default());
-            for (h, reference) in hyps.iter().zip(&set.references) {
-                let text = data.tokenizer.decode(h);
-                bleu.add(&text, reference);
-                chrf.add(&text, reference);
-            }
-            (report.size, report.loss, report.ppl) = (set.examples.len(), r.loss, r.ppl);
-            report.bleu = Some(bleu.score());
-            report.chrf = Some(chrf.score());
-        }
-    }
+    crate::registry::dispatch(run.recipe.model.family, EvaluateCheckpoint::<B> { run, data: &data, split, beam, device, report: &mut report })?;
     let path = run.run_dir.join(format!("eval-{name}.json"));
     kiln_views::run_files::write_atomic(&path, serde_json::to_string_pretty(&report).expect("serialises").as_bytes()).map_err(|m| anyhow!(m))?;
     Ok(report)
+}
+
+/// `kiln eval` of one family: fills the report's size, loss, perplexity and (translation) the
+/// decoded split's BLEU and chrF.
+struct EvaluateCheckpoint<'a, B: Backend> {
+    run: &'a RunModel,
+    data: &'a kiln_data::Prepared,
+    split: Split,
+    beam: BeamSettings,
+    device: &'a B::Device,
+    report: &'a mut EvalReport,
+}
+
+impl<B: Backend> crate::registry::UseFamily for EvaluateCheckpoint<'_, B> {
+    type Output = Result<()>;
+
+    fn with<F: crate::registry::Family>(self) -> Result<()> {
+        F::evaluate_checkpoint::<B>(self.run, self.data, self.split, self.beam, self.device, self.report)
+    }
+}
+
+/// [`crate::registry::Family::evaluate_checkpoint`] of the language model.
+pub(crate) fn evaluate_lm_checkpoint<B: Backend>(run: &RunModel, data: &kiln_data::Prepared, split: Split, device: &B::Device, report: &mut EvalReport) -> Result<()> {
+    let lm = run.language_model::<B>(device)?;
+    let text = data.text.as_ref().ok_or_else(|| anyhow!("{}: no text corpus", run.run_dir.display()))?;
+    let stream = if split == Split::Valid { &text.valid } else { &text.test };
+    if stream.len() < 2 {
+        bail!("{}: the run's data has no {} split", run.run_dir.display(), report.split);
+    }
+    let r = evaluate_lm(&lm, stream, &run.recipe, device);
+    (report.size, report.unit, report.loss, report.ppl) = (stream.len(), "tokens".into(), r.loss, r.ppl);
+    Ok(())
+}
+
+/// [`crate::registry::Family::evaluate_checkpoint`] of the translation model.
+pub(crate) fn evaluate_translation_checkpoint<B: Backend>(run: &RunModel, data: &kiln_data::Prepared, split: Split, beam: BeamSettings, device: &B::Device, report: &mut EvalReport) -> Result<()> {
+    let model = run.translation_model::<B>(device)?;
+    let set = if split == Split::Valid { &data.valid } else { &data.test };
+    if set.examples.is_empty() {
+        bail!("{}: the run's data has no {} split", run.run_dir.display(), report.split);
+    }
+    let mut loss_only = run.recipe.clone();
+    loss_only.eval.bleu = false;
+    let r = evaluate(&model, set, &data.tokenizer, &loss_only, device);
+    let sources: Vec<Vec<u32>> = set.examples.iter().map(|e| e.src.clone()).collect();
+    let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
+    let (mut bleu, mut chrf) = (BleuStats::default(), ChrfStats::default());
+    for (h, reference) in hyps.iter().zip(&set.references) {
+        let text = data.tokenizer.decode(h);
+        bleu.add(&text, reference);
+        chrf.add(&text, reference);
+    }
+    (report.size, report.unit, report.loss, report.ppl) = (set.examples.len(), "pairs".into(), r.loss, r.ppl);
+    report.bleu = Some(bleu.score());
+    report.chrf = Some(chrf.score());
+    Ok(())
 }

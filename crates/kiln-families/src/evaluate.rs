@@ -21,7 +21,7 @@ pub fn flat<B: Backend>(data: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
 
 fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>> {
     let lengths: Vec<(usize, usize)> = set.examples[..subset].iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    let settings = BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+    let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
     plan_batches(&lengths, settings, None)
 }
 

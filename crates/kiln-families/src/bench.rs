@@ -82,7 +82,7 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
 
     let lengths: Vec<(usize, usize)> = warm.train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
     let unbucketed_settings = BatchSettings {
-        max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens),
+        max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens),
         max_sentences: recipe.loader.max_sentences,
         pool_batches: 0,
         multiple: recipe.loader.batch_multiple,
@@ -204,7 +204,7 @@ impl kiln_events::EventSink for Collect {
 
 /// Peak resident memory of this process (VmHWM), in MiB.
 fn peak_rss_mb() -> f64 {
-    crate::system::status_kb("VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
+    kiln_train::system::status_kb("VmHWM:").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -225,7 +225,7 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         recipe.train.max_steps = warmup + steps;
     }
     recipe.eval.bleu = false;
-    let times: crate::trainer::StepTimes = Default::default();
+    let times: kiln_train::trainer::StepTimes = Default::default();
     let launch = crate::Launch {
         recipe: recipe.clone(),
         run_dir: scratch.join("run"),

@@ -1,4 +1,4 @@
-//! The built-in families as ordinary users of the task API ([`crate::task::Task`]): a
+//! The built-in families as ordinary users of the task API ([`kiln_train::task::Task`]): a
 //! transformer translating sentence pairs ([`TranslationTask`]) and a decoder-only language model
 //! on text blocks ([`LmTask`]), both on kiln's [`DeviceBatch`] and label-smoothed cross-entropy,
 //! both fed by kiln's prepared corpora ([`PairData`], [`TextData`]).
@@ -14,11 +14,11 @@ use kiln_data::{mix_seed, Example, HostBatch, Prepared, Regulariser, BOS, EOS, P
 use kiln_model::{label_smoothed_loss, DecoderLm, LmConfig, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
-use crate::checkpoint::Architecture;
-use crate::data::TrainData;
+use kiln_train::checkpoint::Architecture;
+use kiln_train::data::TrainData;
 use crate::evaluate::{evaluate, flat, ids, EvalFigures};
-pub use crate::task::{BatchStats, Split};
-use crate::task::{Task, TaskBatch, TaskInfo, TaskOutput};
+pub use kiln_train::task::{BatchStats, Split};
+use kiln_train::task::{Task, TaskBatch, TaskInfo, TaskOutput};
 
 /// A batch as the loader workers leave it: tensors already on the device.
 #[derive(Clone)]
@@ -127,7 +127,7 @@ impl<B: Backend> TaskBatch<B> for DeviceBatch<B> {
 
 fn batch_settings(recipe: &Recipe) -> BatchSettings {
     BatchSettings {
-        max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens),
+        max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens),
         max_sentences: recipe.loader.max_sentences,
         pool_batches: recipe.loader.bucket_pool,
         multiple: recipe.loader.batch_multiple,
@@ -332,7 +332,7 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
 /// blocks from position 0); one device read at the end.
 pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let block = recipe.data.block_size;
-    let settings = BatchSettings { max_tokens: crate::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
+    let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
     let starts = eval_blocks(stream.len(), block);
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
@@ -348,7 +348,7 @@ pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recip
         });
     }
     let loss = nll.map(|t| t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64).unwrap_or(f64::NAN);
-    crate::task::figures(loss, Default::default())
+    kiln_train::task::figures(loss, Default::default())
 }
 
 #[cfg(test)]

@@ -1,0 +1,377 @@
+//! The built-in model families and the recipe launch: from a resolved recipe and a run directory
+//! to a trained model, its checkpoints and its event stream. [`launch`] picks the backend and
+//! device, prepares the data and hands the recipe's family ([`registry`]) to kiln's
+//! [`kiln_train::Trainer`], as any library user does. Also the commands that use a trained
+//! model (`infer`), evaluation (`evaluate`) and the benchmarks (`bench`).
+
+pub mod bench;
+pub mod evaluate;
+pub mod family;
+pub mod infer;
+pub mod registry;
+pub mod rundir;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use burn::tensor::backend::AutodiffBackend;
+use kiln_data::prepare::TokenizerSource;
+use kiln_events::{Event, EventSink, Summary};
+use kiln_recipe::Recipe;
+
+
+pub use kiln_train::{resolve_device, DeviceChoice, Split};
+use kiln_train::{autobatch, checkpoint, step, trainer, Task, TrainData, Trainer};
+pub use kiln_model::sampling::Sampling;
+pub use kiln_model::seq2seq::BeamSettings;
+
+
+/// A run to start or continue.
+pub struct Launch {
+    /// The resolved recipe (for a resume: the run directory's, with allowed overrides applied).
+    pub recipe: Recipe,
+    pub run_dir: PathBuf,
+    /// Continue from this checkpoint directory (see [`checkpoint::resume_point`]).
+    pub resume: Option<PathBuf>,
+    /// Pause and stop requests from the dashboard or signal handlers.
+    pub control: kiln_events::Control,
+    /// A measurement run (`kiln bench train`): per-step times go here; no validation, no saves.
+    pub step_times: Option<trainer::StepTimes>,
+}
+
+/// Prepares the run directory and data, then trains on the recipe's device.
+pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    if recipe.backend.devices.len() > 1 {
+        return launch_data_parallel(launch, sink);
+    }
+    let device_spec = recipe.backend.devices.first().unwrap_or(&recipe.backend.device);
+    let resolved = resolve_device(device_spec)?;
+    if let Some(why) = &resolved.note {
+        note(sink, why.clone())?;
+    }
+    let auto = if device_spec == "auto" { "; auto" } else { "" };
+    if resolved.choice == DeviceChoice::Cpu {
+        cpu_precision_note(recipe, sink)?;
+    }
+    if recipe.backend.threads > 0 {
+        // Only the first call in a process can size the global pool; later calls keep it.
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(recipe.backend.threads).build_global();
+    }
+    match resolved.choice {
+        DeviceChoice::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            let parts = step::HostStep::for_backend::<B>(recipe.backend.cpu_split).parts;
+            let split = if parts > 1 { format!(", batches in {parts} parts") } else { String::new() };
+            let name = format!("cpu (flex, {} threads{split}{auto})", rayon::current_num_threads());
+            let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
+            train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(index) => {
+            type B = burn::backend::Autodiff<burn::backend::Cuda>;
+            let device = burn::backend::cuda::CudaDevice::new(index);
+            // The meter asks nvidia-smi for the GPU's size: only when a budget is to be probed.
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            train_on::<B>(launch, device, Vec::new(), format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, sink)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+    }
+}
+
+/// Data parallel over `backend.devices` (two or more): one process, a model replica per device,
+/// gradients all-reduced with Burn's collective ([`trainer`]). All CPU (replicas as threads on the
+/// one CPU: the path, not a speed-up) or all CUDA.
+fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let specs = &recipe.backend.devices;
+    let mut choices = Vec::new();
+    for spec in specs {
+        let resolved = resolve_device(spec).map_err(|e| anyhow!("{}", e.to_string().replacen("backend.device =", "backend.devices:", 1)))?;
+        choices.push(resolved.choice);
+    }
+    if recipe.backend.threads > 0 {
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(recipe.backend.threads).build_global();
+    }
+    let n = choices.len();
+    match choices[0] {
+        DeviceChoice::Cpu => {
+            type B = burn::backend::Autodiff<burn::backend::Flex>;
+            cpu_precision_note(recipe, sink)?;
+            note(sink, format!("backend.devices: {n} replicas on the CPU share its {} threads: this runs the data-parallel path, it is not faster than one", rayon::current_num_threads()))?;
+            let name = format!("cpu ×{n} (flex, {} threads, data parallel)", rayon::current_num_threads());
+            let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
+            train_on::<B>(launch, Default::default(), vec![Default::default(); n - 1], name, memory, sink)
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(_) => {
+            type B = burn::backend::Autodiff<burn::backend::Cuda>;
+            let index = |c: &DeviceChoice| match c {
+                DeviceChoice::Cuda(i) => *i,
+                DeviceChoice::Cpu => unreachable!("the recipe check keeps devices of one kind"),
+            };
+            let devices: Vec<_> = choices.iter().map(|c| burn::backend::cuda::CudaDevice::new(index(c))).collect();
+            let name = format!("{} (data parallel)", specs.join(", "));
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index(&choices[0])).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, sink)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+    }
+}
+
+fn train_on<B: AutodiffBackend>(
+    launch: &Launch,
+    device: B::Device,
+    replica_devices: Vec<B::Device>,
+    device_name: String,
+    memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    sink: &mut (dyn EventSink + Send),
+) -> Result<Summary> {
+    let recipe = &launch.recipe;
+    let data = prepare_data(launch, sink)?;
+    let device_name = match recipe.train.precision {
+        kiln_recipe::Precision::F32 => device_name,
+        kiln_recipe::Precision::Bf16 => format!("{device_name}, bf16 products"),
+        kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
+    };
+    let run = FamilyRun::<B> { launch, device, replica_devices, device_name, memory, data };
+    registry::dispatch(recipe.model.family, FitFamily { run, sink })
+}
+
+/// Training of one family (the registry picks it from `model.family`).
+struct FitFamily<'a, 's, B: AutodiffBackend> {
+    run: FamilyRun<'a, B>,
+    sink: &'s mut (dyn EventSink + Send),
+}
+
+impl<B: AutodiffBackend> registry::UseFamily for FitFamily<'_, '_, B> {
+    type Output = Result<Summary>;
+
+    fn with<F: registry::Family>(self) -> Result<Summary> {
+        F::fit(self.run, self.sink)
+    }
+}
+
+/// Ordinary (non-special) ids for the probe's synthetic batches, varied so no kernel sees a constant.
+pub(crate) fn probe_token(vocab: usize, i: usize) -> u32 {
+    let vocab = vocab.max(5) as u32;
+    4 + (i as u32).wrapping_mul(2_654_435_761) % (vocab - 4)
+}
+
+/// Reads, splits, tokenizes (or loads from the cache) the run's corpus, with progress notes.
+fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Arc<kiln_data::Prepared>> {
+    let recipe = &launch.recipe;
+    let run_dir = &launch.run_dir;
+    let tokenizer_path = run_dir.join("tokenizer.json");
+    let source = if launch.resume.is_some() { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
+    let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    // Progress of slow preparations, as notes: at most one line every two seconds, after the first.
+    let started = std::time::Instant::now();
+    let last = std::cell::Cell::new(0.0f64);
+    let sink = std::cell::RefCell::new(sink);
+    let progress = |stage: kiln_data::Stage| {
+        let t = started.elapsed().as_secs_f64();
+        let line = match stage {
+            kiln_data::Stage::TrainingTokenizer { sentences } => format!("training the tokenizer on {sentences} sentences…"),
+            kiln_data::Stage::Encoding { done, total } if t - last.get() >= 2.0 || (done == total && t > 1.0) => {
+                format!("tokenizing {done}/{total} {} ({:.0}%)", if recipe.data.format == kiln_recipe::CorpusFormat::Text { "lines" } else { "pairs" }, 100.0 * done as f64 / total.max(1) as f64)
+            }
+            kiln_data::Stage::Encoding { .. } => return,
+        };
+        last.set(t);
+        // A failing log sink surfaces at the next note the trainer sends.
+        let _ = sink.borrow_mut().emit(&Event::Note(line));
+    };
+    let data = kiln_data::prepare(recipe, source, cache_dir, &progress).map_err(|e| anyhow!("{e}"))?;
+    let sink = sink.into_inner();
+    if let Some(why) = &data.cache.note {
+        note(sink, why.clone())?;
+    }
+    note(
+        sink,
+        format!(
+            "data | {} | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {} | prepared in {:.2} s",
+            match &data.text {
+                Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
+                None => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
+            },
+            data.tokenizer.vocab_size(),
+            data.dropped_long,
+            data.skipped_lines,
+            match (&data.cache.path, data.cache.hit) {
+                (Some(p), true) => format!("hit {}", p.display()),
+                (Some(p), false) => format!("miss, stored {}", p.display()),
+                (None, _) => "off".to_string(),
+            },
+            data.prepare_s
+        ),
+    )?;
+    Ok(Arc::new(data))
+}
+
+/// A synthetic batch of (length, rows) on a device, for the batch-size probe.
+type ProbeBatch<'a, B, T> = dyn Fn(usize, usize, &burn::tensor::Device<B>) -> <T as Task<B>>::Batch + 'a;
+
+/// A built-in family's run on backend `B`: the batch-size probe where the recipe asks for it,
+/// then the family's task and data handed to [`Trainer`].
+pub struct FamilyRun<'a, B: AutodiffBackend> {
+    launch: &'a Launch,
+    pub(crate) device: B::Device,
+    replica_devices: Vec<B::Device>,
+    device_name: String,
+    memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    pub(crate) data: Arc<kiln_data::Prepared>,
+}
+
+impl<B: AutodiffBackend> FamilyRun<'_, B> {
+    /// The recipe of the run.
+    pub fn recipe(&self) -> &Recipe {
+        &self.launch.recipe
+    }
+
+    /// Trains a family's task and model on its data: the probe where the recipe asks for it,
+    /// then [`Trainer`].
+    #[allow(clippy::too_many_arguments)] // a family's parts, each its own
+    pub(crate) fn fit<T, D>(
+        self,
+        task_for: impl Fn(&Recipe) -> T,
+        model: T::Model,
+        probe_lengths: &[usize],
+        probe_batch: &ProbeBatch<'_, B, T>,
+        data_for: impl FnOnce(&Recipe) -> Result<(D, Option<String>)>,
+        sink: &mut (dyn EventSink + Send),
+    ) -> Result<Summary>
+    where
+        T: Task<B>,
+        D: TrainData<B, Batch = T::Batch>,
+        Trainer<B, T>: Send,
+    {
+        let FamilyRun { launch, device, replica_devices, device_name, memory, data } = self;
+        let recipe = &launch.recipe;
+        // The parameters are created from the seed before the probe copies the model.
+        B::seed(&device, recipe.train.seed);
+        trainer::create_params(&model);
+        // `loader.max_tokens = "auto"`: the budget table is probed now (or read back on a resume,
+        // so the batches stay those the run started with) and stands in for the key from here on.
+        let mut recipe = recipe.clone();
+        if recipe.loader.max_tokens == kiln_recipe::TokenLimit::Auto {
+            let table = match &launch.resume {
+                Some(_) => autobatch::read(&launch.run_dir).map_err(|m| anyhow!(m))?,
+                None => {
+                    let mut meter = memory;
+                    let meter = meter.as_deref_mut().ok_or_else(|| anyhow!("loader.max_tokens = \"auto\": the memory of {device_name} cannot be measured; give loader.max_tokens a number"))?;
+                    let _autocast = kiln_model::autocast::enter(compute_dtype(recipe.train.precision));
+                    let make = |len: usize, n: usize| probe_batch(len, n, &device);
+                    let table = autobatch::probe(&task_for(&recipe), &model, &recipe.train, recipe.backend.cpu_split, &device, &device_name, meter, probe_lengths, recipe.loader.auto_token_cap, &make).map_err(|m| anyhow!(m))?;
+                    autobatch::write(&launch.run_dir, &table).map_err(|m| anyhow!(m))?;
+                    table
+                }
+            };
+            if launch.resume.is_some() {
+                note(sink, format!("loader.max_tokens = \"auto\": the budgets probed when the run started ({})", autobatch::FILE))?;
+            }
+            for line in table.lines() {
+                note(sink, line)?;
+            }
+            recipe.loader.max_tokens = kiln_recipe::TokenLimit::Table(table.budget_rows());
+        }
+        let (train_data, data_note) = data_for(&recipe)?;
+        if let Some(line) = data_note {
+            note(sink, line)?;
+        }
+        let mut trainer = Trainer::new(task_for(&recipe), model, device)
+            .settings(recipe.train.clone())
+            .name(recipe.name.clone())
+            .run_dir(launch.run_dir.clone())
+            .device_name(device_name)
+            .loader(recipe.loader.workers, recipe.loader.prefetch)
+            .cpu_split(recipe.backend.cpu_split)
+            .resume(launch.resume.clone())
+            .control(launch.control.clone())
+            .replicas(replica_devices)
+            .data_figures(kiln_events::DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: 0.0 });
+        if let Some(times) = &launch.step_times {
+            trainer = trainer.measure_steps(times.clone());
+        }
+        trainer.fit(&train_data, sink)
+    }
+}
+
+/// Half precision on the CPU runs, but slower than f32: says so.
+fn cpu_precision_note(recipe: &Recipe, sink: &mut dyn EventSink) -> Result<()> {
+    match recipe.train.precision {
+        kiln_recipe::Precision::F32 => Ok(()),
+        kiln_recipe::Precision::Bf16 => note(sink, "train.precision = \"bf16\" on the CPU: Flex rounds the products' operands and results to bf16 but multiplies in f32, so this gives bf16's numerics without its speed".into()),
+        kiln_recipe::Precision::F16 => note(sink, "train.precision = \"f16\" on the CPU: f16 products with dynamic loss scaling, slower than f32 here; it checks the path".into()),
+    }
+}
+
+pub use kiln_train::compute_dtype;
+
+fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {
+    sink.emit(&Event::Note(text)).map_err(|m| anyhow!(m))
+}
+
+/// The recipe to continue `run_dir` with: its resolved `recipe.toml` plus overrides that do not
+/// change the model, data or tokens.
+pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Result<Recipe> {
+    let path = run_dir.join("recipe.toml");
+    if !path.is_file() {
+        bail!("{}: not a kiln run directory (no recipe.toml)", run_dir.display());
+    }
+    for o in overrides {
+        if !kiln_recipe::resumable_override(&o.key) {
+            bail!("--set {}={}: cannot change {} when resuming (only train.*, eval.* and backend.* keys, except train.seed, train.accumulate and backend.devices)", o.key, o.raw, o.key);
+        }
+    }
+    Ok(Recipe::load(&path, overrides)?)
+}
+
+/// Runs `f` on the inference backend `spec` names (`backend.device` of the run, or an override).
+macro_rules! on_backend {
+    ($spec:expr, $f:ident ( $($arg:expr),* )) => {{
+        match resolve_device($spec)?.choice {
+            DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
+        }
+    }};
+}
+
+/// Translates lines with a run's model (`kiln translate`).
+pub fn translate(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2seq::BeamSettings) -> Result<Vec<String>> {
+    on_backend!(&run.recipe.backend.device, translate_lines(run, lines, beam))
+}
+
+/// Continues a prompt with a run's language model (`kiln generate`).
+pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampling::Sampling) -> Result<String> {
+    on_backend!(&run.recipe.backend.device, generate_text(run, prompt, sampling))
+}
+
+/// Evaluates a run's checkpoint on a split and writes `eval-<split>.json` (`kiln eval`).
+pub fn evaluate(run: &infer::RunModel, split: family::Split, beam: kiln_model::seq2seq::BeamSettings) -> Result<infer::EvalReport> {
+    on_backend!(&run.recipe.backend.device, evaluate_run(run, split, beam))
+}
+
+/// Where `--resume RUN_DIR` continues: the newest checkpoint that passes its checksums (one line
+/// per checkpoint passed over is returned for the user). `metrics.jsonl` rows past that
+/// checkpoint's step (written before a crash) are dropped, so the log continues exactly as the
+/// resumed run does.
+pub fn prepare_resume(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
+    let (dir, skipped) = checkpoint::resume_point(run_dir).map_err(|m| anyhow!(m))?;
+    let step = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?.step;
+    kiln_views::run_files::drop_rows_after(&run_dir.join("metrics.jsonl"), step).map_err(|m| anyhow!(m))?;
+    Ok((dir, skipped))
+}
+
