@@ -52,22 +52,25 @@ impl DashboardState {
         Self { mode: mode.to_string(), ..Self::default() }
     }
 
+    fn note(&mut self, text: String) {
+        if self.notes.len() == NOTES_KEPT {
+            self.notes.pop_front();
+        }
+        self.notes.push_back(text);
+    }
+
     pub fn apply(&mut self, event: &Event) {
         match event {
             Event::RunStarted(info) => self.info = Some(info.clone()),
-            Event::Note(text) => {
-                if text.starts_with("data |") {
-                    if text.contains("| cache hit") {
-                        self.cache_hit = Some(true);
-                    } else if text.contains("| cache miss") {
-                        self.cache_hit = Some(false);
-                    }
-                }
-                if self.notes.len() == NOTES_KEPT {
-                    self.notes.pop_front();
-                }
-                self.notes.push_back(text.clone());
+            Event::Data(report) => {
+                self.cache_hit = match report.cache {
+                    kiln_events::CacheUse::Hit => Some(true),
+                    kiln_events::CacheUse::Miss => Some(false),
+                    kiln_events::CacheUse::Off => None,
+                };
+                self.note(report.line());
             }
+            Event::Note(text) => self.note(text.clone()),
             Event::Window(w) => {
                 self.data_wait_ms += w.data_wait_ms;
                 self.train_s += w.window_s;

@@ -230,9 +230,51 @@ impl Control {
     }
 }
 
+/// Whether the prepared data came from the dataset cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheUse {
+    Hit,
+    /// Prepared now and stored.
+    Miss,
+    /// No cache configured.
+    Off,
+}
+
+/// How a run's data was prepared (a `"kind":"data"` row), sent once before training starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataReport {
+    /// The splits' sizes for humans, e.g. "15,912 train, 500 valid, 500 test pairs".
+    pub sizes: String,
+    pub vocab_size: usize,
+    pub dropped_long: usize,
+    pub skipped_lines: usize,
+    pub cache: CacheUse,
+    /// The cache entry used or written.
+    pub cache_path: Option<String>,
+    pub prepare_s: f64,
+}
+
+impl DataReport {
+    /// The report as one line (the progress line's and the log's).
+    pub fn line(&self) -> String {
+        let cache = match (&self.cache_path, self.cache) {
+            (Some(p), CacheUse::Hit) => format!("hit {p}"),
+            (Some(p), CacheUse::Miss) => format!("miss, stored {p}"),
+            _ => "off".to_string(),
+        };
+        format!(
+            "data | {} | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {cache} | prepared in {:.2} s",
+            self.sizes, self.vocab_size, self.dropped_long, self.skipped_lines, self.prepare_s
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     RunStarted(RunInfo),
+    /// How the data was prepared.
+    Data(DataReport),
     /// Free-form information for humans (data sizes, skipped lines, resume point…).
     Note(String),
     Window(WindowRow),
@@ -277,6 +319,26 @@ impl EventSink for Fanout {
     }
 }
 
+/// Writes `bytes` to `path` through a temporary file (named for this process), an fsync and a
+/// rename, so readers never see half a file. Every run-directory file that is rewritten whole
+/// goes through here, whoever writes it (trainer, views, commands).
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("{}: cannot write: {e}", path.display())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +354,27 @@ mod tests {
         assert!(!trainer.paused());
         view.request_stop();
         assert!(trainer.stop_requested());
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("kiln-events-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("summary.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        let err = write_atomic(&dir.join("missing/x.json"), b"x").unwrap_err();
+        assert!(err.contains("missing/x.json: cannot write"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn data_report_line_names_the_cache_use() {
+        let r = DataReport { sizes: "10 train, 2 valid, 2 test pairs".into(), vocab_size: 40, dropped_long: 1, skipped_lines: 0, cache: CacheUse::Hit, cache_path: Some("/c/x.kds".into()), prepare_s: 0.25 };
+        assert_eq!(r.line(), "data | 10 train, 2 valid, 2 test pairs | vocab 40 | 1 long pairs dropped, 0 bad lines skipped | cache hit /c/x.kds | prepared in 0.25 s");
+        let off = DataReport { cache: CacheUse::Off, cache_path: None, ..r };
+        assert!(off.line().contains("| cache off |"));
     }
 }

@@ -179,7 +179,7 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
     };
     crate::registry::dispatch(run.recipe.model.family, EvaluateCheckpoint::<B> { run, data: &data, split, beam, device, report: &mut report })?;
     let path = run.run_dir.join(format!("eval-{name}.json"));
-    kiln_views::run_files::write_atomic(&path, serde_json::to_string_pretty(&report).expect("serialises").as_bytes()).map_err(|m| anyhow!(m))?;
+    kiln_events::write_atomic(&path, serde_json::to_string_pretty(&report).expect("serialises").as_bytes()).map_err(|m| anyhow!(m))?;
     Ok(report)
 }
 

@@ -196,25 +196,23 @@ fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Ar
     if let Some(why) = &data.cache.note {
         note(sink, why.clone())?;
     }
-    note(
-        sink,
-        format!(
-            "data | {} | vocab {} | {} long pairs dropped, {} bad lines skipped | cache {} | prepared in {:.2} s",
-            match &data.text {
-                Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
-                None => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
-            },
-            data.tokenizer.vocab_size(),
-            data.dropped_long,
-            data.skipped_lines,
-            match (&data.cache.path, data.cache.hit) {
-                (Some(p), true) => format!("hit {}", p.display()),
-                (Some(p), false) => format!("miss, stored {}", p.display()),
-                (None, _) => "off".to_string(),
-            },
-            data.prepare_s
-        ),
-    )?;
+    let report = kiln_events::DataReport {
+        sizes: match &data.text {
+            Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
+            None => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
+        },
+        vocab_size: data.tokenizer.vocab_size(),
+        dropped_long: data.dropped_long,
+        skipped_lines: data.skipped_lines,
+        cache: match (&data.cache.path, data.cache.hit) {
+            (Some(_), true) => kiln_events::CacheUse::Hit,
+            (Some(_), false) => kiln_events::CacheUse::Miss,
+            (None, _) => kiln_events::CacheUse::Off,
+        },
+        cache_path: data.cache.path.as_ref().map(|p| p.display().to_string()),
+        prepare_s: data.prepare_s,
+    };
+    sink.emit(&Event::Data(report)).map_err(|m| anyhow!(m))?;
     Ok(Arc::new(data))
 }
 

@@ -46,7 +46,7 @@ pub fn create(recipe: &Recipe, explicit: Option<&Path>) -> Result<(PathBuf, bool
     }
     let created = !dir.exists();
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create run directory", dir.display()))?;
-    kiln_views::run_files::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes()).map_err(anyhow::Error::msg)?;
+    kiln_events::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes()).map_err(anyhow::Error::msg)?;
     Ok((dir, created))
 }
 

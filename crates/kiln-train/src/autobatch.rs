@@ -90,7 +90,7 @@ pub fn read(run_dir: &std::path::Path) -> Result<Table, String> {
 pub fn write(run_dir: &std::path::Path, table: &Table) -> Result<(), String> {
     let path = run_dir.join(FILE);
     let text = serde_json::to_string_pretty(table).expect("json");
-    kiln_views::run_files::write_atomic(&path, text.as_bytes()).map_err(|e| format!("{}: cannot write: {e}", path.display()))
+    kiln_events::write_atomic(&path, text.as_bytes()).map_err(|e| format!("{}: cannot write: {e}", path.display()))
 }
 
 /// The ranges to probe: powers of two from 16 while clearly below `longest` (by a quarter; a

@@ -176,14 +176,14 @@ pub fn save(
         let mut state = state.clone();
         state.files = hash_files(&tmp)?;
         let state_text = serde_json::to_string_pretty(&state).expect("state serialises");
-        kiln_views::run_files::write_atomic(&tmp.join("state.json"), state_text.as_bytes())?;
+        kiln_events::write_atomic(&tmp.join("state.json"), state_text.as_bytes())?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| format!("{}: cannot replace: {e}", dest.display()))?;
         }
         std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: cannot rename into place: {e}", dest.display()))?;
-        kiln_views::run_files::write_atomic(&root.join("latest"), name.as_bytes())?;
+        kiln_events::write_atomic(&root.join("latest"), name.as_bytes())?;
         if let Some((best, _)) = &state.best {
-            kiln_views::run_files::write_atomic(&root.join("best"), best.as_bytes())?;
+            kiln_events::write_atomic(&root.join("best"), best.as_bytes())?;
         }
         Ok(())
     })();

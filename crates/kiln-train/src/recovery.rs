@@ -61,7 +61,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
             "last_checkpoint": latest.as_ref().map(|p| p.display().to_string()),
         });
         let path = run_dir.join("nonfinite.json");
-        let written = kiln_views::run_files::write_atomic(&path, serde_json::to_string_pretty(&diagnosis).expect("json").as_bytes());
+        let written = kiln_events::write_atomic(&path, serde_json::to_string_pretty(&diagnosis).expect("json").as_bytes());
         let saved = match &latest {
             Some(p) => format!("the last checkpoint {} is intact; continue with a lower learning rate: kiln train --resume {} --set train.lr=…", p.display(), run_dir.display()),
             None => "no checkpoint was saved before it".to_string(),

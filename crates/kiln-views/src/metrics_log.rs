@@ -69,6 +69,7 @@ fn parse_row(line: &[u8]) -> Option<Option<Event>> {
         "start" => Some(Event::RunStarted(serde_json::from_value::<RunInfo>(value).ok()?)),
         "train" => Some(Event::Window(serde_json::from_value::<WindowRow>(value).ok()?)),
         "valid" => Some(Event::Validation(serde_json::from_value::<ValidRow>(value).ok()?)),
+        "data" => Some(Event::Data(serde_json::from_value::<kiln_events::DataReport>(value).ok()?)),
         "note" => Some(Event::Note(value.get("text")?.as_str()?.to_string())),
         "checkpoint" => Some(Event::Checkpoint {
             epoch: value.get("epoch")?.as_u64()? as usize,

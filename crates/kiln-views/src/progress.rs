@@ -50,6 +50,7 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 )
             }
             Event::Note(text) => format!("kiln | {text}"),
+            Event::Data(report) => format!("kiln | {}", report.line()),
             Event::Window(w) => format!(
                 "epoch {}/{} | step {}/{} | loss {:.4} | {} tok/s | lr {:.2e} | sync {:.2} ms (avg {:.2}, max {:.2}, {} syncs) | pad {:.1}% | data wait {:.1} ms{}",
                 w.epoch,

@@ -2,7 +2,7 @@
 //! per line so a live run can be followed) and `summary.json` (written atomically at the end).
 //!
 //! Rows of `metrics.jsonl` by `"kind"`: `start` (the run's facts, once per process), `train` (a
-//! sync window), `valid` (a validation), `note` (`{"text":…}`), `checkpoint`, `rollback` (`{"step":…}`: training went back to that step's
+//! sync window), `valid` (a validation), `data` (how the data was prepared), `note` (`{"text":…}`), `checkpoint`, `rollback` (`{"step":…}`: training went back to that step's
 //! checkpoint; the rows past it were removed). Readers skip kinds
 //! they do not know.
 
@@ -66,25 +66,13 @@ pub fn drop_rows_after(path: &Path, step: usize) -> Result<usize, String> {
     Ok(dropped)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so readers never see half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: cannot write: {e}", path.display())
-    })
-}
+pub use kiln_events::write_atomic;
 
 impl EventSink for RunFiles {
     fn emit(&mut self, event: &Event) -> Result<(), String> {
         match event {
             Event::RunStarted(info) => self.line("start", info),
+            Event::Data(report) => self.line("data", report),
             Event::Window(row) => self.line("train", row),
             Event::Validation(row) => self.line("valid", row),
             Event::Note(text) => self.line("note", &serde_json::json!({ "text": text })),
