@@ -62,7 +62,7 @@ impl<B: Backend> LanguageId<B> {
 }
 
 /// One sentence and its language (an index into [`LANGUAGES`]).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Sentence {
     bytes: Vec<u8>,
     language: i64,
@@ -211,16 +211,8 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-fn main() {
-    if let Err(e) = run() {
-        eprintln!("language_id: error: {e:#}");
-        std::process::exit(2);
-    }
-}
-
-fn run() -> Result<()> {
-    let args = args()?;
-    // Every 20th pair is validation, the next one test; both sides of a pair stay together.
+/// Every 20th pair is validation, the next one test; both sides of a pair stay together.
+fn splits(args: &Args) -> Result<(Vec<Sentence>, Vec<Sentence>, Vec<Sentence>)> {
     let pairs = TsvPairs::open(&args.corpus, Default::default())?;
     let (mut train, mut valid, mut test) = (Vec::new(), Vec::new(), Vec::new());
     let n = if args.pairs > 0 { args.pairs.min(pairs.len()) } else { pairs.len() };
@@ -233,6 +225,25 @@ fn run() -> Result<()> {
         };
         split.push(Sentence::new(&pair.source, 0));
         split.push(Sentence::new(&pair.target, 1));
+    }
+    Ok((train, valid, test))
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("language_id: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<()> {
+    let args = args()?;
+    // The splits, prepared once and kept in kiln's dataset cache: keyed on the corpus's content,
+    // the settings and this preparation's version, so a changed corpus is prepared again.
+    let fingerprint = kiln::Fingerprint::new("language_id sentences", "1").file(&args.corpus)?.settings(&(args.pairs, MAX_BYTES));
+    let ((train, valid, test), cache) = kiln::memoize(Some(std::path::Path::new(".kiln/cache")), &fingerprint, || splits(&args))?;
+    if let Some(note) = cache.note {
+        eprintln!("language_id: {note}");
     }
     let data = DatasetData::new(InMemDataset::new(train), SentenceBatcher, |s: &Sentence| s.bytes.len(), Batching { max_tokens: 3072, max_items: 0, bucket_pool: 50, seed: 1 });
 

@@ -18,6 +18,7 @@
 
 pub mod session;
 
+pub use kiln_data::memo::{memoize, Fingerprint};
 pub use kiln_events::{Control, Event, EventSink, Summary};
 pub use kiln_recipe::{OnNan, Precision, Schedule, TrainSection};
 pub use kiln_train::data::{TextLines, TsvPairs};

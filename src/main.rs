@@ -232,7 +232,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             let recipe = kiln_families::resume_recipe(dir, &overrides)?;
             if let Some(path) = &args.recipe {
                 let given = Recipe::load(path, &[])?;
-                if let Some(key) = first_difference(&given, &recipe) {
+                if let Some(key) = given.run_difference(&recipe) {
                     anyhow::bail!("{}: differs from {} at `{key}`; a run resumes with its own recipe", path.display(), dir.join("recipe.toml").display());
                 }
             }
@@ -512,7 +512,7 @@ fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
                 for entry in read.flatten() {
                     let path = entry.path();
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    let ours = name.ends_with(&format!(".{}", cache::EXTENSION)) || (name.starts_with('.') && name.ends_with(".tmp"));
+                    let ours = [cache::EXTENSION, kiln_data::memo::EXTENSION].iter().any(|x| name.ends_with(&format!(".{x}"))) || (name.starts_with('.') && name.ends_with(".tmp"));
                     let old_enough = match older_than {
                         Some(days) => entry.metadata().and_then(|m| m.modified()).map(|t| age_days(t) >= days).unwrap_or(false),
                         None => true,
@@ -527,18 +527,4 @@ fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-/// First key (dotted path) of the model/data/tokenizer/loader sections where two recipes differ.
-fn first_difference(a: &Recipe, b: &Recipe) -> Option<String> {
-    let (a, b) = (toml::Value::try_from(a).ok()?, toml::Value::try_from(b).ok()?);
-    for section in ["data", "tokenizer", "loader", "model"] {
-        let (x, y) = (a.get(section)?.as_table()?, b.get(section)?.as_table()?);
-        for (k, v) in x {
-            if y.get(k) != Some(v) {
-                return Some(format!("{section}.{k}"));
-            }
-        }
-    }
-    None
 }

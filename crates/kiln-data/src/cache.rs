@@ -206,33 +206,35 @@ pub fn encode(key: &CacheKey, data: &CachedData) -> Vec<u8> {
             p.ids(&t.test);
         }
     }
-    let mut out = Vec::with_capacity(HEADER_LEN + p.0.len() + CHECKSUM_LEN);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    seal(MAGIC, FORMAT_VERSION, key, &p.0)
+}
+
+/// An entry's container, for every kind of entry: header (magic, format version, key, payload
+/// length), payload, BLAKE3 checksum of header and payload.
+pub(crate) fn seal(magic: &[u8; 8], version: u32, key: &CacheKey, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
+    out.extend_from_slice(magic);
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&key.0);
-    out.extend_from_slice(&(p.0.len() as u64).to_le_bytes());
-    out.extend_from_slice(&p.0);
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     out
 }
 
-/// Why an entry was not used; `Display` is one line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Invalid(pub String);
-
-/// Checks and decodes an entry's bytes. `key` = None accepts any key (for `cache verify`).
-pub fn decode(bytes: &[u8], key: Option<&CacheKey>) -> Result<(CacheKey, CachedData), Invalid> {
+/// Checks a container ([`seal`]) and returns its key and payload. `key` = None accepts any key.
+pub(crate) fn unseal<'a>(magic: &[u8; 8], version: u32, bytes: &'a [u8], key: Option<&CacheKey>) -> Result<(CacheKey, &'a [u8]), Invalid> {
     let bad = |m: &str| Invalid(m.to_string());
     if bytes.len() < HEADER_LEN + CHECKSUM_LEN {
         return Err(bad("truncated (shorter than a header)"));
     }
-    if &bytes[..8] != MAGIC {
+    if &bytes[..8] != magic {
         return Err(bad("not a kiln dataset cache file (bad magic)"));
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
-        return Err(Invalid(format!("format version {version}, this kiln reads {FORMAT_VERSION}")));
+    let stored_version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if stored_version != version {
+        return Err(Invalid(format!("format version {stored_version}, this kiln reads {version}")));
     }
     let stored_key = CacheKey(bytes[12..44].try_into().unwrap());
     if let Some(k) = key {
@@ -249,7 +251,17 @@ pub fn decode(bytes: &[u8], key: Option<&CacheKey>) -> Result<(CacheKey, CachedD
     if blake3::hash(&bytes[..body_end]).as_bytes() != &bytes[body_end..] {
         return Err(bad("checksum mismatch (corrupted)"));
     }
-    let mut r = Reader { buf: &bytes[HEADER_LEN..body_end], pos: 0 };
+    Ok((stored_key, &bytes[HEADER_LEN..body_end]))
+}
+
+/// Why an entry was not used; `Display` is one line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid(pub String);
+
+/// Checks and decodes an entry's bytes. `key` = None accepts any key (for `cache verify`).
+pub fn decode(bytes: &[u8], key: Option<&CacheKey>) -> Result<(CacheKey, CachedData), Invalid> {
+    let (stored_key, payload) = unseal(MAGIC, FORMAT_VERSION, bytes, key)?;
+    let mut r = Reader { buf: payload, pos: 0 };
     let mut parse = || -> Result<CachedData, String> {
         let skipped_lines = r.u64()? as usize;
         let dropped_long = r.u64()? as usize;
@@ -274,27 +286,36 @@ pub fn decode(bytes: &[u8], key: Option<&CacheKey>) -> Result<(CacheKey, CachedD
 /// reports it and rebuilds).
 pub fn load(dir: &Path, key: &CacheKey) -> Result<Option<CachedData>, String> {
     let path = entry_path(dir, key);
-    let file = match File::open(&path) {
+    let Some(map) = map_entry(&path)? else { return Ok(None) };
+    decode(&map, Some(key)).map(|(_, d)| Some(d)).map_err(|Invalid(why)| format!("{}: {why}", path.display()))
+}
+
+/// An entry's bytes, memory-mapped; `None` when there is no entry.
+pub(crate) fn map_entry(path: &Path) -> Result<Option<memmap2::Mmap>, String> {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: cannot open: {e}", path.display())),
     };
     // SAFETY: entries are only ever replaced by rename, never written in place, so the mapped
-    // bytes cannot change under us; a file truncated by someone else fails the checks below.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: cannot map: {e}", path.display()))?;
-    decode(&map, Some(key)).map(|(_, d)| Some(d)).map_err(|Invalid(why)| format!("{}: {why}", path.display()))
+    // bytes cannot change under us; a file truncated by someone else fails the checks after.
+    unsafe { memmap2::Mmap::map(&file) }.map(Some).map_err(|e| format!("{}: cannot map: {e}", path.display()))
 }
 
 /// Writes an entry atomically (temporary file, fsync, rename).
 pub fn store(dir: &Path, key: &CacheKey, data: &CachedData) -> Result<PathBuf, String> {
+    write_entry(dir, entry_path(dir, key), key, &encode(key, data))
+}
+
+/// Writes an entry's bytes to `path` in `dir` atomically (temporary file, fsync, rename), so two
+/// processes building the same entry leave one valid file.
+pub(crate) fn write_entry(dir: &Path, path: PathBuf, key: &CacheKey, bytes: &[u8]) -> Result<PathBuf, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create cache directory: {e}", dir.display()))?;
-    let path = entry_path(dir, key);
     let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let tmp = dir.join(format!(".{}.{}.{nonce}.tmp", key.hex(), std::process::id()));
-    let bytes = encode(key, data);
     let result = (|| {
         let mut f = File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     })();
@@ -325,15 +346,23 @@ pub fn list(dir: &Path, verify: bool) -> Result<Vec<EntryInfo>, String> {
     let mut out = Vec::new();
     for entry in read.flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|x| x != EXTENSION) {
+        let kind = path.extension().and_then(|x| x.to_str()).unwrap_or("");
+        if kind != EXTENSION && kind != crate::memo::EXTENSION {
             continue;
         }
         let meta = entry.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
         let status = if verify {
             let name_key = path.file_stem().and_then(|s| s.to_str()).map(str::to_string).unwrap_or_default();
+            let checked = |bytes: &[u8]| -> Result<(CacheKey, String), Invalid> {
+                if kind == EXTENSION {
+                    decode(bytes, None).map(|(key, d)| (key, d.describe()))
+                } else {
+                    crate::memo::check(bytes).map(|(key, len)| (key, format!("{len} bytes of preprocessed data")))
+                }
+            };
             match std::fs::read(&path) {
-                Ok(bytes) => match decode(&bytes, None) {
-                    Ok((key, d)) if key.hex() == name_key => Ok(d.describe()),
+                Ok(bytes) => match checked(&bytes) {
+                    Ok((key, what)) if key.hex() == name_key => Ok(what),
                     Ok(_) => Err("key in the file does not match its name".into()),
                     Err(Invalid(why)) => Err(why),
                 },

@@ -11,6 +11,7 @@ pub mod batching;
 pub mod cache;
 pub mod corpus;
 pub mod loader;
+pub mod memo;
 pub mod prepare;
 pub mod split;
 pub mod text;

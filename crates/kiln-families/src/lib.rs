@@ -328,7 +328,7 @@ pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Res
     }
     for o in overrides {
         if !kiln_recipe::resumable_override(&o.key) {
-            bail!("--set {}={}: cannot change {} when resuming (only train.*, eval.* and backend.* keys, except train.seed, train.accumulate and backend.devices)", o.key, o.raw, o.key);
+            bail!("--set {}={}: cannot change {} when resuming ({})", o.key, o.raw, o.key, kiln_recipe::resume_rule());
         }
     }
     Ok(Recipe::load(&path, overrides)?)

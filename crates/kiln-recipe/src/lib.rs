@@ -765,11 +765,42 @@ impl Recipe {
     }
 }
 
-/// Keys that may change when resuming a run (they do not alter the model, data or tokens).
+/// The resume rule, stated once: the sections a resumed run may change, and the keys of those
+/// that it may not (the seed draws the batches and masks; a step's batch count hangs on
+/// `train.accumulate` and `backend.devices`). Everything else shapes the model, the data or the
+/// tokens, and must be the run's own.
+pub const RESUMABLE_SECTIONS: [&str; 3] = ["train", "eval", "backend"];
+pub const FIXED_ON_RESUME: [&str; 3] = ["train.seed", "train.accumulate", "backend.devices"];
+
+/// Keys that may change when resuming a run (see [`RESUMABLE_SECTIONS`]).
 pub fn resumable_override(key: &str) -> bool {
     let section = key.split('.').next().unwrap_or("");
-    matches!(section, "train" | "eval" | "backend")
-        && !matches!(key, "train.seed" | "train.accumulate" | "backend.devices")
+    RESUMABLE_SECTIONS.contains(&section) && !FIXED_ON_RESUME.contains(&key)
+}
+
+/// The resume rule in words, for errors.
+pub fn resume_rule() -> String {
+    let and = |items: Vec<String>| match items.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => items.join(""),
+    };
+    let sections = and(RESUMABLE_SECTIONS.iter().map(|s| format!("{s}.*")).collect());
+    format!("only {sections} keys, except {}", and(FIXED_ON_RESUME.iter().map(|k| k.to_string()).collect()))
+}
+
+/// The first key (`prefix.key`) where two tables differ, with both values (`None`: absent),
+/// skipping the keys in `ignore`. One comparison for recipes and checkpoints' architectures.
+pub fn first_difference(prefix: &str, a: &toml::Table, b: &toml::Table, ignore: &[&str]) -> Option<(String, toml::Value, Option<toml::Value>)> {
+    a.iter().filter(|(k, _)| !ignore.contains(&k.as_str())).find(|(k, v)| b.get(k.as_str()) != Some(*v)).map(|(k, v)| (format!("{prefix}.{k}"), v.clone(), b.get(k.as_str()).cloned()))
+}
+
+impl Recipe {
+    /// The first key of the sections that fix a run (data, tokenizer, loader, model) where two
+    /// recipes differ: what a `--resume` with a recipe file must agree on.
+    pub fn run_difference(&self, other: &Recipe) -> Option<String> {
+        let (a, b) = (toml::Value::try_from(self).ok()?, toml::Value::try_from(other).ok()?);
+        ["data", "tokenizer", "loader", "model"].iter().find_map(|section| first_difference(section, a.get(section)?.as_table()?, b.get(section)?.as_table()?, &[]).map(|d| d.0))
+    }
 }
 
 fn apply_override(table: &mut toml::Table, o: &Override) -> Result<(), RecipeError> {
@@ -902,6 +933,7 @@ mod tests {
             assert!(e.to_string().contains(needle), "{v}: {e}");
         }
         assert!(!resumable_override("backend.devices"), "a step's batch count hangs on it, like train.accumulate");
+        assert_eq!(resume_rule(), "only train.*, eval.* and backend.* keys, except train.seed, train.accumulate and backend.devices");
     }
 
     #[test]

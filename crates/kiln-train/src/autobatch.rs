@@ -282,7 +282,7 @@ pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>
     cap: usize,
     make_batch: &dyn Fn(usize, usize) -> T::Batch,
 ) -> Result<Table, String> {
-    use burn::optim::{AdamWConfig, Optimizer};
+    use burn::optim::Optimizer;
     use burn::tensor::Tensor;
     use crate::step::{step_gradients, Faults, HostStep, StepPlace, SINGLE};
     use crate::task::TaskBatch;
@@ -291,12 +291,7 @@ pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>
     let limit = (capacity as f64 * 0.85) as u64;
     let host = HostStep::for_backend::<B>(cpu_split);
     let faults = Faults::default();
-    let optim = AdamWConfig::new()
-        .with_beta_1(train.beta1 as f32)
-        .with_beta_2(train.beta2 as f32)
-        .with_epsilon(train.eps as f32)
-        .with_weight_decay(train.weight_decay as f32)
-        .init::<B, T::Model>();
+    let optim = crate::trainer::adamw::<B, T::Model>(train);
     let mut try_size = |len: usize, n: usize| -> Outcome {
         let batch = make_batch(len, n);
         meter.reset();

@@ -106,11 +106,9 @@ impl Architecture {
             return Some(("vocabulary size".into(), self.vocab_size.to_string(), other.vocab_size.to_string()));
         }
         let (a, b) = (toml::Value::try_from(&self.model).ok()?, toml::Value::try_from(&other.model).ok()?);
-        let (a, b) = (a.as_table()?, b.as_table()?);
         // Dropout changes no weight.
-        a.iter().filter(|(k, _)| k.as_str() != "dropout").find(|(k, v)| b.get(k.as_str()) != Some(*v)).map(|(k, v)| {
-            (format!("model.{k}"), v.to_string(), b.get(k.as_str()).map(|x| x.to_string()).unwrap_or_else(|| "nothing".into()))
-        })
+        kiln_recipe::first_difference("model", a.as_table()?, b.as_table()?, &["dropout"])
+            .map(|(key, theirs, ours)| (key, theirs.to_string(), ours.map(|x| x.to_string()).unwrap_or_else(|| "nothing".into())))
     }
 }
 

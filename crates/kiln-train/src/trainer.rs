@@ -68,6 +68,16 @@ pub fn compute_dtype(precision: Precision) -> Option<burn::tensor::FloatDType> {
     }
 }
 
+/// AdamW as `[train]` sets it (the learning rate comes with each step).
+pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(train: &TrainSection) -> AdamWOptimizer<M, B> {
+    AdamWConfig::new()
+        .with_beta_1(train.beta1 as f32)
+        .with_beta_2(train.beta2 as f32)
+        .with_epsilon(train.eps as f32)
+        .with_weight_decay(train.weight_decay as f32)
+        .init::<B, M>()
+}
+
 /// Burn creates parameters lazily, at first use, and a clone of an uncreated parameter creates
 /// its own. Created at once, from the seed alone, the weights are the same whatever runs first
 /// (the batch-size probe, a copy kept for rollback) and every clone shares them.
@@ -349,12 +359,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         // happened before.
         B::seed(&device, tr.seed);
         create_params(&model);
-        let mut optim = AdamWConfig::new()
-            .with_beta_1(tr.beta1 as f32)
-            .with_beta_2(tr.beta2 as f32)
-            .with_epsilon(tr.eps as f32)
-            .with_weight_decay(tr.weight_decay as f32)
-            .init::<B, T::Model>();
+        let mut optim = adamw::<B, T::Model>(&tr);
 
         let architecture = task.architecture();
         let mut state = TrainState { format: STATE_FORMAT, architecture: architecture.clone(), ..Default::default() };
