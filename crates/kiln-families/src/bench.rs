@@ -81,12 +81,7 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
     let loader_2 = rate(2);
 
     let lengths: Vec<(usize, usize)> = warm.train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    let unbucketed_settings = BatchSettings {
-        max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens),
-        max_sentences: recipe.loader.max_sentences,
-        pool_batches: 0,
-        multiple: recipe.loader.batch_multiple,
-    };
+    let unbucketed_settings = BatchSettings { pool_batches: 0, ..crate::family::batch_settings(recipe, crate::family::Batches::Train) };
     let unbucketed = plan_batches(&lengths, unbucketed_settings, Some(recipe.train.seed));
 
     // The regulariser the recipe's tokenizer kind would use, at a usual strength.

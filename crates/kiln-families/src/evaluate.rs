@@ -3,7 +3,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::batching::plan_batches;
 use kiln_data::{EvalSet, HostBatch, SubwordTokenizer, PAD};
 use kiln_metrics::BleuStats;
 use kiln_model::{label_smoothed_loss, Seq2Seq};
@@ -21,7 +21,7 @@ pub fn flat<B: Backend>(data: &[i32], device: &B::Device) -> Tensor<B, 1, Int> {
 
 fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>> {
     let lengths: Vec<(usize, usize)> = set.examples[..subset].iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+    let settings = crate::family::batch_settings(recipe, crate::family::Batches::Eval);
     plan_batches(&lengths, settings, None)
 }
 

@@ -125,19 +125,30 @@ impl<B: Backend> TaskBatch<B> for DeviceBatch<B> {
     }
 }
 
-fn batch_settings(recipe: &Recipe) -> BatchSettings {
+/// What batches are cut for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batches {
+    /// Training: length-sorted pools of `loader.bucket_pool` batches, `loader.batch_multiple` rows.
+    Train,
+    /// Evaluation and decoding: one length order (pools and multiples play no part).
+    Eval,
+}
+
+/// The one place batch settings come from a recipe's `[loader]`.
+pub fn batch_settings(recipe: &Recipe, batches: Batches) -> BatchSettings {
+    let train = batches == Batches::Train;
     BatchSettings {
         max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens),
         max_sentences: recipe.loader.max_sentences,
-        pool_batches: recipe.loader.bucket_pool,
-        multiple: recipe.loader.batch_multiple,
+        pool_batches: if train { recipe.loader.bucket_pool } else { 1 },
+        multiple: if train { recipe.loader.batch_multiple } else { 1 },
     }
 }
 
 /// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
 pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
     let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    plan_batches(&lengths, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+    plan_batches(&lengths, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
 /// Batches of block starts of epoch `epoch` over a training stream of `len` tokens: the blocks
@@ -145,7 +156,7 @@ pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Ve
 pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
     let block = recipe.data.block_size;
     let starts = train_blocks(len, block, mix_seed(recipe.train.seed, 4, epoch as u64));
-    plan_blocks(starts, block, batch_settings(recipe), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+    plan_blocks(starts, block, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
 /// Sentence pairs in token-budget batches. Subword regularisation gives every epoch its own
@@ -332,7 +343,7 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
 /// blocks from position 0); one device read at the end.
 pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let block = recipe.data.block_size;
-    let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 0, multiple: 1 };
+    let settings = batch_settings(recipe, Batches::Eval);
     let starts = eval_blocks(stream.len(), block);
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
-use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::batching::plan_batches;
 use kiln_data::prepare::TokenizerSource;
 use kiln_data::{Example, HostBatch, SubwordTokenizer, EOS};
 use kiln_metrics::{BleuStats, ChrfStats};
@@ -91,7 +91,7 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
     let mut out = vec![Vec::new(); sources.len()];
     if beam.beam <= 1 {
         let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
-        let settings = BatchSettings { max_tokens: kiln_train::autobatch::budget(&recipe.loader.max_tokens), max_sentences: recipe.loader.max_sentences, pool_batches: 1, multiple: 1 };
+        let settings = crate::family::batch_settings(recipe, crate::family::Batches::Eval);
         for batch in plan_batches(&lengths, settings, None) {
             let b = HostBatch::build(&examples, &batch);
             let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();
