@@ -27,7 +27,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_train::metric::{AccuracyMetric, LossMetric};
 use burn_train::{ClassificationOutput, InferenceStep, ItemLazy, Learner, SupervisedTraining, TrainOutput, TrainStep, TrainingStrategy};
-use kiln_train::strategy::{SyncEveryN, WindowItem};
+use kiln_train::strategy::{EventRenderer, SyncEveryN, WindowItem};
 
 const MAX_BYTES: usize = 96;
 
@@ -147,10 +147,14 @@ fn train(dir: PathBuf, train: Vec<Sentence>, valid: Vec<Sentence>, epochs: usize
     let loader_train = DataLoaderBuilder::<B, _, _>::new(SentenceBatcher).batch_size(64).shuffle(7).num_workers(2).build(InMemDataset::new(train));
     let loader_valid = DataLoaderBuilder::<Flex, _, _>::new(SentenceBatcher).batch_size(64).num_workers(2).build(InMemDataset::new(valid));
     let learner = Learner::new(BagOfBytes::<B>::new(&device), AdamConfig::new().init(), 5e-3);
-    let mut training = SupervisedTraining::new(dir, loader_train, loader_valid).metrics((LossMetric::new(), AccuracyMetric::new())).num_epochs(epochs);
+    let mut training = SupervisedTraining::new(dir.clone(), loader_train, loader_valid).metrics((LossMetric::new(), AccuracyMetric::new())).num_epochs(epochs);
     if kiln {
         // The one kiln line: the loss read once every 10 steps.
         training = training.with_training_strategy(TrainingStrategy::Custom(Arc::new(SyncEveryN::new(device, 10))));
+        // Optional: burn's metrics into kiln's `metrics.jsonl` (and `kiln watch`), one row a window.
+        std::fs::create_dir_all(&dir).expect("run directory");
+        let files = kiln_views::RunFiles::open(&dir).expect("metrics.jsonl");
+        training = training.renderer(EventRenderer::new("burn-train", files));
     }
     let before = READS.load(Ordering::Relaxed);
     let _result = training.launch(learner);

@@ -111,4 +111,16 @@ fn burn_train_program_reads_once_per_window_with_kiln_strategy() {
     assert_eq!(counts(dir.path().join("kiln/train/epoch-1/Loss.log")), train_steps, "every step's loss is in the epoch's");
     assert_eq!(counts(dir.path().join("default/train/epoch-1/Loss.log")), train_steps);
     assert_eq!(counts(dir.path().join("kiln/valid/epoch-1/Accuracy.log")), 800, "every validation row counted");
+    // burn's metrics in kiln's log: a row a window, burn's loss as the loss, its accuracy by name.
+    let rows = read_jsonl(&dir.path().join("kiln/metrics.jsonl"));
+    let train: Vec<_> = rows.iter().filter(|r| r["kind"] == "train").collect();
+    assert_eq!(train.len(), train_steps.div_ceil(10));
+    assert_eq!(train.last().unwrap()["step"], train_steps);
+    assert!(train.iter().all(|r| r["loss"].as_f64().is_some_and(f64::is_finite) && r["metrics"]["Accuracy"].as_f64().is_some()), "{train:?}");
+    let valid: Vec<_> = rows.iter().filter(|r| r["kind"] == "valid").collect();
+    assert_eq!(valid.len(), 1);
+    assert!(valid[0]["metrics"]["Accuracy"].as_f64().unwrap() > 50.0, "{:?}", valid[0]);
+    let s = summary(&dir.path().join("kiln"));
+    assert_eq!((s["steps"].as_u64(), s["sync"]["count"].as_u64()), (Some(train_steps as u64), Some(train_steps.div_ceil(10) as u64)));
+    assert_eq!(s["metrics"]["Accuracy"], valid[0]["metrics"]["Accuracy"]);
 }

@@ -16,8 +16,10 @@ pub struct RunFollower {
 
 impl RunFollower {
     pub fn open(run_dir: &Path) -> Result<Self, String> {
-        if !run_dir.join("recipe.toml").is_file() {
-            return Err(format!("{}: not a kiln run directory (no recipe.toml)", run_dir.display()));
+        // A recipe run has its recipe.toml; a library run (kiln's `Trainer`, or a burn-train
+        // program with kiln's renderer) only its log.
+        if !run_dir.join("recipe.toml").is_file() && !run_dir.join("metrics.jsonl").is_file() {
+            return Err(format!("{}: not a kiln run directory (no recipe.toml, no metrics.jsonl)", run_dir.display()));
         }
         Ok(Self { dir: run_dir.to_path_buf(), reader: MetricsReader::new(&run_dir.join("metrics.jsonl")), done: false })
     }

@@ -224,3 +224,178 @@ impl<LC: LearningComponentsTypes> SyncEveryN<LC> {
         processor.process_valid(LearnerEvent::EndEpoch(global.items_processed));
     }
 }
+
+/// burn-train's metrics into kiln's events: a `MetricsRenderer` for
+/// `SupervisedTraining::renderer`, so a burn-train program's metrics land in kiln's
+/// `metrics.jsonl` (with the run directory's files as the sink) and its dashboard. Each rendered
+/// training item becomes a window row (`loss` from burn's `Loss` metric, the others under
+/// `metrics`; with [`SyncEveryN`] one row per window), each epoch's validation a validation row.
+/// burn-train reports no read times, so the rows count reads and leave their times at 0.
+pub struct EventRenderer {
+    sink: std::sync::Mutex<Box<dyn kiln_events::EventSink + Send>>,
+    name: String,
+    names: std::collections::HashMap<burn_train::metric::MetricId, String>,
+    train: std::collections::BTreeMap<String, f64>,
+    valid: std::collections::BTreeMap<String, f64>,
+    /// The epoch whose validation is pending (`None`: nothing to flush).
+    valid_epoch: Option<usize>,
+    started: Option<std::time::Instant>,
+    step: usize,
+    sync: kiln_events::SyncStats,
+    failed: bool,
+}
+
+impl EventRenderer {
+    pub fn new(name: impl Into<String>, sink: impl kiln_events::EventSink + Send + 'static) -> Self {
+        Self {
+            sink: std::sync::Mutex::new(Box::new(sink)),
+            name: name.into(),
+            names: Default::default(),
+            train: Default::default(),
+            valid: Default::default(),
+            valid_epoch: None,
+            started: None,
+            step: 0,
+            sync: Default::default(),
+            failed: false,
+        }
+    }
+
+    fn emit(&mut self, event: kiln_events::Event) {
+        if self.failed {
+            return;
+        }
+        let sink = self.sink.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Err(why) = sink.emit(&event) {
+            // A renderer cannot fail the training: say it once and stop writing.
+            eprintln!("kiln: {why}; burn-train metrics no longer recorded");
+            self.failed = true;
+        }
+    }
+
+    fn record(&mut self, state: burn_train::renderer::MetricState, valid: bool) {
+        if let burn_train::renderer::MetricState::Numeric(entry, value) = state {
+            let name = self.names.get(&entry.metric_id).cloned().unwrap_or_else(|| "metric".into());
+            let into = if valid { &mut self.valid } else { &mut self.train };
+            into.insert(name, value.current());
+        }
+    }
+
+    /// The pending validation as a row (burn's `Loss` as the loss, the rest as metrics).
+    fn flush_valid(&mut self) {
+        let Some(epoch) = self.valid_epoch.take() else { return };
+        let mut metrics = std::mem::take(&mut self.valid);
+        let loss = metrics.remove("Loss").unwrap_or(f64::NAN);
+        self.emit(kiln_events::Event::Validation(kiln_events::ValidRow { epoch, step: self.step, loss, ppl: loss.exp(), bleu: None, metrics }));
+    }
+}
+
+impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
+    fn update_train(&mut self, state: burn_train::renderer::MetricState) {
+        self.record(state, false);
+    }
+
+    fn update_valid(&mut self, state: burn_train::renderer::MetricState) {
+        self.record(state, true);
+    }
+
+    fn render_train(&mut self, item: burn_train::renderer::TrainingProgress, _: Vec<burn_train::renderer::ProgressType>) {
+        let epoch = item.global_progress.items_processed;
+        if self.started.is_none() {
+            self.started = Some(std::time::Instant::now());
+            let info = kiln_events::RunInfo {
+                recipe: self.name.clone(),
+                run_dir: String::new(),
+                device: "burn-train".into(),
+                epochs: item.global_progress.items_total,
+                steps_per_epoch: 0,
+                total_steps: 0,
+                start_step: 0,
+                start_epoch: epoch.saturating_sub(1),
+                parameters: 0,
+                vocab_size: 0,
+                train_examples: item.progress.as_ref().map_or(0, |p| p.items_total),
+                valid_examples: 0,
+                sync_interval: 0,
+                prefetch: 0,
+            };
+            self.emit(kiln_events::Event::RunStarted(info));
+        }
+        if self.valid_epoch.is_some_and(|e| e < epoch) {
+            self.flush_valid();
+        }
+        let step = item.iteration.unwrap_or(self.step + 1);
+        let steps = step.saturating_sub(self.step).max(1);
+        self.step = step;
+        self.sync.record(0.0);
+        let mut metrics = self.train.clone();
+        let loss = metrics.remove("Loss").unwrap_or(f64::NAN);
+        let wall_s = self.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let row = kiln_events::WindowRow {
+            epoch,
+            step,
+            loss,
+            tokens: 0,
+            tokens_per_s: 0.0,
+            lr: metrics.get("Learning Rate").copied().unwrap_or(0.0),
+            sync: self.sync,
+            sync_ms: 0.0,
+            steps,
+            wall_s,
+            padding_pct: 0.0,
+            data_wait_ms: 0.0,
+            sentences: 0,
+            window_s: 0.0,
+            prefetch_ready: 0,
+            rss_mb: 0.0,
+            cpu_pct: 0.0,
+            device_tokens: Vec::new(),
+            overflow_skips: 0,
+            loss_scale: None,
+            metrics,
+        };
+        self.emit(kiln_events::Event::Window(row));
+    }
+
+    fn render_valid(&mut self, item: burn_train::renderer::TrainingProgress, _: Vec<burn_train::renderer::ProgressType>) {
+        self.valid_epoch = Some(item.global_progress.items_processed);
+    }
+
+    fn on_train_end(&mut self, _summary: Option<burn_train::LearnerSummary>) -> Result<(), Box<dyn core::error::Error>> {
+        let (valid_loss, metrics) = (self.valid.get("Loss").copied(), self.valid.iter().filter(|(k, _)| k.as_str() != "Loss").map(|(k, v)| (k.clone(), *v)).collect());
+        let epoch = self.valid_epoch.unwrap_or(0);
+        self.flush_valid();
+        let summary = kiln_events::Summary {
+            steps: self.step,
+            epochs: epoch,
+            train_loss: self.train.get("Loss").copied().unwrap_or(f64::NAN),
+            valid_loss,
+            bleu: None,
+            tokens_per_s: 0.0,
+            wall_s: self.started.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            sync: self.sync.into(),
+            data: kiln_events::DataFigures { cache_hit: false, prepare_s: 0.0, padding_pct: 0.0 },
+            test: None,
+            stopped: false,
+            skipped_steps: 0,
+            rollbacks: 0,
+            metrics,
+        };
+        self.emit(kiln_events::Event::Finished(summary));
+        Ok(())
+    }
+}
+
+impl burn_train::renderer::MetricsRendererEvaluation for EventRenderer {
+    fn update_test(&mut self, _: burn_train::renderer::EvaluationName, _: burn_train::renderer::MetricState) {}
+
+    fn render_test(&mut self, _: burn_train::renderer::EvaluationProgress, _: Vec<burn_train::renderer::ProgressType>) {}
+}
+
+impl burn_train::renderer::MetricsRenderer for EventRenderer {
+    fn manual_close(&mut self) {}
+
+    fn register_metric(&mut self, definition: burn_train::metric::MetricDefinition) {
+        self.names.insert(definition.metric_id, definition.name);
+    }
+}

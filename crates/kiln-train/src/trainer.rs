@@ -93,6 +93,11 @@ pub fn create_params<B: Backend, M: Module<B>>(model: &M) {
 
 /// kiln's loop for a task: build it, set what differs from the defaults, call [`Trainer::fit`].
 ///
+/// Runs are reproducible: `fit` seeds the backend from `train.seed` and creates the model's
+/// parameters from it, batch order is a function of the data's seed and the epoch, dropout of
+/// (seed, step, rank). The backend's RNG is one per process, so two fits running at once in one
+/// process draw from it in turn and are no longer reproducible; run them one after another.
+///
 /// ```ignore
 /// let summary = Trainer::new(task, model, device)
 ///     .run_dir("runs/language-id")
