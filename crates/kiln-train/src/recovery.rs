@@ -29,6 +29,14 @@ pub(crate) struct WindowStart<B: AutodiffBackend, T: Task<B>> {
     pub batches: Vec<Vec<T::Batch>>,
 }
 
+impl<B: AutodiffBackend, T: Task<B>> WindowStart<B, T> {
+    /// The open window starts here: a copy of the model and optimizer (shared tensors).
+    pub fn at(learner: &crate::trainer::Learner<B, T::Model>, step: usize) -> Self {
+        let (model, optim) = learner.snapshot();
+        Self { model, optim, step, batches: Vec::new() }
+    }
+}
+
 /// The run stopped on a non-finite loss or gradient norm (`train.on_nan`); `kiln` exits with 3.
 #[derive(Debug)]
 pub struct NonFiniteStop(pub String);
@@ -77,8 +85,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
     /// applying only those with a finite loss and gradient. Steps queued after it while its read
     /// was in flight ran on the bad model: they run again after it, as the open window.
     pub(crate) fn replay_without_nonfinite(&mut self, done: SyncWindow<B::InnerBackend>, start: WindowStart<B, T>, read: &WindowRead, epoch: usize) -> anyhow::Result<()> {
-        self.model = start.model;
-        self.optim = start.optim;
+        self.learner.restore(start.model, start.optim);
         self.state.step = start.step;
         let queued_after = self.window_start.take().map(|open| open.batches).unwrap_or_default();
         self.window = SyncWindow::new();
@@ -90,14 +97,15 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         for batches in &start.batches {
             let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
             let tokens = stats.iter().map(|s| s.target_tokens).sum();
-            let sums = step_gradients(&*self.task, &self.model, batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
+            let sums = step_gradients(&*self.task, self.learner.model(), batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
             let mut parts = vec![sums.loss_sum, sums.norm];
             parts.extend(sums.metric_sums);
             let values: Vec<f64> = Tensor::cat(parts, 0).into_data().iter::<f64>().collect();
             self.state.step += 1;
             self.last_lr = self.schedule.at(self.state.step) * self.state.lr_scale;
             if values[..2].iter().all(|v| v.is_finite()) {
-                self.model = self.optim.step(self.last_lr, self.model.clone(), sums.grads);
+                let lr = self.last_lr;
+                self.learner.step(|model, mut optim| (optim.step(lr, model, sums.grads), optim, ()));
                 replayed.host_sum += values[0];
                 for (acc, v) in replayed.host_metrics.iter_mut().zip(&values[2..]) {
                     *acc += v;
@@ -130,11 +138,11 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         if !queued_after.is_empty() {
             self.window.open(self.state.step);
             self.window.started = Instant::now();
-            self.window_start = Some(WindowStart { model: self.model.clone(), optim: self.optim.clone(), step: self.state.step, batches: Vec::new() });
+            self.window_start = Some(WindowStart::at(&self.learner, self.state.step));
             for batches in queued_after {
                 let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
                 let tokens = stats.iter().map(|s| s.target_tokens).sum();
-                let sums = step_gradients(&*self.task, &self.model, &batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
+                let sums = step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
                 self.state.step += 1;
                 self.last_lr = self.schedule.at(self.state.step) * self.state.lr_scale;
                 self.apply(sums);
@@ -145,7 +153,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         // The replicas continue from the replayed model (the replay ran on rank 0 alone, every
         // batch of each step: the same gradients, up to the order of the sums).
         if let Some(pool) = &self.pool {
-            pool.reset(&self.model, &self.optim);
+            pool.reset(self.learner.model(), self.learner.optim());
         }
         Ok(())
     }
@@ -162,8 +170,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         let mut sync = self.state.sync;
         sync.record(read.ms);
         let (skipped_steps, rollbacks, lr_scale) = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.lr_scale * self.tr.nan_lr_factor);
-        self.model = good_model;
-        self.optim = good_optim;
+        self.learner.restore(good_model, good_optim);
         self.state = good_state;
         // The syncs happened; the recoveries and the lowered rate carry on.
         self.state.sync = sync;
@@ -176,7 +183,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         // The pending batches belong to the abandoned steps.
         self.loader = Loader::new(self.workers, self.prefetch);
         if let Some(pool) = &self.pool {
-            pool.reset(&self.model, &self.optim);
+            pool.reset(self.learner.model(), self.learner.optim());
         }
         self.emit(Event::Rollback { step: self.state.step })?;
         let line = format!("non-finite loss or gradient at step {first}: rolled back to step {} (rollback {}), learning rate × {:.3e} from here", self.state.step, self.state.rollbacks, self.state.lr_scale);

@@ -263,6 +263,50 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 }
 
+/// The model and its optimizer. Between steps they are owned here alone, and a step moves them
+/// into the update: a parameter or moment tensor nobody else holds is updated in place where the
+/// backend can (Flex reuses a buffer it owns alone); copies are taken only where a recovery
+/// needs them (`on_nan = "skip"` / `"rollback"`).
+pub(crate) struct Learner<B: AutodiffBackend, M: AutodiffModule<B>> {
+    parts: Option<(M, AdamWOptimizer<M, B>)>,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Clone> Learner<B, M> {
+    fn new(model: M, optim: AdamWOptimizer<M, B>) -> Self {
+        Self { parts: Some((model, optim)) }
+    }
+
+    fn parts(&self) -> &(M, AdamWOptimizer<M, B>) {
+        self.parts.as_ref().expect("the model is in place between steps")
+    }
+
+    pub fn model(&self) -> &M {
+        &self.parts().0
+    }
+
+    pub fn optim(&self) -> &AdamWOptimizer<M, B> {
+        &self.parts().1
+    }
+
+    /// A copy that shares the tensors (taken for recovery).
+    pub fn snapshot(&self) -> (M, AdamWOptimizer<M, B>) {
+        self.parts().clone()
+    }
+
+    /// Continues from `model` and `optim` (a recovery's copy).
+    pub fn restore(&mut self, model: M, optim: AdamWOptimizer<M, B>) {
+        self.parts = Some((model, optim));
+    }
+
+    /// An update that takes the model and optimizer by value and gives them back.
+    pub fn step<R>(&mut self, update: impl FnOnce(M, AdamWOptimizer<M, B>) -> (M, AdamWOptimizer<M, B>, R)) -> R {
+        let (model, optim) = self.parts.take().expect("the model is in place between steps");
+        let (model, optim, out) = update(model, optim);
+        self.parts = Some((model, optim));
+        out
+    }
+}
+
 /// A window the loop has closed, its read in flight (`train.sync_overlap`): resolved when the next
 /// window closes, or before anything that needs every step's loss (a save, evaluation, the end).
 pub(crate) struct PendingWindow<B: AutodiffBackend, T: Task<B>> {
@@ -331,8 +375,7 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     pub workers: usize,
     pub prefetch: usize,
 
-    pub model: T::Model,
-    pub optim: AdamWOptimizer<T::Model, B>,
+    pub learner: Learner<B, T::Model>,
     pub state: TrainState,
     pub schedule: LrSchedule,
     pub clock: Clock,
@@ -441,8 +484,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             faults,
             workers,
             prefetch,
-            model,
-            optim,
+            learner: Learner::new(model, optim),
             state,
             schedule,
             host,
@@ -508,7 +550,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             if self.window.steps == 0 {
                 self.window.open(self.state.step);
                 if self.tr.on_nan == OnNan::Skip {
-                    self.window_start = Some(WindowStart { model: self.model.clone(), optim: self.optim.clone(), step: self.state.step, batches: Vec::new() });
+                    self.window_start = Some(WindowStart::at(&self.learner, self.state.step));
                 }
             }
             let group = (self.tr.accumulate.max(1) * self.replicas()).min(batches - pos);
@@ -566,7 +608,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let step_tokens: usize = stats.iter().map(|s| s.target_tokens).sum();
         let lr = self.schedule.at(self.state.step + 1) * self.state.lr_scale;
         let sums = match &self.pool {
-            None => step_gradients(&*self.task, &self.model, &batches, &self.tr, self.state.step, step_tokens, false, self.place(SINGLE)),
+            None => step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, step_tokens, false, self.place(SINGLE)),
             Some(pool) => {
                 // Rank r takes the step's batches r·accumulate .. (r+1)·accumulate.
                 let per = self.tr.accumulate.max(1);
@@ -577,7 +619,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 }
                 pool.send(&mut shares, self.state.step, lr, step_tokens);
                 let rank0 = Replica { rank: 0, peer: Some(burn::collective::PeerId::from(0)) };
-                step_gradients(&*self.task, &self.model, &shares[0], &self.tr, self.state.step, step_tokens, false, self.place(rank0))
+                step_gradients(&*self.task, self.learner.model(), &shares[0], &self.tr, self.state.step, step_tokens, false, self.place(rank0))
             }
         };
         self.state.step += 1;
@@ -595,9 +637,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
 
     /// The update of a step whose sums are in hand, at `self.last_lr`; its sums join the window.
     pub fn apply(&mut self, sums: crate::step::StepSums<B>) {
-        let model = self.model.clone();
-        let (model, optim, norm) = apply_step(model, self.optim.clone(), sums.grads, sums.norm, self.last_lr, self.scaler.as_mut());
-        (self.model, self.optim) = (model, optim);
+        let (lr, scaler) = (self.last_lr, self.scaler.as_mut());
+        let norm = self.learner.step(|model, optim| apply_step(model, optim, sums.grads, sums.norm, lr, scaler));
         self.window.add(sums.loss_sum, norm, sums.metric_sums);
     }
 
@@ -730,7 +771,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     }
 
     fn validate(&mut self, epoch: usize) -> Result<()> {
-        let Some(valid) = self.task.evaluate(&self.model.valid(), Split::Valid, &self.device) else {
+        let Some(valid) = self.task.evaluate(&self.learner.model().valid(), Split::Valid, &self.device) else {
             return Ok(());
         };
         let row = ValidRow { epoch: epoch + 1, step: self.state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu, metrics: valid.metrics };
@@ -749,7 +790,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 state.best = Some((name.clone(), v.loss));
             }
         }
-        let (model, optim) = (&self.model, &self.optim);
+        let (model, optim) = (self.learner.model(), self.learner.optim());
         let path = checkpoint::save(&self.run_dir, &name, state, |dir| {
             // Serialised in memory, written by us: a failed write (a full disk) then reports the
             // operating system's reason, which Burn's file recorder would hide.
@@ -766,7 +807,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         checkpoint::prune(&self.run_dir, self.tr.keep_checkpoints, state.best.as_ref().map(|(n, _)| n.as_str())).map_err(|m| anyhow!(m))?;
         let event = Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() };
         if let Some(good) = &mut self.last_good {
-            *good = (self.model.clone(), self.optim.clone(), self.state.clone());
+            let (model, optim) = self.learner.snapshot();
+            *good = (model, optim, self.state.clone());
         }
         self.emit(event)
     }
@@ -777,7 +819,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             let line = format!("stopped on request at step {}; continue with: kiln train --resume {}", self.state.step, self.run_dir.display());
             self.emit(Event::Note(line))?;
         }
-        let test = if self.stopped || self.measuring() { None } else { self.task.evaluate(&self.model.valid(), Split::Test, &self.device) };
+        let test = if self.stopped || self.measuring() { None } else { self.task.evaluate(&self.learner.model().valid(), Split::Test, &self.device) };
         if let Some(t) = &test {
             let label = self.task.info().test_label;
             let metrics: String = t.metrics.iter().map(|(k, v)| format!(" | {k} {v:.4}")).collect();
