@@ -53,7 +53,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
     /// Writes `nonfinite.json` (what the window read showed) and returns the one-line stop error.
     pub(crate) fn nonfinite_stop(&self, read: &WindowRead, epoch: usize, why: &str) -> anyhow::Error {
         let state = &self.state;
-        let run_dir = self.run_dir();
+        let run_dir = self.run_dir.as_path();
         let first = read.first_nonfinite().unwrap_or(state.step);
         let latest = checkpoint::latest(run_dir).ok().flatten();
         let lr_at = |k: usize| self.schedule.at(k) * state.lr_scale;

@@ -847,11 +847,6 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         self.emit(Event::Finished(summary.clone()))?;
         Ok(summary)
     }
-
-    /// Where the run directory's files go (for recovery's diagnosis).
-    pub fn run_dir(&self) -> &Path {
-        &self.run_dir
-    }
 }
 
 fn padding_pct(real: u64, slots: u64) -> f64 {
