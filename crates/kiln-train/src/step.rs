@@ -83,10 +83,17 @@ fn run_parts<B: AutodiffBackend, M: AutodiffModule<B> + Clone + Send, X: Send, R
     let done: Vec<(R, kiln_model::dropout::MaskState)> = units
         .into_par_iter()
         .map(|(first, part, model)| {
+            // A part may run on a thread that is itself inside another part: rayon lets a thread
+            // waiting in a join (a multi-threaded kernel) take queued work, this part included.
+            // So the thread's mask state is saved and given back, or the part it interrupted
+            // would go on with this part's masks (seen as a rare, load-dependent difference).
+            let interrupted = kiln_model::dropout::mask_state();
             let _autocast = kiln_model::autocast::enter(compute);
             kiln_model::dropout::set_mask_state(masks.at_row(first));
             let out = run(&model, &part);
-            (out, kiln_model::dropout::mask_state())
+            let mine = kiln_model::dropout::mask_state();
+            kiln_model::dropout::set_mask_state(interrupted);
+            (out, mine)
         })
         .collect();
     // Every part drew the same number of masks: the step goes on from there, at row 0.
