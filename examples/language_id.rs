@@ -249,13 +249,14 @@ fn run() -> Result<()> {
 
     type B = Autodiff<Flex>;
     let device = Default::default();
-    let resume = if args.resume { Some(kiln::session::resume_point(&args.run_dir)?) } else { kiln::session::new_run_dir(&args.run_dir).map(|_| None)? };
+    // The run directory, held by this process until the end (one process per run).
+    let run = if args.resume { kiln::session::resume_point(&args.run_dir)? } else { kiln::session::new_run_dir(&args.run_dir)? };
     let trainer = Trainer::<B, _>::new(LanguageTask { valid, test }, LanguageId::new(&device), device)
         .name("language-id")
         .settings(TrainSection { epochs: args.epochs, lr: 2e-3, warmup_steps: 100, label_smoothing: 0.0, keep_checkpoints: 2, ..Default::default() })
         .sync_interval(args.sync)
         .run_dir(&args.run_dir)
-        .resume(resume);
+        .resume(run.checkpoint.clone());
     let summary = kiln::session::fit(trainer, &data, &kiln::session::Session { dashboard: args.dashboard, name: "language-id".into() })?;
     println!(
         "language_id: {} steps, {} loss reads ({:.2} ms in all); validation accuracy {:.4}",

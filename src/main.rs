@@ -59,7 +59,7 @@ enum Command {
         top_k: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Checkpoint name under checkpoints/ (default: the latest).
+        /// Checkpoint name under checkpoints/ (step-NNNNNNN, `latest` or `best`; default: the latest).
         #[arg(long)]
         checkpoint: Option<String>,
     },
@@ -148,7 +148,7 @@ struct DecodeArgs {
     /// GNMT length penalty α: hypotheses ranked by log p / ((5 + length) / 6)^α.
     #[arg(long, default_value_t = 1.0)]
     len_penalty: f64,
-    /// Checkpoint name under checkpoints/ (default: the latest).
+    /// Checkpoint name under checkpoints/ (step-NNNNNNN, `latest` or `best`; default: the latest).
     #[arg(long)]
     checkpoint: Option<String>,
 }
@@ -195,7 +195,20 @@ fn main() -> ExitCode {
     // 277 → 308-334 MiB on the quickstart (docs/bench/train.md).
     // SAFETY: sets a process-wide allocator option; no pointers are involved.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print as clap writes them; a bad flag or value is one line, exit 2.
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("kiln: error: {first} (kiln --help lists the commands and flags)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Cache { action, dir } => cache(action, &dir),
@@ -227,8 +240,10 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
-    let (recipe, run_dir, resume, created) = match &args.resume {
+    let (recipe, run_dir, resume, _lock) = match &args.resume {
         Some(dir) => {
+            // One process per run: the lock comes before anything in the directory is read or changed.
+            let lock = kiln_events::RunLock::acquire(dir).map_err(anyhow::Error::msg)?;
             let recipe = kiln_families::resume_recipe(dir, &overrides)?;
             if let Some(path) = &args.recipe {
                 let given = Recipe::load(path, &[])?;
@@ -236,40 +251,34 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                     anyhow::bail!("{}: differs from {} at `{key}`; a run resumes with its own recipe", path.display(), dir.join("recipe.toml").display());
                 }
             }
-            let (checkpoint, skipped) = kiln_families::prepare_resume(dir)?;
-            for line in skipped {
+            let point = kiln_families::prepare_resume(dir)?;
+            for line in &point.notes {
                 eprintln!("kiln: warning: {line}");
             }
-            (recipe, dir.clone(), Some(checkpoint), false)
+            (recipe, dir.clone(), point.checkpoint, lock)
         }
         None => {
             let Some(path) = &args.recipe else {
                 anyhow::bail!("a recipe is required: kiln train <recipe.toml> (or --resume RUN_DIR)");
             };
             let recipe = Recipe::load(path, &overrides)?;
-            let (dir, created) = kiln_families::rundir::create(&recipe, args.run_dir.as_deref())?;
-            (recipe, dir, None, created)
+            let (dir, lock) = kiln_families::rundir::create(&recipe, args.run_dir.as_deref())?;
+            (recipe, dir, None, lock)
         }
     };
     let control = Control::new();
     let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
     let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
     let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_families::launch(&launch, sink));
-    match &result {
-        Ok(_) => {}
-        Err(_) if created && !run_dir.join("checkpoints").exists() && !run_dir.join("nonfinite.json").exists() => {
-            // A run that failed before saving anything (bad corpus, say) leaves no directory
-            // behind, nor an empty `runs/<name>/` it made.
-            let _ = std::fs::remove_dir_all(&run_dir);
-            if args.run_dir.is_none() {
-                if let Some(parent) = run_dir.parent() {
-                    let _ = std::fs::remove_dir(parent);
-                }
-            }
+    match result {
+        Ok(_) => Ok(()),
+        // Nothing is deleted: the log keeps the attempt and its error, and the run starts again
+        // in place (a non-finite stop keeps its own message and exit code).
+        Err(e) if !run_dir.join("checkpoints").join("latest").exists() && e.downcast_ref::<kiln_train::trainer::NonFiniteStop>().is_none() => {
+            Err(anyhow::anyhow!("{}; nothing was saved yet: start the run again in place with --resume {}", format!("{e:#}").replace('\n', " "), run_dir.display()))
         }
-        Err(_) => {}
+        Err(e) => Err(e),
     }
-    result.map(|_| ())
 }
 
 fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {
@@ -306,6 +315,8 @@ fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_families::Sa
 
 fn eval(run_dir: &std::path::Path, split: &str, decode: &DecodeArgs) -> anyhow::Result<()> {
     let beam = decode.settings()?;
+    // It writes eval-<split>.json into the run: one process per run directory.
+    let _lock = kiln_events::RunLock::acquire(run_dir).map_err(anyhow::Error::msg)?;
     let run = kiln_families::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
     let split = if split == "valid" { kiln_families::Split::Valid } else { kiln_families::Split::Test };
     let r = kiln_families::evaluate(&run, split, beam)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use burn::tensor::backend::AutodiffBackend;
-use kiln_events::{Control, EventSink, Fanout, Summary};
+use kiln_events::{Control, EventSink, Fanout, RunLock, Summary};
 use kiln_train::{Task, TrainData, Trainer};
 use kiln_views::{ProgressLine, RunFiles};
 
@@ -32,6 +32,8 @@ impl Default for Session {
 /// `control` receives the dashboard's keys and the stop signals. Charts and the summary table
 /// follow a successful run.
 pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnOnce(&mut (dyn EventSink + Send)) -> Result<Summary>) -> Result<Summary> {
+    // Taken again here (shared within the process) so that every run holds its directory.
+    let _lock = RunLock::acquire(run_dir).map_err(anyhow::Error::msg)?;
     install_stop_signals(control);
     let tui = session.dashboard && std::io::stdout().is_terminal() && std::io::stdin().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
     let files = RunFiles::open(run_dir).map_err(anyhow::Error::msg)?;
@@ -62,6 +64,12 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
             train(&mut sink)
         }
     };
+    if let Err(why) = &result {
+        // The log says how the attempt ended; the run can be resumed (or started again) in place.
+        if let Err(also) = RunFiles::record_error(run_dir, &format!("{why:#}").replace('\n', " ")) {
+            eprintln!("kiln: warning: {also}");
+        }
+    }
     if let Ok(summary) = &result {
         println!("\n{}", kiln_views::summary_table::summary_table(summary, &run_dir.display().to_string()));
         match kiln_views::plots::write_charts(run_dir, &session.name) {
@@ -93,25 +101,37 @@ where
     run(&run_dir, session, &control, |sink| trainer.fit(data, sink))
 }
 
-/// A new run directory: refused when it already holds a run (continue that one with its latest
-/// checkpoint instead, see [`resume_point`]).
-pub fn new_run_dir(dir: &Path) -> Result<PathBuf> {
+/// A run directory held by this process (its lock lives as long as this does), and where the
+/// run continues from.
+#[derive(Debug)]
+pub struct RunDir {
+    pub path: PathBuf,
+    /// The checkpoint to resume from (`None`: from step 0).
+    pub checkpoint: Option<PathBuf>,
+    pub lock: RunLock,
+}
+
+/// A new run directory, locked: refused when it already holds a run (continue that one with
+/// [`resume_point`]) or when another process holds it.
+pub fn new_run_dir(dir: &Path) -> Result<RunDir> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", dir.display()))?;
+    let lock = RunLock::acquire(dir).map_err(anyhow::Error::msg)?;
     if dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() {
         anyhow::bail!("{}: already holds a run; continue it with --resume {} or choose another directory", dir.display(), dir.display());
     }
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", dir.display()))?;
-    Ok(dir.to_path_buf())
+    Ok(RunDir { path: dir.to_path_buf(), checkpoint: None, lock })
 }
 
-/// Where a run continues: its newest checkpoint that passes its checksums (a line on stderr for
-/// each one passed over); `metrics.jsonl` rows past it are dropped, so the log continues as the
-/// resumed run does.
-pub fn resume_point(run_dir: &Path) -> Result<PathBuf> {
-    let (checkpoint, skipped) = kiln_families::prepare_resume(run_dir)?;
-    for line in skipped {
+/// Where a run continues, locked: its newest checkpoint that passes its checks (a line on stderr
+/// for each thing passed over or repaired), or step 0 when it never saved one; the log is cut to
+/// match (see [`kiln_families::prepare_resume`]).
+pub fn resume_point(run_dir: &Path) -> Result<RunDir> {
+    let lock = RunLock::acquire(run_dir).map_err(anyhow::Error::msg)?;
+    let point = kiln_families::prepare_resume(run_dir)?;
+    for line in &point.notes {
         eprintln!("kiln: warning: {line}");
     }
-    Ok(checkpoint)
+    Ok(RunDir { path: run_dir.to_path_buf(), checkpoint: point.checkpoint, lock })
 }
 
 /// SIGINT / SIGTERM: the first asks the trainer to finish its step, save and stop (resumable);

@@ -111,7 +111,10 @@ fn corpus_with_an_empty_side_or_invalid_utf8() {
     std::fs::write(&corpus, bytes).unwrap();
     let corpus = corpus.display().to_string();
     assert_user_error(&kiln(&["train", &tiny_recipe(dir.path(), &corpus, ""), "--run-dir", &run]), &["utf8.tsv:2", "UTF-8"]);
-    assert!(!dir.path().join("run").exists(), "no run directory left behind");
+    // Both attempts failed before a checkpoint: the directory keeps their log, errors included.
+    let errors = error_rows(&dir.path().join("run"));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("side.tsv:7") && errors[1].contains("utf8.tsv:2"), "{errors:?}");
 }
 
 #[test]
@@ -166,10 +169,23 @@ fn device_and_precision_requests_this_build_cannot_serve_or_does_not_know() {
         assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "backend.device=cuda:0"]), &["backend.device = \"cuda:0\"", "built without CUDA"]);
     }
     assert_user_error(&kiln(&["train", &smoke(), "--run-dir", &run_s, "--set", "train.precision=f8"]), &["train.precision", "f8"]);
-    assert!(!run.exists(), "no run directory left behind");
+    if !cfg!(feature = "cuda") {
+        assert!(error_rows(&run)[0].contains("built without CUDA"), "the failed attempt's log is kept");
+    }
     // `auto` without CUDA trains on the CPU and says so, in a note and in the header.
     let o = kiln(&["train", &smoke(), "--run-dir", &run_s, "--no-tui", "--set", "backend.device=auto", "--set", "train.max_steps=2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("backend.device = \"auto\"") && out.contains("training on the CPU") && out.contains("device cpu (flex, ") && out.contains("; auto)"), "{out}");
+}
+
+/// The `error` rows of a run's log: how its failed attempts ended.
+fn error_rows(run: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "error")
+        .map(|v| v["text"].as_str().unwrap_or_default().to_string())
+        .collect()
 }

@@ -90,3 +90,21 @@ fn generate_is_seeded_and_eval_reports_perplexity() {
     assert!(report["bleu"].is_null());
     assert_user_error(&with_stdin(&["translate", &run], "x\n"), &["language model", "generate"]);
 }
+
+/// A golden test of translation: a fixed tiny checkpoint (`tests/fixtures/golden-run`, a 32-wide
+/// model trained 600 steps on the Ding pairs) and fixed input give the recorded greedy and beam-4
+/// lines, exactly. A change to decoding, the tokenizer's use, the model's arithmetic or the
+/// checkpoint reader that changes a token shows here.
+#[test]
+fn a_fixed_checkpoint_translates_to_the_recorded_lines() {
+    let run = root().join("tests/fixtures/golden-run");
+    let (run_s, input) = (run.display().to_string(), run.join("input.de").display().to_string());
+    for (beam, expected) in [("1", "expected-greedy.en"), ("4", "expected-beam4.en")] {
+        let o = kiln(&["translate", &run_s, "--input", &input, "--beam", beam]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let want = std::fs::read_to_string(run.join(expected)).unwrap();
+        assert_eq!(stdout(&o), want, "beam {beam}");
+    }
+    assert_ne!(std::fs::read_to_string(run.join("expected-greedy.en")).unwrap(), std::fs::read_to_string(run.join("expected-beam4.en")).unwrap(), "the beam finds other lines than greedy");
+    assert!(!run.join(".lock").exists(), "translating writes nothing into the run");
+}

@@ -472,7 +472,9 @@ fn killed_at_a_random_moment_resumes_to_the_unbroken_end() {
     let dir = tempfile::tempdir().unwrap();
     let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
     let sets = ["train.epochs=2", "train.save_every_steps=7", "train.sync_interval=3", "train.keep_checkpoints=3", "eval.bleu=false"];
+    let t0 = std::time::Instant::now();
     train(&whole, &sets);
+    let took_ms = t0.elapsed().as_millis() as u64;
     // Pruned to the newest three plus the best by validation loss, which `best` names.
     let left = std::fs::read_dir(whole.join("checkpoints")).unwrap().flatten().filter(|e| e.path().is_dir()).count();
     assert!(left <= 4, "{left} checkpoints kept");
@@ -481,9 +483,12 @@ fn killed_at_a_random_moment_resumes_to_the_unbroken_end() {
 
     let mut child = spawn_train(&killed, &sets);
     wait_for("a checkpoint", || killed.join("checkpoints/latest").exists());
-    // A moment drawn from the clock: anywhere in the next second, mid-step or mid-save.
+    // A moment drawn from the clock, mid-step or mid-save: within the first third of the
+    // unbroken run's duration after the first checkpoint, so the run is still going.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    std::thread::sleep(std::time::Duration::from_millis(u64::from(nanos % 1000)));
+    std::thread::sleep(std::time::Duration::from_millis(u64::from(nanos) % (took_ms / 3).max(1)));
+    // The kill must cut the run short: a run that already ended proves nothing.
+    assert!(child.try_wait().unwrap().is_none() && !killed.join("summary.json").exists(), "the run ended before the kill");
     child.kill().unwrap(); // SIGKILL: no chance to save or clean up
     child.wait().unwrap();
 

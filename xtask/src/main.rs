@@ -9,6 +9,8 @@
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
 //! - `cargo xtask test`: the project's test command (all crates, all tests).
 //! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
+//! - `cargo xtask fuzz [--cases N] [--seed S]`: the recipe and CLI property test at a size beyond
+//!   CI's (N recipes run by the binary, 20 × N through validation; default 2000).
 
 use std::path::PathBuf;
 use std::process::{exit, Command};
@@ -43,7 +45,7 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|watch|translate|generate|eval|cache|bench|test|check-cuda> ...");
+        bail!("usage: cargo xtask <train|watch|translate|generate|eval|cache|bench|test|fuzz|check-cuda> ...");
     };
     match cmd.as_str() {
         "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" => {
@@ -66,12 +68,32 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["test", "--workspace", "--all-targets"]).args(rest);
             status(c)
         }
+        "fuzz" => {
+            let mut cases = "2000".to_string();
+            let mut seed = None;
+            let mut it = rest.iter();
+            while let Some(flag) = it.next() {
+                match flag.as_str() {
+                    "--cases" => cases = it.next().context("--cases needs a number")?.clone(),
+                    "--seed" => seed = Some(it.next().context("--seed needs a number")?.clone()),
+                    other => bail!("fuzz: unknown flag {other}; expected --cases N or --seed S"),
+                }
+            }
+            let n: usize = cases.parse().with_context(|| format!("--cases: expected a number, got {cases}"))?;
+            let mut c = cargo();
+            c.args(["test", "-p", "kiln", "--test", "recipe_fuzz", "--", "--nocapture", "--test-threads", "1"]);
+            c.env("KILN_FUZZ_CASES", n.to_string()).env("KILN_FUZZ_PARSE_CASES", (20 * n).to_string());
+            if let Some(s) = seed {
+                c.env("KILN_FUZZ_SEED", s);
+            }
+            status(c)
+        }
         "check-cuda" => {
             let mut c = cargo();
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, cache, bench, test or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, cache, bench, test, fuzz or check-cuda"),
     }
 }
 

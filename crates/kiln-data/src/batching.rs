@@ -79,7 +79,8 @@ pub fn plan_batches(lengths: &[(usize, usize)], settings: BatchSettings, shuffle
         Some(rng) => {
             order.shuffle(rng);
             let mean = lengths.iter().map(|&(s, t)| s.max(t)).sum::<usize>().max(1) / lengths.len().max(1);
-            ((settings.max_tokens.at(mean) / mean.max(1)).max(1) * settings.pool_batches).max(1)
+            // Saturating: a budget near the schema's limit times many batches is "all of them".
+            (settings.max_tokens.at(mean) / mean.max(1)).max(1).saturating_mul(settings.pool_batches).max(1)
         }
         None => order.len().max(1),
     };

@@ -50,6 +50,42 @@ impl CachedData {
     }
 }
 
+impl CachedData {
+    /// Checks what the bytes mean, not only that they are the bytes written: every token id is
+    /// inside the vocabulary (an id past it would index past the embedding table), each
+    /// evaluation split has one source and one reference per example, and no training pair is
+    /// longer than `max_len` (pairs corpora drop longer ones when preparing). One line on failure.
+    pub fn check_meaning(&self, vocab_size: usize, max_len: usize) -> Result<(), String> {
+        let out_of_vocab = |what: &str, ids: &[u32]| match ids.iter().find(|&&id| id as usize >= vocab_size) {
+            Some(id) => Err(format!("{what} holds token id {id}, past the tokenizer's vocabulary of {vocab_size}")),
+            None => Ok(()),
+        };
+        for (i, e) in self.train.iter().enumerate() {
+            out_of_vocab("the train split", &e.src)?;
+            out_of_vocab("the train split", &e.tgt)?;
+            if e.src.len() > max_len || e.tgt.len() > max_len {
+                return Err(format!("train pair {} has {} / {} tokens, past data.max_len = {max_len}", i + 1, e.src.len(), e.tgt.len()));
+            }
+        }
+        for (name, set) in [("valid", &self.valid), ("test", &self.test)] {
+            for e in &set.examples {
+                out_of_vocab(&format!("the {name} split"), &e.src)?;
+                out_of_vocab(&format!("the {name} split"), &e.tgt)?;
+            }
+            let n = set.examples.len();
+            if set.sources.len() != n || set.references.len() != n {
+                return Err(format!("the {name} split has {n} examples but {} sources and {} references", set.sources.len(), set.references.len()));
+            }
+        }
+        if let Some(t) = &self.text {
+            out_of_vocab("the train text", &t.train)?;
+            out_of_vocab("the valid text", &t.valid)?;
+            out_of_vocab("the test text", &t.test)?;
+        }
+        Ok(())
+    }
+}
+
 /// A 32-byte cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheKey(pub [u8; 32]);

@@ -89,11 +89,22 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
     let key = cache::key(recipe, resuming.then_some(run_tokenizer))?;
     let mut report = CacheReport::default();
     match cache::load(dir, &key) {
-        Ok(Some(c)) => {
+        Ok(Some(c)) => 'hit: {
             let path = cache::entry_path(dir, &key);
-            let tokenizer = SubwordTokenizer::from_json(&c.tokenizer_json, &path.display().to_string())?;
+            let tokenizer = match SubwordTokenizer::from_json(&c.tokenizer_json, &path.display().to_string()) {
+                Ok(t) => t,
+                Err(why) => {
+                    report.note = Some(format!("dataset cache: {why}; rebuilding it"));
+                    break 'hit;
+                }
+            };
+            // Text corpora keep no pairs, so the length bound only matters for pairs.
+            if let Err(why) = c.check_meaning(tokenizer.vocab_size(), recipe.data.max_len) {
+                report.note = Some(format!("dataset cache: {}: {why}; rebuilding it", path.display()));
+                break 'hit;
+            }
             if !resuming {
-                std::fs::write(run_tokenizer, &c.tokenizer_json)
+                kiln_events::write_atomic(run_tokenizer, c.tokenizer_json.as_bytes())
                     .map_err(|e| DataError::new(run_tokenizer.display().to_string(), format!("cannot write tokenizer: {e}")))?;
             }
             return Ok(Prepared {

@@ -36,6 +36,7 @@ impl SubwordTokenizer {
     /// words in a randomly seeded hash map and sums float scores in that order, so kiln counts the
     /// words itself (sorted) and calls the trainers directly, serially.
     pub fn train(settings: &TokenizerSection, texts: &[&str]) -> Result<Self, DataError> {
+        let vocab_size = u32::try_from(settings.vocab_size).map_err(|_| DataError::new("tokenizer.vocab_size", format!("expected at most {}, got {}", u32::MAX, settings.vocab_size)))?;
         let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
         let mut norms: Vec<NormalizerWrapper> = vec![NFKC.into()];
         if settings.lowercase {
@@ -67,7 +68,7 @@ impl SubwordTokenizer {
             TokenizerKind::Unigram => {
                 let trainer = UnigramTrainerBuilder::default()
                     .show_progress(false)
-                    .vocab_size(settings.vocab_size as u32)
+                    .vocab_size(vocab_size)
                     .special_tokens(specials)
                     .unk_token(Some("<unk>".into()))
                     .build()?;
@@ -133,8 +134,9 @@ impl SubwordTokenizer {
         Ok(Self { inner })
     }
 
+    /// Writes `tokenizer.json` atomically (a crash leaves the old file or the new one, never half).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
-        self.inner.save(path, false).map_err(|e| DataError::new(path.display().to_string(), format!("cannot write tokenizer: {e}")))
+        kiln_events::write_atomic(path, self.to_json().as_bytes()).map_err(|e| DataError::new(path.display().to_string(), format!("cannot write tokenizer: {e}")))
     }
 
     pub fn vocab_size(&self) -> usize {

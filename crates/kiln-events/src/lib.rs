@@ -319,25 +319,8 @@ impl EventSink for Fanout {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file (named for this process), an fsync and a
-/// rename, so readers never see half a file. Every run-directory file that is rewritten whole
-/// goes through here, whoever writes it (trainer, views, commands).
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = path.with_file_name(name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("{}: cannot write: {e}", path.display())
-    })
-}
+pub mod files;
+pub use files::{write_atomic, RunLock};
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,8 @@ fn eval_batches(set: &EvalSet, recipe: &Recipe, subset: usize) -> Vec<Vec<usize>
 /// Longest hypothesis for a source of `src_len` tokens (with `</s>`): `a × len + b`, capped by the
 /// model's positions.
 pub fn max_len_for(recipe: &Recipe, src_len: usize) -> usize {
-    ((recipe.eval.max_len_a * src_len as f64) as usize + recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
+    // `as` saturates a huge product at usize::MAX; the sum saturates too: both end at the cap.
+    ((recipe.eval.max_len_a * src_len as f64) as usize).saturating_add(recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
 }
 
 pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalFigures {

@@ -111,6 +111,56 @@ pub fn lm_config(recipe: &Recipe, vocab_size: usize) -> LmConfig {
     LmConfig { vocab_size, model: recipe.model.clone() }
 }
 
+/// About how many numbers a built-in model holds (parameters plus its position tables), from
+/// its recipe alone: counted in f64, so no size the schema accepts overflows. Used to refuse a
+/// model that cannot fit before any of it is allocated.
+pub fn model_size_estimate(recipe: &Recipe, vocab_size: usize) -> f64 {
+    let m = &recipe.model;
+    let (d, f, v, p) = (m.d_model as f64, m.d_ff as f64, vocab_size as f64, m.max_positions as f64);
+    let attention = 4.0 * d * d + 4.0 * d;
+    let feed_forward = 2.0 * d * f + d + f;
+    let norm = 2.0 * d;
+    let positions = match m.positions {
+        kiln_recipe::Positions::Learned | kiln_recipe::Positions::Sinusoidal => p * d,
+        kiln_recipe::Positions::Rotary => 2.0 * p * (d / m.n_heads as f64),
+    };
+    match m.family {
+        kiln_recipe::ModelFamily::Transformer => {
+            let encoder = m.encoder_layers as f64 * (attention + feed_forward + 2.0 * norm);
+            let decoder = m.decoder_layers as f64 * (2.0 * attention + feed_forward + 3.0 * norm);
+            let embeddings = v * d * if m.tie_embeddings { 1.0 } else { 3.0 } + v;
+            encoder + decoder + embeddings + 2.0 * positions
+        }
+        kiln_recipe::ModelFamily::Lm => {
+            let blocks = m.decoder_layers as f64 * (attention + feed_forward + 2.0 * norm);
+            let embeddings = v * d * if m.tie_embeddings { 1.0 } else { 2.0 } + v;
+            blocks + embeddings + positions
+        }
+    }
+}
+
+/// Refuses, in one line naming the model's keys, a model whose weights, gradients and AdamW
+/// moments (four f32 copies) alone exceed the device's memory (`capacity` bytes).
+pub fn check_model_fits(recipe: &Recipe, vocab_size: usize, capacity: u64, device: &str) -> anyhow::Result<()> {
+    let numbers = model_size_estimate(recipe, vocab_size);
+    let bytes = numbers * 4.0 * 4.0;
+    if bytes <= capacity as f64 {
+        return Ok(());
+    }
+    let m = &recipe.model;
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    anyhow::bail!(
+        "model: d_model = {}, d_ff = {}, {} + {} layers, max_positions = {} and a vocabulary of {vocab_size} make about {numbers:.3e} numbers, {:.1} GiB with gradients and optimizer state: more than the {:.1} GiB {device} has",
+        m.d_model,
+        m.d_ff,
+        m.encoder_layers,
+        m.decoder_layers,
+        m.max_positions,
+        gib(bytes),
+        gib(capacity as f64)
+    )
+}
+
 impl<B: Backend> TaskBatch<B> for DeviceBatch<B> {
     fn stats(&self) -> BatchStats {
         self.stats

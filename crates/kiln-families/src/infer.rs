@@ -47,9 +47,9 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     let tokenizer = SubwordTokenizer::load(&run_dir.join("tokenizer.json")).map_err(|e| anyhow!("{e}"))?;
     let dir = match checkpoint {
         Some(name) => {
-            let dir = checkpoint::checkpoints_dir(run_dir).join(name);
+            let dir = checkpoint::resolve(run_dir, name).map_err(|m| anyhow!("--checkpoint: {m}"))?;
             if !dir.is_dir() {
-                bail!("{}: no such checkpoint", dir.display());
+                bail!("--checkpoint: {}: no such checkpoint", dir.display());
             }
             dir
         }

@@ -236,6 +236,15 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
         &self.launch.recipe
     }
 
+    /// Refuses a model that cannot fit the device before it is allocated (where the device's
+    /// memory can be measured).
+    pub(crate) fn check_model_fits(&self, vocab_size: usize) -> Result<()> {
+        match &self.memory {
+            Some(meter) => family::check_model_fits(self.recipe(), vocab_size, meter.capacity(), &self.device_name),
+            None => Ok(()),
+        }
+    }
+
     /// Trains a family's task and model on its data: the probe where the recipe asks for it,
     /// then [`Trainer`].
     #[allow(clippy::too_many_arguments)] // a family's parts, each its own
@@ -294,6 +303,7 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
             .loader(recipe.loader.workers, recipe.loader.prefetch)
             .cpu_split(recipe.backend.cpu_split)
             .resume(launch.resume.clone())
+            .guard_run_file("tokenizer.json")
             .control(launch.control.clone())
             .replicas(replica_devices)
             .data_figures(kiln_events::DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: 0.0 });
@@ -334,10 +344,12 @@ pub fn resume_recipe(run_dir: &Path, overrides: &[kiln_recipe::Override]) -> Res
     Ok(Recipe::load(&path, overrides)?)
 }
 
-/// Runs `f` on the inference backend `spec` names (`backend.device` of the run, or an override).
+/// Runs `f` on the inference backend of a run (its `backend.device`), in the run's precision.
 macro_rules! on_backend {
-    ($spec:expr, $f:ident ( $($arg:expr),* )) => {{
-        match resolve_device($spec)?.choice {
+    ($run:expr, $f:ident ( $($arg:expr),* )) => {{
+        // The run's `train.precision`, as in training's validation, so figures agree with the log.
+        let _autocast = kiln_model::autocast::enter(compute_dtype($run.recipe.train.precision));
+        match resolve_device(&$run.recipe.backend.device)?.choice {
             DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
@@ -347,29 +359,72 @@ macro_rules! on_backend {
     }};
 }
 
+/// `--beam K`: at least 1, and at most the vocabulary (from the first step on, a wider beam can
+/// only hold duplicates; its tensors grow with K).
+fn check_beam(run: &infer::RunModel, beam: &kiln_model::seq2seq::BeamSettings) -> Result<()> {
+    let vocab = run.tokenizer.vocab_size();
+    if beam.beam == 0 || beam.beam > vocab {
+        bail!("--beam: expected an integer in [1, {vocab}] (the run's vocabulary), got {}", beam.beam);
+    }
+    Ok(())
+}
+
 /// Translates lines with a run's model (`kiln translate`).
 pub fn translate(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2seq::BeamSettings) -> Result<Vec<String>> {
-    on_backend!(&run.recipe.backend.device, translate_lines(run, lines, beam))
+    check_beam(run, &beam)?;
+    on_backend!(run, translate_lines(run, lines, beam))
 }
 
 /// Continues a prompt with a run's language model (`kiln generate`).
 pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampling::Sampling) -> Result<String> {
-    on_backend!(&run.recipe.backend.device, generate_text(run, prompt, sampling))
+    on_backend!(run, generate_text(run, prompt, sampling))
 }
 
 /// Evaluates a run's checkpoint on a split and writes `eval-<split>.json` (`kiln eval`).
 pub fn evaluate(run: &infer::RunModel, split: family::Split, beam: kiln_model::seq2seq::BeamSettings) -> Result<infer::EvalReport> {
-    on_backend!(&run.recipe.backend.device, evaluate_run(run, split, beam))
+    check_beam(run, &beam)?;
+    on_backend!(run, evaluate_run(run, split, beam))
 }
 
-/// Where `--resume RUN_DIR` continues: the newest checkpoint that passes its checksums (one line
-/// per checkpoint passed over is returned for the user). `metrics.jsonl` rows past that
-/// checkpoint's step (written before a crash) are dropped, so the log continues exactly as the
-/// resumed run does.
-pub fn prepare_resume(run_dir: &Path) -> Result<(PathBuf, Vec<String>)> {
-    let (dir, skipped) = checkpoint::resume_point(run_dir).map_err(|m| anyhow!(m))?;
-    let step = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?.step;
-    kiln_views::run_files::drop_rows_after(&run_dir.join("metrics.jsonl"), step).map_err(|m| anyhow!(m))?;
-    Ok((dir, skipped))
+/// Where `--resume RUN_DIR` continues, and the run directory made ready for it.
+#[derive(Debug)]
+pub struct ResumePoint {
+    /// The newest checkpoint that passes its checks; `None`: the run failed or was stopped before
+    /// its first checkpoint, and starts again from step 0 in place.
+    pub checkpoint: Option<PathBuf>,
+    /// One line per thing the user should know (checkpoints passed over, a torn log row cut).
+    pub notes: Vec<String>,
 }
 
+/// Where `--resume RUN_DIR` continues: the newest checkpoint that passes its checksums (one note
+/// per checkpoint passed over), or step 0 when the run never saved one. The log is made to match:
+/// a torn last row (a crash during a write) is cut, rows past the checkpoint's step (written
+/// before a crash) are dropped, and an earlier `summary.json` is set aside as
+/// `summary.superseded.json`, so the log continues exactly as the resumed run does and readers
+/// see a run in progress.
+pub fn prepare_resume(run_dir: &Path) -> Result<ResumePoint> {
+    let mut notes = Vec::new();
+    let never_saved = !rundir::holds_checkpoints(run_dir);
+    let (checkpoint, step) = if never_saved {
+        notes.push(format!("{}: no checkpoint yet; the run starts again from step 0 in place", run_dir.display()));
+        (None, 0)
+    } else {
+        let (dir, skipped) = checkpoint::resume_point(run_dir).map_err(|m| anyhow!(m))?;
+        notes.extend(skipped);
+        let step = checkpoint::read_state(&dir).map_err(|m| anyhow!(m))?.step;
+        (Some(dir), step)
+    };
+    let log = run_dir.join("metrics.jsonl");
+    let torn = kiln_events::files::cut_torn_tail(&log).map_err(|m| anyhow!(m))?;
+    if torn > 0 {
+        notes.push(format!("{}: cut a torn last row ({torn} bytes, written when the run was killed)", log.display()));
+    }
+    kiln_views::run_files::drop_rows_after(&log, step).map_err(|m| anyhow!(m))?;
+    let summary = run_dir.join("summary.json");
+    if summary.exists() {
+        let aside = run_dir.join("summary.superseded.json");
+        std::fs::rename(&summary, &aside).map_err(|e| anyhow!("{}: cannot set aside: {e}", summary.display()))?;
+        kiln_events::files::sync_dir(run_dir).map_err(|m| anyhow!(m))?;
+    }
+    Ok(ResumePoint { checkpoint, notes })
+}

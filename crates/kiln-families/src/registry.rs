@@ -50,6 +50,7 @@ impl Family for Translation {
     fn fit<B: AutodiffBackend>(run: FamilyRun<'_, B>, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
         let (data, recipe) = (Arc::clone(&run.data), run.recipe().clone());
         let vocab = data.tokenizer.vocab_size();
+        run.check_model_fits(vocab)?;
         let model = model_config(&recipe, vocab).init::<B>(&run.device);
         let lengths = autobatch::length_ranges(recipe.data.max_len + 2);
         let probe_batch = |len: usize, n: usize, device: &B::Device| {
@@ -78,6 +79,7 @@ impl Family for LanguageModel {
     fn fit<B: AutodiffBackend>(run: FamilyRun<'_, B>, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
         let (data, recipe) = (Arc::clone(&run.data), run.recipe().clone());
         let vocab = data.tokenizer.vocab_size();
+        run.check_model_fits(vocab)?;
         let model = lm_config(&recipe, vocab).init::<B>(&run.device);
         let probe_batch = |len: usize, n: usize, device: &B::Device| {
             let stream: Vec<u32> = (0..n * len + 1).map(|i| probe_token(vocab, i)).collect();

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use kiln_events::RunLock;
 use kiln_recipe::Recipe;
 
 /// `YYYY-MM-DDTHH-MM-SS` in UTC (no colons: safe in file names everywhere).
@@ -24,30 +25,50 @@ pub fn timestamp(now: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}-{:02}-{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Creates a new run directory (refusing one that already holds a run) and writes the resolved
-/// recipe into it. Returns the directory and whether this call created it.
-pub fn create(recipe: &Recipe, explicit: Option<&Path>) -> Result<(PathBuf, bool)> {
+/// Creates a new run directory, exclusively (a name another process created first is not
+/// shared: the timestamped default takes the next `-N`), takes its lock, refuses a directory that
+/// already holds a run with a checkpoint, and writes the resolved recipe into it. The lock is held while the
+/// returned [`RunLock`] lives.
+pub fn create(recipe: &Recipe, explicit: Option<&Path>) -> Result<(PathBuf, RunLock)> {
     let dir = match explicit {
-        Some(d) => d.to_path_buf(),
+        Some(d) => {
+            match std::fs::create_dir_all(kiln_events::files::parent_of(d)).and_then(|_| std::fs::create_dir(d)) {
+                Ok(()) => {}
+                // An existing directory may take a new run if it holds none (checked under the lock).
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && d.is_dir() => {}
+                Err(e) => bail!("{}: cannot create run directory: {e}", d.display()),
+            }
+            d.to_path_buf()
+        }
         None => {
             let base = Path::new("runs").join(&recipe.name);
+            std::fs::create_dir_all(&base).with_context(|| format!("{}: cannot create", base.display()))?;
             let stamp = timestamp(SystemTime::now());
-            let mut dir = base.join(&stamp);
             let mut n = 1;
-            while dir.exists() {
-                n += 1;
-                dir = base.join(format!("{stamp}-{n}"));
+            loop {
+                let dir = if n == 1 { base.join(&stamp) } else { base.join(format!("{stamp}-{n}")) };
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => break dir,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 10_000 => n += 1,
+                    Err(e) => bail!("{}: cannot create run directory: {e}", dir.display()),
+                }
             }
-            dir
         }
     };
-    if dir.join("recipe.toml").exists() {
+    let lock = RunLock::acquire(&dir).map_err(anyhow::Error::msg)?;
+    if holds_checkpoints(&dir) {
         bail!("{}: already holds a run; continue it with --resume {} or choose another --run-dir", dir.display(), dir.display());
     }
-    let created = !dir.exists();
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create run directory", dir.display()))?;
+    // A run that failed before its first checkpoint starts again in place: its log is kept and
+    // continues (the new `start` row follows the attempt's `error` row).
     kiln_events::write_atomic(&dir.join("recipe.toml"), recipe.to_toml().as_bytes()).map_err(anyhow::Error::msg)?;
-    Ok((dir, created))
+    Ok((dir, lock))
+}
+
+/// Whether a run directory holds a run that saved a checkpoint (what a new run must not overwrite
+/// and `--resume` continues).
+pub fn holds_checkpoints(dir: &Path) -> bool {
+    !kiln_train::checkpoint::list(dir).is_empty() || kiln_train::checkpoint::checkpoints_dir(dir).join("latest").exists()
 }
 
 #[cfg(test)]

@@ -537,6 +537,7 @@ impl Recipe {
         let mut recipe = Self::parse(&text, &path.display().to_string(), overrides)?;
         if recipe.name.is_empty() {
             recipe.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            plain_name(&recipe.name).map_err(|why| RecipeError { origin: path.display().to_string(), key: "name".into(), message: format!("{why} (from the file's name; set `name` in the recipe)") })?;
         }
         let base = path.parent().unwrap_or(Path::new("."));
         recipe.resolve_paths(base);
@@ -598,6 +599,12 @@ impl Recipe {
             let hi_s = if hi.is_infinite() { "inf".to_string() } else { hi.to_string() };
             Err((key.into(), format!("expected a number in {l}{lo}, {hi_s}{h}, got {v}")))
         }
+        fn at_most(key: &str, v: usize, max: usize, why: &str) -> Result<(), (String, String)> {
+            if v > max { Err((key.into(), format!("expected at most {max} ({why}), got {v}"))) } else { Ok(()) }
+        }
+        if !self.name.is_empty() {
+            plain_name(&self.name).map_err(|why| ("name".to_string(), why))?;
+        }
         let d = &self.data;
         if d.train.as_os_str().is_empty() {
             return Err(("data.train".into(), "expected a path to a TSV corpus, got nothing".into()));
@@ -610,6 +617,7 @@ impl Recipe {
         if t.path.as_os_str().is_empty() && t.vocab_size < 16 {
             return Err(("tokenizer.vocab_size".into(), format!("expected an integer >= 16, got {}", t.vocab_size)));
         }
+        at_most("tokenizer.vocab_size", t.vocab_size, MAX_VOCAB, "token ids are 32-bit signed integers in the model's tensors")?;
         in_range("tokenizer.sample_alpha", t.sample_alpha, 0.0, f64::INFINITY, false, true)?;
         in_range("tokenizer.bpe_dropout", t.bpe_dropout, 0.0, 1.0, false, true)?;
         if t.path.as_os_str().is_empty() {
@@ -676,8 +684,14 @@ impl Recipe {
             }
         }
         positive("loader.workers", self.loader.workers)?;
+        at_most("loader.workers", self.loader.workers, MAX_THREADS, "one thread each, started up front")?;
         positive("loader.prefetch", self.loader.prefetch)?;
+        at_most("loader.prefetch", self.loader.prefetch, MAX_PREFETCH, "the ready queue is allocated up front")?;
         positive("loader.batch_multiple", self.loader.batch_multiple)?;
+        // Every position a sequence can take must exist in the model: checked before any sum
+        // with max_len could overflow.
+        at_most("data.max_len", d.max_len, MAX_POSITIONS_LIMIT, "the model's positions are counted in 32-bit integers")?;
+        at_most("data.block_size", d.block_size, MAX_POSITIONS_LIMIT, "the model's positions are counted in 32-bit integers")?;
         if d.format == CorpusFormat::Pairs {
             if let Some(budget) = self.loader.max_tokens.at(d.max_len + 2).filter(|b| *b < d.max_len + 2) {
                 return Err((
@@ -695,6 +709,24 @@ impl Recipe {
         positive("model.d_ff", m.d_ff)?;
         positive("model.encoder_layers", m.encoder_layers)?;
         positive("model.decoder_layers", m.decoder_layers)?;
+        at_most("model.max_positions", m.max_positions, MAX_POSITIONS_LIMIT, "positions are counted in 32-bit integers")?;
+        match m.positions {
+            // Burn's sinusoids (burn-nn 0.21 `generate_sinusoids`) need an even width and at most
+            // as many positions as their time scale, 10,000.
+            Positions::Sinusoidal => {
+                if !m.d_model.is_multiple_of(2) {
+                    return Err(("model.d_model".into(), format!("expected an even width for model.positions = \"sinusoidal\", got {}", m.d_model)));
+                }
+                at_most("model.max_positions", m.max_positions, SINUSOID_POSITIONS, "Burn's sinusoidal encoding has a time scale of 10,000; use positions = \"learned\" for more")?;
+            }
+            // Rotary encoding turns pairs of each head's features (burn-nn 0.21 `RotaryEncodingConfig`).
+            Positions::Rotary => {
+                if !(m.d_model / m.n_heads).is_multiple_of(2) {
+                    return Err(("model.n_heads".into(), format!("expected heads of an even width for model.positions = \"rotary\", got d_model / n_heads = {} / {} = {}", m.d_model, m.n_heads, m.d_model / m.n_heads)));
+                }
+            }
+            Positions::Learned => {}
+        }
         in_range("model.dropout", m.dropout, 0.0, 1.0, false, true)?;
         if d.format == CorpusFormat::Pairs && m.max_positions < d.max_len + 2 {
             return Err((
@@ -704,6 +736,7 @@ impl Recipe {
         }
         let tr = &self.train;
         positive("train.epochs", tr.epochs)?;
+        at_most("train.epochs", tr.epochs, MAX_EPOCHS, "every epoch's batches are counted when a run starts")?;
         in_range("train.lr", tr.lr, 0.0, f64::INFINITY, true, true)?;
         in_range("train.min_lr", tr.min_lr, 0.0, tr.lr, false, false)?;
         in_range("train.weight_decay", tr.weight_decay, 0.0, f64::INFINITY, false, true)?;
@@ -715,6 +748,11 @@ impl Recipe {
         in_range("train.label_smoothing", tr.label_smoothing, 0.0, 1.0, false, true)?;
         positive("train.sync_interval", tr.sync_interval)?;
         in_range("train.nan_lr_factor", tr.nan_lr_factor, 0.0, 1.0, true, true)?;
+        at_most("backend.threads", self.backend.threads, MAX_THREADS, "one thread each, started up front")?;
+        at_most("backend.cpu_split", self.backend.cpu_split, MAX_THREADS, "one autodiff graph per part")?;
+        if self.backend.devices.len() > MAX_DEVICES {
+            return Err(("backend.devices".into(), format!("expected at most {MAX_DEVICES} devices (one replica thread each), got {}", self.backend.devices.len())));
+        }
         let dev = self.backend.device.as_str();
         let cuda_ok = dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
         if !(dev == "cpu" || dev == "auto" || cuda_ok) {
@@ -763,6 +801,28 @@ impl Recipe {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("a recipe always serialises")
     }
+}
+
+/// Bounds the code really has, each named where it is checked: token ids and positions are
+/// 32-bit signed integers in the model's `Int` tensors; threads and queues are made up front.
+pub const MAX_VOCAB: usize = i32::MAX as usize;
+pub const MAX_POSITIONS_LIMIT: usize = i32::MAX as usize - 2;
+pub const SINUSOID_POSITIONS: usize = 10_000;
+pub const MAX_THREADS: usize = 1024;
+pub const MAX_PREFETCH: usize = 65_536;
+pub const MAX_DEVICES: usize = 256;
+pub const MAX_EPOCHS: usize = 1_000_000;
+
+/// A name that is one plain path component (a recipe's `name` becomes `runs/<name>/`): not
+/// empty, no separators, not `.` or `..`, no control characters, not hidden.
+pub fn plain_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', ':'])
+        && !name.chars().any(char::is_control)
+        && name.trim() == name;
+    if plain { Ok(()) } else { Err(format!("expected a plain name (letters, digits, -, _, no path separators), got {name:?}")) }
 }
 
 /// The resume rule, stated once: the sections a resumed run may change, and the keys of those

@@ -292,7 +292,13 @@ pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>
     let host = HostStep::for_backend::<B>(cpu_split);
     let faults = Faults::default();
     let optim = crate::trainer::adamw::<B, T::Model>(train);
+    // A try that fails for another reason than memory ends the probe: that is a bug or a bad
+    // model, not a batch that does not fit.
+    let mut fatal: Option<String> = None;
     let mut try_size = |len: usize, n: usize| -> Outcome {
+        if let Some(why) = &fatal {
+            return Err(why.clone());
+        }
         let batch = make_batch(len, n);
         meter.reset();
         let previous_hook = std::panic::take_hook();
@@ -309,17 +315,45 @@ pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>
         std::panic::set_hook(previous_hook);
         match ran {
             Ok(()) => Ok(meter.peak()),
-            Err(panic) => Err(panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the step failed".into())),
+            Err(panic) => {
+                let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the step failed".into());
+                if !is_allocation_failure(&why) {
+                    fatal = Some(format!("a probe step of {n} × {len} tokens failed, not for memory: {}", why.split_whitespace().collect::<Vec<_>>().join(" ")));
+                }
+                Err(why)
+            }
         }
     };
-    let (rows, probes) = plan(lengths, limit, cap, &mut try_size).map_err(|e| format!("loader.max_tokens = \"auto\": {e} on {device_name}"))?;
+    let planned = plan(lengths, limit, cap, &mut try_size);
+    if let Some(why) = fatal {
+        return Err(format!("loader.max_tokens = \"auto\": {why} on {device_name}"));
+    }
+    let (rows, probes) = planned.map_err(|e| format!("loader.max_tokens = \"auto\": {e} on {device_name}"))?;
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     Ok(Table { rows, device: device_name.to_string(), capacity_mb: mib(capacity), limit_mb: mib(limit), cap_tokens: cap, probes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Whether a failed step's message is an allocation failure: CubeCL's out-of-memory launch error
+/// and buffer error (cubecl-runtime 0.10 `LaunchError::OutOfMemory`, `IoError::BufferTooBig`),
+/// the CUDA driver's, and Rust's capacity overflow. Anything else is not "does not fit".
+pub fn is_allocation_failure(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    ["out-of-memory", "out of memory", "outofmemory", "can't allocate", "allocation error", "capacity overflow", "memory allocation of"].iter().any(|p| m.contains(p))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_allocation_failures_count_as_not_fitting() {
+        assert!(is_allocation_failure("An out-of-memory error happened during launch\nCaused by: ..."));
+        assert!(is_allocation_failure("can't allocate buffer of size: 123"));
+        assert!(is_allocation_failure("CUDA allocation error: CUDA_ERROR_OUT_OF_MEMORY"));
+        assert!(is_allocation_failure("capacity overflow"));
+        assert!(!is_allocation_failure("index out of bounds: the len is 3 but the index is 7"));
+        assert!(!is_allocation_failure("d_model(16) of the input must be equal to d_model of encoding(32)"));
+    }
 
     const MB: u64 = 1 << 20;
 

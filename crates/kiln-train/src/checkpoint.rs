@@ -18,8 +18,10 @@ use serde::{Deserialize, Serialize};
 
 pub const STATE_FORMAT: u32 = 1;
 
-/// Where training stands; enough to continue exactly.
+/// Where training stands; enough to continue exactly. Unknown fields are refused, so a damaged
+/// field name is caught like a damaged value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TrainState {
     pub format: u32,
     /// Optimizer steps done.
@@ -57,6 +59,14 @@ pub struct TrainState {
     pub skipped_steps: usize,
     #[serde(default)]
     pub rollbacks: usize,
+    /// BLAKE3 (hex) of run files the checkpoint depends on (`tokenizer.json`), by name under
+    /// the run directory: a file changed since the save is refused before the checkpoint is used.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub run_files: std::collections::BTreeMap<String, String>,
+    /// BLAKE3 (hex) of the state itself (every other field, as canonical JSON): a changed digit
+    /// anywhere in `state.json` is caught before the state is used. Absent in older checkpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<String>,
 }
 
 fn one() -> f64 {
@@ -84,8 +94,106 @@ impl Default for TrainState {
             lr_scale: 1.0,
             skipped_steps: 0,
             rollbacks: 0,
+            run_files: Default::default(),
+            integrity: None,
         }
     }
+}
+
+impl TrainState {
+    /// The state's digest: BLAKE3 of its canonical JSON (keys sorted, `integrity` left out).
+    pub fn digest(&self) -> String {
+        let mut state = self.clone();
+        state.integrity = None;
+        let value = serde_json::to_value(&state).expect("state serialises");
+        blake3::hash(&serde_json::to_vec(&value).expect("state serialises")).to_hex().to_string()
+    }
+
+    /// The state with its digest, as written.
+    pub fn sealed(&self) -> TrainState {
+        TrainState { integrity: Some(self.digest()), ..self.clone() }
+    }
+
+    /// Checks the fields against each other and against the checkpoint's name, before anything
+    /// uses them; the first field that cannot be right is named.
+    pub fn check_fields(&self, dir: &Path) -> Result<(), String> {
+        let path = dir.join("state.json");
+        let bad = |field: &str, why: String| Err(format!("{}: `{field}` {why}", path.display()));
+        if let Some(step) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|n| n.parse::<usize>().ok()) {
+            if step != self.step {
+                return bad("step", format!("is {}, but the checkpoint is {}", self.step, dir.file_name().unwrap_or_default().to_string_lossy()));
+            }
+        }
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        if !finite_nonneg(self.epoch_loss_sum) {
+            return bad("epoch_loss_sum", format!("is {}, expected a finite sum >= 0", self.epoch_loss_sum));
+        }
+        if self.epoch_tokens > self.total_tokens {
+            return bad("epoch_tokens", format!("is {}, more than total_tokens = {}", self.epoch_tokens, self.total_tokens));
+        }
+        if self.batch_in_epoch == 0 && (self.epoch_tokens != 0 || self.epoch_loss_sum != 0.0) {
+            return bad("epoch_tokens", "counts tokens of an epoch that has not started (batch_in_epoch = 0)".into());
+        }
+        if self.last_epoch_loss.is_some_and(|l| !finite_nonneg(l)) {
+            return bad("last_epoch_loss", "is not a finite loss >= 0".into());
+        }
+        if !finite_nonneg(self.wall_s) {
+            return bad("wall_s", format!("is {}, expected finite seconds >= 0", self.wall_s));
+        }
+        let s = &self.sync;
+        if !(finite_nonneg(s.total_ms) && finite_nonneg(s.max_ms)) || (s.count == 0 && s.total_ms > 0.0) {
+            return bad("sync", "holds impossible read times".into());
+        }
+        if !(self.lr_scale.is_finite() && self.lr_scale > 0.0 && self.lr_scale <= 1.0) {
+            return bad("lr_scale", format!("is {}, expected a factor in (0, 1]", self.lr_scale));
+        }
+        if self.skipped_steps > self.step {
+            return bad("skipped_steps", format!("is {}, more than the {} steps done", self.skipped_steps, self.step));
+        }
+        if let Some((name, loss)) = &self.best {
+            plain_checkpoint_name(name).map_err(|why| format!("{}: `best` {why}", path.display()))?;
+            if !loss.is_finite() {
+                return bad("best", "holds a non-finite loss".into());
+            }
+        }
+        if let Some(v) = &self.last_valid {
+            if v.step > self.step || !v.loss.is_finite() {
+                return bad("last_valid", format!("is at step {} with loss {}, for a checkpoint at step {}", v.step, v.loss, self.step));
+            }
+        }
+        for (name, hash) in &self.run_files {
+            if plain_checkpoint_name(name).is_err() || hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad("run_files", format!("holds {name:?} = {hash:?}, not a run file's BLAKE3 hash"));
+            }
+        }
+        for (name, hash) in &self.files {
+            if plain_checkpoint_name(name).is_err() || name == "state.json" {
+                return bad("files", format!("names {name:?}, not a file of this checkpoint"));
+            }
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad("files", format!("holds {hash:?} for {name}, not a BLAKE3 hash"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint's name (from `checkpoints/latest`, `checkpoints/best`, `--checkpoint`, a state's
+/// `best`): one plain path component, so that it resolves inside the run's `checkpoints/`.
+pub fn plain_checkpoint_name(name: &str) -> Result<(), String> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\\', '\0'])
+        && !name.chars().any(char::is_control)
+        && Path::new(name).components().count() == 1;
+    if plain { Ok(()) } else { Err(format!("{name:?} is not a checkpoint name (expected a plain name such as step-0001000 inside checkpoints/)")) }
+}
+
+/// `checkpoints/<name>` of a run, refusing names that would resolve elsewhere.
+pub fn named(run_dir: &Path, name: &str) -> Result<PathBuf, String> {
+    plain_checkpoint_name(name).map_err(|why| format!("{}: {why}", checkpoints_dir(run_dir).display()))?;
+    Ok(checkpoints_dir(run_dir).join(name))
 }
 
 /// What a checkpoint's weights fit: the model section (minus training-only keys) and the vocabulary.
@@ -128,12 +236,26 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// `checkpoints/<name>`, where `latest` and `best` follow their pointer files; every name is
+/// confined to the run's `checkpoints/` ([`plain_checkpoint_name`]).
+pub fn resolve(run_dir: &Path, name: &str) -> Result<PathBuf, String> {
+    match name {
+        "latest" => latest(run_dir)?.ok_or_else(|| format!("{}: the run has no checkpoint yet", checkpoints_dir(run_dir).display())),
+        "best" => {
+            let pointer = checkpoints_dir(run_dir).join("best");
+            let text = std::fs::read_to_string(&pointer).map_err(|e| format!("{}: {e}", pointer.display()))?;
+            named(run_dir, text.trim()).map_err(|why| format!("{}: {why}", pointer.display()))
+        }
+        _ => named(run_dir, name),
+    }
+}
+
 /// The checkpoint `checkpoints/latest` names, if any.
 pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, String> {
     let pointer = checkpoints_dir(run_dir).join("latest");
     match std::fs::read_to_string(&pointer) {
         Ok(name) => {
-            let dir = checkpoints_dir(run_dir).join(name.trim());
+            let dir = named(run_dir, name.trim()).map_err(|why| format!("{}: {why}", pointer.display()))?;
             if dir.is_dir() {
                 Ok(Some(dir))
             } else {
@@ -152,6 +274,12 @@ pub fn read_state(dir: &Path) -> Result<TrainState, String> {
     if state.format != STATE_FORMAT {
         return Err(format!("{}: state format {} (this kiln reads {STATE_FORMAT})", path.display(), state.format));
     }
+    if let Some(recorded) = &state.integrity {
+        if *recorded != state.digest() {
+            return Err(format!("{}: integrity check failed (the state was changed or damaged)", path.display()));
+        }
+    }
+    state.check_fields(dir)?;
     Ok(state)
 }
 
@@ -165,20 +293,30 @@ pub fn save(
 ) -> Result<PathBuf, String> {
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: cannot create: {e}", root.display()))?;
-    let tmp = root.join(format!(".{name}.tmp"));
+    // Named for this process; any other temporary checkpoint is a killed process's (the run's
+    // lock lets one process write here), left half-written, and goes.
+    let tmp = root.join(format!(".{name}.{}.tmp", std::process::id()));
     let dest = root.join(name);
-    let _ = std::fs::remove_dir_all(&tmp);
+    for stale in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let file = stale.file_name().to_string_lossy().into_owned();
+        if file.starts_with('.') && file.ends_with(".tmp") {
+            let _ = std::fs::remove_dir_all(stale.path());
+        }
+    }
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: cannot create: {e}", tmp.display()))?;
     let result = (|| {
         write_files(&tmp)?;
         let mut state = state.clone();
         state.files = hash_files(&tmp)?;
+        let state = state.sealed();
         let state_text = serde_json::to_string_pretty(&state).expect("state serialises");
         kiln_events::write_atomic(&tmp.join("state.json"), state_text.as_bytes())?;
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(|e| format!("{}: cannot replace: {e}", dest.display()))?;
         }
         std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: cannot rename into place: {e}", dest.display()))?;
+        // The checkpoint's name is durable before `latest` names it.
+        kiln_events::files::sync_dir(&root)?;
         kiln_events::write_atomic(&root.join("latest"), name.as_bytes())?;
         if let Some((best, _)) = &state.best {
             kiln_events::write_atomic(&root.join("best"), best.as_bytes())?;
@@ -217,7 +355,29 @@ pub fn verify(dir: &Path) -> Result<TrainState, String> {
             return Err(format!("{}: checksum mismatch (corrupted or truncated)", path.display()));
         }
     }
+    // checkpoints/<name>/ lives two levels under the run directory.
+    if let Some(run_dir) = dir.parent().and_then(Path::parent) {
+        for (name, expected) in &state.run_files {
+            let path = run_dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            if blake3::hash(&bytes).to_hex().as_str() != expected {
+                return Err(format!("{}: checksum mismatch with checkpoint {} (changed or damaged since it was saved)", path.display(), dir.file_name().unwrap_or_default().to_string_lossy()));
+            }
+        }
+    }
     Ok(state)
+}
+
+/// BLAKE3 of the run files `names` (under `run_dir`), for a checkpoint's state.
+pub fn hash_run_files(run_dir: &Path, names: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let path = run_dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            Ok((name.clone(), blake3::hash(&bytes).to_hex().to_string()))
+        })
+        .collect()
 }
 
 /// Checkpoint directories `step-NNNNNNN` with their steps, newest first.
@@ -323,6 +483,32 @@ mod tests {
         assert_eq!(list(run).len(), 3, "keep = 0 keeps all");
     }
 
+    #[test]
+    fn impossible_fields_are_named_before_use() {
+        let dir = Path::new("/runs/x/checkpoints/step-0000040");
+        let ok = TrainState { step: 40, epoch: 1, batch_in_epoch: 2, epoch_tokens: 10, total_tokens: 100, epoch_loss_sum: 3.0, ..Default::default() };
+        assert_eq!(ok.check_fields(dir), Ok(()));
+        let cases: Vec<(&str, TrainState)> = vec![
+            ("`step` is 41", TrainState { step: 41, ..ok.clone() }),
+            ("`epoch_tokens`", TrainState { epoch_tokens: 101, ..ok.clone() }),
+            ("`epoch_tokens`", TrainState { batch_in_epoch: 0, ..ok.clone() }),
+            ("`epoch_loss_sum`", TrainState { epoch_loss_sum: f64::NAN, ..ok.clone() }),
+            ("`lr_scale`", TrainState { lr_scale: 2.0, ..ok.clone() }),
+            ("`skipped_steps`", TrainState { skipped_steps: 41, ..ok.clone() }),
+            ("`best`", TrainState { best: Some(("../../elsewhere".into(), 1.0)), ..ok.clone() }),
+            ("`files`", TrainState { files: [("../model.mpk".to_string(), "0".repeat(64))].into(), ..ok.clone() }),
+            ("`run_files`", TrainState { run_files: [("tokenizer.json".to_string(), "not a hash".to_string())].into(), ..ok.clone() }),
+        ];
+        for (field, state) in cases {
+            let err = state.check_fields(dir).unwrap_err();
+            assert!(err.contains(field) && err.contains("state.json"), "{field}: {err}");
+        }
+        for name in ["", ".", "..", "../x", "a/b", ".hidden", "a\\b"] {
+            assert!(plain_checkpoint_name(name).is_err(), "{name:?}");
+        }
+        assert!(plain_checkpoint_name("step-0000040").is_ok());
+    }
+
     /// Fuzzing the checkpoint readers: `state.json` mutated at random, and weight files truncated
     /// or altered under hashes that match (as if state.json were rewritten with them), loaded by
     /// Burn's recorder into a real model. Never a panic: an error, or a state that is whole.
@@ -334,9 +520,26 @@ mod tests {
 
         type B = burn::backend::Flex;
 
+        fn original() -> TrainState {
+            TrainState { step: 40, epoch: 1, batch_in_epoch: 3, epoch_loss_sum: 0.1 + 0.2, epoch_tokens: 77, total_tokens: 1234, best: Some(("step-0000040".into(), 2.5)), ..Default::default() }.sealed()
+        }
+
         fn saved_state() -> String {
-            let state = TrainState { step: 40, epoch: 1, best: Some(("step-0000040".into(), 2.5)), ..Default::default() };
-            serde_json::to_string_pretty(&state).unwrap()
+            serde_json::to_string_pretty(&original()).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+            /// Whatever floats a state holds, its digest recomputes after a round trip through
+            /// its file (serde_json's `float_roundtrip` reads back the float written).
+            #[test]
+            fn sealed_states_read_back_whole(sum in 0.0f64..1e12, wall in 0.0f64..1e9, scale in 1e-9f64..=1.0, tokens in 0u64..1u64 << 40) {
+                let state = TrainState { step: 7, batch_in_epoch: 7, epoch_loss_sum: sum, wall_s: wall, lr_scale: scale, epoch_tokens: tokens, total_tokens: tokens, ..Default::default() }.sealed();
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join("state.json"), serde_json::to_string_pretty(&state).unwrap()).unwrap();
+                prop_assert_eq!(read_state(dir.path()), Ok(state));
+            }
         }
 
         proptest! {
@@ -351,8 +554,10 @@ mod tests {
                 }
                 let dir = tempfile::tempdir().unwrap();
                 std::fs::write(dir.path().join("state.json"), text.into_iter().collect::<String>()).unwrap();
+                // Accepted only when nothing of meaning changed (white space, say): a changed
+                // digit, name or value fails the integrity check or the field checks.
                 match read_state(dir.path()) {
-                    Ok(state) => prop_assert_eq!(state.format, STATE_FORMAT),
+                    Ok(state) => prop_assert_eq!(state, original()),
                     Err(e) => prop_assert!(e.contains("state.json") && !e.contains('\n'), "{}", e),
                 }
             }

@@ -249,16 +249,28 @@ pub(crate) fn apply_step<B: AutodiffBackend, M: AutodiffModule<B> + Clone>(
 pub struct Faults {
     pub nonfinite_steps: Vec<usize>,
     pub overflow_steps: Vec<usize>,
+    /// A pause (ms) in the middle of each checkpoint write, after the weights and before the
+    /// state: a window in which a test kills the process during a save.
+    pub pause_in_save_ms: u64,
+    /// A pause (ms) at the start of each validation: a window in which a test signals the
+    /// process during an evaluation.
+    pub pause_in_eval_ms: u64,
 }
 
 impl Faults {
-    /// `KILN_TEST_NONFINITE_STEPS=3,7` and `KILN_TEST_OVERFLOW_STEPS=5`, read only in builds with
+    /// `KILN_TEST_NONFINITE_STEPS=3,7`, `KILN_TEST_OVERFLOW_STEPS=5`, `KILN_TEST_PAUSE_IN_SAVE_MS=500` and `KILN_TEST_PAUSE_IN_EVAL_MS=500`, read only in builds with
     /// the `test-hooks` feature (the CLI tests build with it); release builds ignore them.
     pub fn from_env() -> Self {
         #[cfg(feature = "test-hooks")]
         {
             let steps = |name: &str| std::env::var(name).map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect()).unwrap_or_default();
-            Self { nonfinite_steps: steps("KILN_TEST_NONFINITE_STEPS"), overflow_steps: steps("KILN_TEST_OVERFLOW_STEPS") }
+            let ms = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+            Self {
+                nonfinite_steps: steps("KILN_TEST_NONFINITE_STEPS"),
+                overflow_steps: steps("KILN_TEST_OVERFLOW_STEPS"),
+                pause_in_save_ms: ms("KILN_TEST_PAUSE_IN_SAVE_MS"),
+                pause_in_eval_ms: ms("KILN_TEST_PAUSE_IN_EVAL_MS"),
+            }
         }
         #[cfg(not(feature = "test-hooks"))]
         Self::default()

@@ -122,6 +122,7 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     step_times: Option<StepTimes>,
     data_figures: DataFigures,
     faults: Faults,
+    guarded: Vec<String>,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
@@ -145,6 +146,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             step_times: None,
             data_figures: DataFigures { cache_hit: false, prepare_s: 0.0, padding_pct: 0.0 },
             faults: Faults::from_env(),
+            guarded: Vec::new(),
         }
     }
 
@@ -198,6 +200,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// On the CPU, the parts each batch is cut into by rows (`backend.cpu_split`, 0 = one per thread).
     pub fn cpu_split(mut self, parts: usize) -> Self {
         self.cpu_split = parts;
+        self
+    }
+
+    /// A file of the run directory (by name, e.g. `tokenizer.json`) that the run depends on and
+    /// never rewrites: each checkpoint records its BLAKE3, and resuming (or loading the
+    /// checkpoint anywhere) refuses a file that changed since.
+    pub fn guard_run_file(mut self, name: impl Into<String>) -> Self {
+        self.guarded.push(name.into());
         self
     }
 
@@ -371,6 +381,8 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     pub step_times: Option<StepTimes>,
     pub data_figures: DataFigures,
     pub faults: Faults,
+    /// Run files each checkpoint records the hash of ([`Trainer::guard_run_file`]).
+    pub guarded: Vec<String>,
     pub metric_defs: Vec<MetricDef>,
     pub workers: usize,
     pub prefetch: usize,
@@ -398,25 +410,85 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     pub stopped: bool,
 }
 
+/// The state to resume from: `asked`'s when it is whole (read by [`checkpoint::read_state`]:
+/// integrity and fields) and its position fits this run (`fits`); else the newest other
+/// checkpoint of the run that passes every check, with a note saying what was passed over.
+fn resume_checkpoint(asked: &Path, run_dir: &Path, fits: impl Fn(&TrainState) -> Result<(), String>, notes: &mut Vec<String>) -> Result<(PathBuf, TrainState)> {
+    let whole = |dir: &Path| checkpoint::verify(dir).and_then(|state| fits(&state).map(|_| state));
+    let first_why = match whole(asked) {
+        Ok(state) => return Ok((asked.to_path_buf(), state)),
+        Err(why) => why,
+    };
+    let others = checkpoint::list(run_dir).into_iter().map(|(_, dir)| dir).filter(|dir| dir != asked);
+    let mut passed = vec![first_why];
+    for dir in others {
+        match whole(&dir) {
+            Ok(state) => {
+                notes.extend(passed.into_iter().map(|why| format!("{why}; passing over this checkpoint")));
+                notes.push(format!("resuming from {} instead", dir.display()));
+                return Ok((dir, state));
+            }
+            Err(why) => passed.push(why),
+        }
+    }
+    Err(anyhow!("{}: no intact checkpoint to resume from ({})", checkpoint::checkpoints_dir(run_dir).display(), passed.join("; ")))
+}
+
+/// Checks a saved data position against this run's data: the batch inside its epoch, and the
+/// step count those batches make (`per_step` batches per step; every step, skipped or not,
+/// consumed its batches). A position that does not fit would skip or repeat data silently.
+fn check_position<B: Backend, D: TrainData<B>>(state: &TrainState, data: &D, per_step: usize, epoch_steps: &[usize]) -> Result<(), String> {
+    let known: usize = epoch_steps.iter().sum();
+    if state.epoch >= epoch_steps.len() {
+        // A run past this recipe's last epoch (resumed with fewer `train.epochs`): nothing is left
+        // to train, so only what can be counted is checked.
+        if state.batch_in_epoch != 0 || (state.epoch == epoch_steps.len() && state.step != known) || state.step < known {
+            return Err(format!("state.json: `step` {} at epoch {}, batch {} does not fit the {} epochs ({known} steps) of this run", state.step, state.epoch + 1, state.batch_in_epoch, epoch_steps.len()));
+        }
+        return Ok(());
+    }
+    let batches = data.batches(state.epoch);
+    if state.batch_in_epoch > batches {
+        return Err(format!("state.json: `batch_in_epoch` is {}, but epoch {} has {batches} batches", state.batch_in_epoch, state.epoch + 1));
+    }
+    let expected = epoch_steps[..state.epoch].iter().sum::<usize>() + state.batch_in_epoch.div_ceil(per_step);
+    if expected != state.step {
+        return Err(format!("state.json: `step` is {}, but {} epochs and {} batches of this run make {expected} steps", state.step, state.epoch, state.batch_in_epoch));
+    }
+    Ok(())
+}
+
 impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'a, B, T, D> {
     /// Creates the parameters, the optimizer and the state (fresh or from the checkpoint to
     /// resume), counts the run's steps and announces the run.
     fn start(trainer: Trainer<B, T>, data: &'a D, sink: &'a mut (dyn EventSink + Send)) -> Result<Self> {
-        let Trainer { task, mut model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults } = trainer;
+        let Trainer { task, mut model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded } = trainer;
         // Initialisation is the first use of the seed, so a model starts the same whatever
         // happened before.
         B::seed(&device, tr.seed);
         create_params(&model);
         let mut optim = adamw::<B, T::Model>(&tr);
 
+        // Steps per epoch, counted up front (the schedule needs the exact total); each epoch's
+        // batches are made again when the epoch starts (a pure function of the epoch).
+        let per_step = tr.accumulate.max(1).saturating_mul(replica_devices.len() + 1);
+        let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| data.batches(e).div_ceil(per_step)).collect();
+        let mut total_steps: usize = epoch_steps.iter().sum();
+        if tr.max_steps > 0 {
+            total_steps = total_steps.min(tr.max_steps);
+        }
+
         let architecture = task.architecture();
         let mut state = TrainState { format: STATE_FORMAT, architecture: architecture.clone(), ..Default::default() };
-        if let Some(dir) = &resume_from {
-            state = checkpoint::read_state(dir).map_err(|m| anyhow!(m))?;
+        let mut resume_notes = Vec::new();
+        if let Some(asked) = &resume_from {
+            let (dir, saved) = resume_checkpoint(asked, &run_dir, |state| check_position(state, data, per_step, &epoch_steps), &mut resume_notes)?;
+            state = saved;
             if let Some(expected) = &architecture {
-                checkpoint::check_architecture(dir, &state, expected).map_err(|m| anyhow!(m))?;
+                checkpoint::check_architecture(&dir, &state, expected).map_err(|m| anyhow!(m))?;
             }
             state.architecture = architecture;
+            state.integrity = None;
             model = checkpoint::load_weights(model, &dir.join("model"), &device)?;
             let optim_path = dir.join("optimizer");
             let record = FileRecorder::new()
@@ -425,14 +497,6 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             optim = optim.load_record(record);
         }
 
-        // Steps per epoch, counted up front (the schedule needs the exact total); each epoch's
-        // batches are made again when the epoch starts (a pure function of the epoch).
-        let per_step = tr.accumulate.max(1) * (replica_devices.len() + 1);
-        let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| data.batches(e).div_ceil(per_step)).collect();
-        let mut total_steps: usize = epoch_steps.iter().sum();
-        if tr.max_steps > 0 {
-            total_steps = total_steps.min(tr.max_steps);
-        }
         let schedule = LrSchedule::new(&tr, total_steps);
         let info = task.info();
         sink.emit(&Event::RunStarted(RunInfo {
@@ -453,6 +517,14 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             prefetch: prefetch.max(workers).div_ceil(workers) * workers,
         }))
         .map_err(|m| anyhow!(m))?;
+        let fell_back = !resume_notes.is_empty();
+        for note in resume_notes {
+            sink.emit(&Event::Note(note)).map_err(|m| anyhow!(m))?;
+        }
+        if fell_back {
+            // The log was cut at the checkpoint first asked for; rows past this one go too.
+            sink.emit(&Event::Rollback { step: state.step }).map_err(|m| anyhow!(m))?;
+        }
         if resume_from.is_some() {
             sink.emit(&Event::Note(format!("resumed at step {}, epoch {}, batch {}", state.step, state.epoch + 1, state.batch_in_epoch))).map_err(|m| anyhow!(m))?;
         }
@@ -482,6 +554,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             step_times,
             data_figures,
             faults,
+            guarded,
             workers,
             prefetch,
             learner: Learner::new(model, optim),
@@ -553,7 +626,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                     self.window_start = Some(WindowStart::at(&self.learner, self.state.step));
                 }
             }
-            let group = (self.tr.accumulate.max(1) * self.replicas()).min(batches - pos);
+            let group = self.tr.accumulate.max(1).saturating_mul(self.replicas()).min(batches - pos);
             let step_batches: Vec<T::Batch> = (0..group).map(|_| self.loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
             self.train_step(step_batches);
             pos += group;
@@ -771,6 +844,9 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     }
 
     fn validate(&mut self, epoch: usize) -> Result<()> {
+        if self.faults.pause_in_eval_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.faults.pause_in_eval_ms));
+        }
         let Some(valid) = self.task.evaluate(&self.learner.model().valid(), Split::Valid, &self.device) else {
             return Ok(());
         };
@@ -791,6 +867,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             }
         }
         let (model, optim) = (self.learner.model(), self.learner.optim());
+        let pause_in_save_ms = self.faults.pause_in_save_ms;
+        state.run_files = checkpoint::hash_run_files(&self.run_dir, &self.guarded).map_err(|m| anyhow!(m))?;
         let path = checkpoint::save(&self.run_dir, &name, state, |dir| {
             // Serialised in memory, written by us: a failed write (a full disk) then reports the
             // operating system's reason, which Burn's file recorder would hide.
@@ -801,6 +879,9 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 std::fs::write(&path, bytes).map_err(|e| format!("{}: cannot write: {e}", path.display()))
             };
             write("model.mpk", Recorder::<B>::record(&bytes, model.clone().into_record(), ()))?;
+            if pause_in_save_ms > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(pause_in_save_ms));
+            }
             write("optimizer.mpk", Recorder::<B>::record(&bytes, Optimizer::<T::Model, B>::to_record(optim), ()))
         })
         .map_err(|m| anyhow!(m))?;

@@ -247,7 +247,7 @@ fn stopped_and_resumed_run_ends_bit_identical_to_an_unbroken_one() {
 #[test]
 fn each_on_nan_mode_does_what_it_says() {
     let _turn = one_at_a_time();
-    let faults = Faults { nonfinite_steps: vec![7], overflow_steps: Vec::new() };
+    let faults = Faults { nonfinite_steps: vec![7], ..Default::default() };
     let run = |mode: OnNan| {
         let dir = tempfile::tempdir().unwrap();
         let train = TrainSection { on_nan: mode, save_every_steps: 4, ..settings(3) };

@@ -65,7 +65,7 @@ fn draw(path: &Path, caption: &str, y_label: &str, series: &[Series<'_>]) -> Res
     }
     let pad = ((y_max - y_min) * 0.05).max(1e-6);
     let (y_min, y_max) = ((y_min - pad).max(if y_min >= 0.0 { 0.0 } else { f64::NEG_INFINITY }), y_max + pad);
-    let tmp = path.with_file_name(format!(".{}.tmp.png", path.file_stem().unwrap_or_default().to_string_lossy()));
+    let tmp = path.with_file_name(format!(".{}.{}.tmp.png", path.file_stem().unwrap_or_default().to_string_lossy(), std::process::id()));
     {
         let root = BitMapBackend::new(&tmp, (960, 540)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;

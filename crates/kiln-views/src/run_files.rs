@@ -2,12 +2,11 @@
 //! per line so a live run can be followed) and `summary.json` (written atomically at the end).
 //!
 //! Rows of `metrics.jsonl` by `"kind"`: `start` (the run's facts, once per process), `train` (a
-//! sync window), `valid` (a validation), `data` (how the data was prepared), `note` (`{"text":…}`), `checkpoint`, `rollback` (`{"step":…}`: training went back to that step's
+//! sync window), `valid` (a validation), `data` (how the data was prepared), `note` (`{"text":…}`), `checkpoint`, `error` (`{"text":…}`: why an attempt failed), `rollback` (`{"step":…}`: training went back to that step's
 //! checkpoint; the rows past it were removed). Readers skip kinds
 //! they do not know.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_events::{Event, EventSink};
@@ -39,9 +38,20 @@ impl RunFiles {
 
     fn line<T: Serialize>(&mut self, kind: &'static str, row: &T) -> Result<(), String> {
         let text = serde_json::to_string(&Tagged { kind, row }).expect("rows serialise");
-        writeln!(self.metrics, "{text}")
-            .and_then(|_| self.metrics.flush())
-            .map_err(|e| format!("{}: cannot write: {e}", self.dir.join("metrics.jsonl").display()))
+        kiln_events::files::append_row(&mut self.metrics, &text).map_err(|e| format!("{}: cannot write: {e}", self.dir.join("metrics.jsonl").display()))
+    }
+
+    /// Appends an `error` row (`{"text":…}`): how a failed attempt ended, kept in the log.
+    pub fn record_error(dir: &Path, text: &str) -> Result<(), String> {
+        let mut files = Self::open(dir)?;
+        files.line("error", &serde_json::json!({ "text": text }))?;
+        files.sync()
+    }
+
+    /// The log made durable up to here (at each checkpoint: a resume never finds fewer rows than
+    /// its checkpoint's steps).
+    fn sync(&mut self) -> Result<(), String> {
+        self.metrics.sync_data().map_err(|e| format!("{}: cannot sync: {e}", self.dir.join("metrics.jsonl").display()))
     }
 }
 
@@ -76,7 +86,10 @@ impl EventSink for RunFiles {
             Event::Window(row) => self.line("train", row),
             Event::Validation(row) => self.line("valid", row),
             Event::Note(text) => self.line("note", &serde_json::json!({ "text": text })),
-            Event::Checkpoint { epoch, step, path } => self.line("checkpoint", &serde_json::json!({ "epoch": epoch, "step": step, "path": path })),
+            Event::Checkpoint { epoch, step, path } => {
+                self.line("checkpoint", &serde_json::json!({ "epoch": epoch, "step": step, "path": path }))?;
+                self.sync()
+            }
             Event::Finished(summary) => {
                 let text = serde_json::to_string_pretty(summary).expect("summary serialises");
                 write_atomic(&self.dir.join("summary.json"), text.as_bytes())
