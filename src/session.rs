@@ -111,12 +111,13 @@ pub struct RunDir {
     pub lock: RunLock,
 }
 
-/// A new run directory, locked: refused when it already holds a run (continue that one with
-/// [`resume_point`]) or when another process holds it.
+/// A new run directory, locked: refused when it already holds a run with a checkpoint (continue
+/// that one with [`resume_point`]) or when another process holds it. A run that failed before
+/// its first checkpoint starts again in place, its log kept.
 pub fn new_run_dir(dir: &Path) -> Result<RunDir> {
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: cannot create run directory: {e}", dir.display()))?;
     let lock = RunLock::acquire(dir).map_err(anyhow::Error::msg)?;
-    if dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() {
+    if kiln_families::rundir::holds_checkpoints(dir) {
         anyhow::bail!("{}: already holds a run; continue it with --resume {} or choose another directory", dir.display(), dir.display());
     }
     Ok(RunDir { path: dir.to_path_buf(), checkpoint: None, lock })

@@ -289,13 +289,10 @@ impl<'de> Deserialize<'de> for TokenLimit {
                 f.write_str("a number of tokens, \"auto\", or a table [[longest side, tokens], ...]")
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<TokenLimit, E> {
-                Ok(TokenLimit::Tokens(v as usize))
+                usize::try_from(v).map(TokenLimit::Tokens).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<TokenLimit, E> {
-                if v < 0 {
-                    return Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self));
-                }
-                Ok(TokenLimit::Tokens(v as usize))
+                usize::try_from(v).map(TokenLimit::Tokens).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TokenLimit, E> {
                 if v == "auto" { Ok(TokenLimit::Auto) } else { Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)) }
@@ -303,8 +300,9 @@ impl<'de> Deserialize<'de> for TokenLimit {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<TokenLimit, A::Error> {
                 let mut rows = Vec::new();
                 while let Some(row) = seq.next_element::<Vec<u64>>()? {
+                    let size = |v: u64| usize::try_from(v).map_err(|_| serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(v), &"a size that fits this machine's integers"));
                     match row[..] {
-                        [len, tokens] => rows.push((len as usize, tokens as usize)),
+                        [len, tokens] => rows.push((size(len)?, size(tokens)?)),
                         _ => return Err(serde::de::Error::invalid_length(row.len(), &"a row [longest side, tokens]")),
                     }
                 }
@@ -813,16 +811,16 @@ pub const MAX_PREFETCH: usize = 65_536;
 pub const MAX_DEVICES: usize = 256;
 pub const MAX_EPOCHS: usize = 1_000_000;
 
-/// A name that is one plain path component (a recipe's `name` becomes `runs/<name>/`): not
-/// empty, no separators, not `.` or `..`, no control characters, not hidden.
+/// Whether `name` is one plain path component, on every system kiln runs on: not empty, at most
+/// 200 bytes, no separators (`/`, `\\`, `:`), no control characters, not hidden (so not `.` or
+/// `..`), no surrounding spaces. Run names and checkpoint names must be: they become paths.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 200 && !name.starts_with('.') && !name.contains(['/', '\\', ':']) && !name.chars().any(char::is_control) && name.trim() == name
+}
+
+/// A recipe's `name` becomes `runs/<name>/`: [`is_plain_name`], or why not.
 pub fn plain_name(name: &str) -> Result<(), String> {
-    let plain = !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with('.')
-        && !name.contains(['/', '\\', ':'])
-        && !name.chars().any(char::is_control)
-        && name.trim() == name;
-    if plain { Ok(()) } else { Err(format!("expected a plain name (letters, digits, -, _, no path separators), got {name:?}")) }
+    if is_plain_name(name) { Ok(()) } else { Err(format!("expected a plain name (letters, digits, -, _, no path separators), got {name:?}")) }
 }
 
 /// The resume rule, stated once: the sections a resumed run may change, and the keys of those

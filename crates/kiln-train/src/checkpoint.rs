@@ -181,13 +181,7 @@ impl TrainState {
 /// A checkpoint's name (from `checkpoints/latest`, `checkpoints/best`, `--checkpoint`, a state's
 /// `best`): one plain path component, so that it resolves inside the run's `checkpoints/`.
 pub fn plain_checkpoint_name(name: &str) -> Result<(), String> {
-    let plain = !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && !name.contains(['/', '\\', '\0'])
-        && !name.chars().any(char::is_control)
-        && Path::new(name).components().count() == 1;
-    if plain { Ok(()) } else { Err(format!("{name:?} is not a checkpoint name (expected a plain name such as step-0001000 inside checkpoints/)")) }
+    if kiln_recipe::is_plain_name(name) { Ok(()) } else { Err(format!("{name:?} is not a checkpoint name (expected a plain name such as step-0001000 inside checkpoints/)")) }
 }
 
 /// `checkpoints/<name>` of a run, refusing names that would resolve elsewhere.
@@ -270,7 +264,9 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, String> {
 pub fn read_state(dir: &Path) -> Result<TrainState, String> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| format!("{}: not a kiln checkpoint state: {e}", path.display()))?;
+    // serde's message quotes the damaged text, which may hold a line break: one line always.
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not a kiln checkpoint state: {}", path.display(), e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
     if state.format != STATE_FORMAT {
         return Err(format!("{}: state format {} (this kiln reads {STATE_FORMAT})", path.display(), state.format));
     }

@@ -124,12 +124,17 @@ fn sum_f32_contiguous(data: &[f32]) -> f32 {
 }
 
 /// Parallel sum using rayon with SIMD per chunk.
+///
+/// kiln patch: the chunks' sums are added in chunk order. Upstream ends with rayon's `.sum()`,
+/// whose tree of additions follows rayon's work stealing, so the same tensor could sum to
+/// different floats from run to run under load (seen as load-dependent losses in kiln's tests).
 #[cfg(feature = "rayon")]
 #[inline]
 fn sum_f32_parallel(data: &[f32]) -> f32 {
     const CHUNK_SIZE: usize = 64 * 1024; // 64K elements per chunk
 
-    data.par_chunks(CHUNK_SIZE)
+    let partial: alloc::vec::Vec<f32> = data
+        .par_chunks(CHUNK_SIZE)
         .map(|chunk| {
             #[cfg(feature = "simd")]
             {
@@ -140,7 +145,8 @@ fn sum_f32_parallel(data: &[f32]) -> f32 {
                 chunk.iter().copied().sum::<f32>()
             }
         })
-        .sum()
+        .collect();
+    partial.iter().sum()
 }
 
 fn sum_impl<E: Element + bytemuck::Pod + Default + core::iter::Sum>(
