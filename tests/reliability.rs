@@ -349,6 +349,14 @@ fn a_flipped_byte_or_a_truncation_in_any_run_file_is_passed_over_or_named() {
     let edited = format!("{}{}{}", &tok[..at], if digit == b'9' { '8' } else { (digit + 1) as char }, &tok[at + 1..]);
     std::fs::write(run.join("tokenizer.json"), edited).unwrap();
     assert_user_error(&resume(&run), &["tokenizer.json: checksum mismatch with checkpoint"]);
+    // A recipe edited so that it still parses and validates (another corpus size): the same.
+    let run = dir.path().join("case-recipe-edited");
+    copy_dir(&template, &run);
+    let recipe = std::fs::read_to_string(run.join("recipe.toml")).unwrap();
+    let edited = recipe.replacen("limit = 1200", "limit = 1100", 1);
+    assert_ne!(recipe, edited);
+    std::fs::write(run.join("recipe.toml"), edited).unwrap();
+    assert_user_error(&resume(&run), &["recipe.toml: checksum mismatch with checkpoint"]);
 
     for (file, continues) in cases {
         for flip in [true, false] {

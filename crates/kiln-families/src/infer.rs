@@ -60,6 +60,7 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     // A corrupted or truncated checkpoint is named here, not met as a decoding error later.
     let state = checkpoint::verify(&dir).map_err(|m| anyhow!(m))?;
     checkpoint::check_architecture(&dir, &state, &Architecture::new(&recipe.model, tokenizer.vocab_size())).map_err(|m| anyhow!(m))?;
+    checkpoint::check_run_files(&dir, &state).map_err(|m| anyhow!(m))?;
     Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step })
 }
 

@@ -303,6 +303,9 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
             .loader(recipe.loader.workers, recipe.loader.prefetch)
             .cpu_split(recipe.backend.cpu_split)
             .resume(launch.resume.clone())
+            // The run's recipe and tokenizer are fixed for its life (a resume changes keys with
+            // `--set`, never the file): a checkpoint refuses either once edited or damaged.
+            .guard_run_file("recipe.toml")
             .guard_run_file("tokenizer.json")
             .control(launch.control.clone())
             .replicas(replica_devices)

@@ -351,17 +351,23 @@ pub fn verify(dir: &Path) -> Result<TrainState, String> {
             return Err(format!("{}: checksum mismatch (corrupted or truncated)", path.display()));
         }
     }
+    Ok(state)
+}
+
+/// Checks the run files a checkpoint depends on ([`TrainState::run_files`]) against their hashes:
+/// a file changed since the save is a changed run, not a damaged checkpoint, so this comes after
+/// the checkpoint is chosen and its architecture checked (whose message says more).
+pub fn check_run_files(dir: &Path, state: &TrainState) -> Result<(), String> {
     // checkpoints/<name>/ lives two levels under the run directory.
-    if let Some(run_dir) = dir.parent().and_then(Path::parent) {
-        for (name, expected) in &state.run_files {
-            let path = run_dir.join(name);
-            let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-            if blake3::hash(&bytes).to_hex().as_str() != expected {
-                return Err(format!("{}: checksum mismatch with checkpoint {} (changed or damaged since it was saved)", path.display(), dir.file_name().unwrap_or_default().to_string_lossy()));
-            }
+    let Some(run_dir) = dir.parent().and_then(Path::parent) else { return Ok(()) };
+    for (name, expected) in &state.run_files {
+        let path = run_dir.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        if blake3::hash(&bytes).to_hex().as_str() != expected {
+            return Err(format!("{}: checksum mismatch with checkpoint {} (changed or damaged since it was saved)", path.display(), dir.file_name().unwrap_or_default().to_string_lossy()));
         }
     }
-    Ok(state)
+    Ok(())
 }
 
 /// BLAKE3 of the run files `names` (under `run_dir`), for a checkpoint's state.

@@ -487,6 +487,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             if let Some(expected) = &architecture {
                 checkpoint::check_architecture(&dir, &state, expected).map_err(|m| anyhow!(m))?;
             }
+            checkpoint::check_run_files(&dir, &state).map_err(|m| anyhow!(m))?;
             state.architecture = architecture;
             state.integrity = None;
             model = checkpoint::load_weights(model, &dir.join("model"), &device)?;
