@@ -139,7 +139,8 @@ fn skip_and_rollback_bring_every_replica_along() {
     ];
     for (mode, sets, env) in cases {
         let [dp, acc] = ["dp", "acc"].map(|n| dir.path().join(format!("{mode}-{n}")));
-        let common = [sets, &["model.dropout=0", "eval.bleu=false"]].concat();
+        // Whole batches on the accumulating side too (replicas never cut theirs).
+        let common = [sets, &["model.dropout=0", "eval.bleu=false", "backend.cpu_split=1"]].concat();
         let o = train_env(&dp, &[&common[..], &["backend.devices=[\"cpu\", \"cpu\"]"]].concat(), env);
         assert!(o.status.success(), "{mode}: {}", stderr(&o));
         // One recovery: a replica left behind (not reset) would poison the next steps again.

@@ -237,7 +237,9 @@ fn automatic_batch_size_probes_once_and_the_run_keeps_its_table() {
 fn data_parallel_replicas_compute_what_accumulation_computes() {
     let dir = tempfile::tempdir().unwrap();
     let (dp, acc, split) = (dir.path().join("dp"), dir.path().join("acc"), dir.path().join("split"));
-    let common = ["model.dropout=0", "train.epochs=2", "eval.bleu=false"];
+    // Whole batches (`backend.cpu_split = 1`) on the accumulating side too: replicas never cut
+    // their batches, and this test is about replicas, not parts.
+    let common = ["model.dropout=0", "train.epochs=2", "eval.bleu=false", "backend.cpu_split=1"];
     let devices = "backend.devices=[\"cpu\", \"cpu\", \"cpu\"]";
     let o = train(&dp, &[&common[..], &[devices]].concat());
     assert!(stdout(&o).contains("cpu ×3") && stdout(&o).contains("data parallel"), "{}", stdout(&o));
