@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod experiments;
 use kiln_events::Control;
 use kiln_recipe::{Override, Recipe};
 
@@ -62,6 +64,8 @@ enum Command {
         /// Checkpoint name under checkpoints/ (step-NNNNNNN, `latest` or `best`; default: the latest).
         #[arg(long)]
         checkpoint: Option<String>,
+        #[command(flatten)]
+        weights: WeightsArg,
     },
     /// Evaluate a run's checkpoint on its validation or test split: loss, perplexity and, for
     /// translation, BLEU and chrF (sacreBLEU-equal); writes eval-<split>.json into the run.
@@ -71,6 +75,75 @@ enum Command {
         split: String,
         #[command(flatten)]
         decode: DecodeArgs,
+    },
+    /// List the runs under a folder (default runs/): name, status, steps, best validation loss
+    /// and BLEU, test BLEU, tokens/s, wall time, the commit each ran at.
+    Runs {
+        #[arg(default_value = "runs")]
+        dir: PathBuf,
+        /// Only runs whose recipe name contains this.
+        #[arg(long)]
+        name: Option<String>,
+        /// Order: path, valid_loss (lowest first) or bleu (highest first).
+        #[arg(long, default_value = "path")]
+        sort: String,
+    },
+    /// Put runs side by side: the recipe keys that differ, their figures, validations by epoch;
+    /// overlay charts (loss by step and by wall time, validation loss and BLEU) as PNGs.
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<PathBuf>,
+        /// Folder the charts are written into.
+        #[arg(long, default_value = "runs/compare")]
+        out: PathBuf,
+    },
+    /// Train every combination of a grid of recipe values, each its own run inside one sweep
+    /// directory (sweep.json); run again to skip finished runs and resume stopped ones.
+    Sweep {
+        recipe: PathBuf,
+        /// section.key=v1,v2,… (repeatable; every combination is trained).
+        #[arg(long = "grid", value_name = "SECTION.KEY=V1,V2", required = true)]
+        grid: Vec<String>,
+        /// Runs trained at once.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        parallel: u32,
+        /// Sweep directory (default runs/sweeps/<recipe name>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// What the closing table is sorted by: valid_loss or bleu.
+        #[arg(long, default_value = "valid_loss", value_parser = ["valid_loss", "bleu"])]
+        metric: String,
+    },
+    /// Average the weights of several checkpoints of a run into a checkpoint of its own
+    /// (checkpoints/avg-K-step-N), for eval, translate and export with --checkpoint.
+    Average {
+        run_dir: PathBuf,
+        /// The newest K step checkpoints.
+        #[arg(long, conflicts_with = "checkpoints")]
+        last: Option<usize>,
+        /// These checkpoints, by name (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        checkpoints: Vec<String>,
+        /// Average the moving averages (train.ema_decay) instead of the raw weights.
+        #[arg(long)]
+        ema: bool,
+        /// Name of the new checkpoint (default avg-K-<newest>).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Export a checkpoint's weights with a config.json of the architecture and the tokenizer.
+    Export {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "safetensors", value_parser = ["safetensors"])]
+        format: String,
+        /// Folder to write into (default <run>/export/<checkpoint>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Checkpoint name under checkpoints/ (default: the latest).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        #[command(flatten)]
+        weights: WeightsArg,
     },
     /// Inspect or prune the dataset cache.
     Cache {
@@ -151,6 +224,30 @@ struct DecodeArgs {
     /// Checkpoint name under checkpoints/ (step-NNNNNNN, `latest` or `best`; default: the latest).
     #[arg(long)]
     checkpoint: Option<String>,
+    #[command(flatten)]
+    weights: WeightsArg,
+}
+
+/// Which weights of a checkpoint decode.
+#[derive(clap::Args)]
+struct WeightsArg {
+    /// `ema`: the moving average of the weights (train.ema_decay); `raw`: the optimizer's weights;
+    /// `auto`: the average where the checkpoint has one.
+    #[arg(long = "weights", default_value = "auto", value_parser = ["auto", "ema", "raw"])]
+    which: String,
+}
+
+impl WeightsArg {
+    fn open(&self, run_dir: &std::path::Path, checkpoint: Option<&str>) -> anyhow::Result<kiln_families::infer::RunModel> {
+        use kiln_families::infer::Weights;
+        let mut run = kiln_families::infer::open_run(run_dir, checkpoint)?;
+        run.use_weights(match self.which.as_str() {
+            "ema" => Weights::Ema,
+            "raw" => Weights::Raw,
+            _ => Weights::Auto,
+        })?;
+        Ok(run)
+    }
 }
 
 impl DecodeArgs {
@@ -214,10 +311,15 @@ fn main() -> ExitCode {
         Command::Cache { action, dir } => cache(action, &dir),
         Command::Watch { run_dir } => watch(&run_dir),
         Command::Translate { run_dir, input, decode } => translate(&run_dir, input.as_deref(), &decode),
-        Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint } => {
-            generate(&run_dir, &prompt, kiln_families::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref())
+        Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint, weights } => {
+            generate(&run_dir, &prompt, kiln_families::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref(), &weights)
         }
         Command::Eval { run_dir, split, decode } => eval(&run_dir, &split, &decode),
+        Command::Runs { dir, name, sort } => experiments::runs(&dir, name.as_deref(), &sort),
+        Command::Compare { runs, out } => experiments::compare(&runs, &out),
+        Command::Sweep { recipe, grid, parallel, dir, metric } => experiments::sweep(&recipe, &grid, parallel as usize, dir.as_deref(), &metric),
+        Command::Average { run_dir, last, checkpoints, ema, name } => experiments::average(&run_dir, last, checkpoints, ema, name.as_deref()),
+        Command::Export { run_dir, format: _, out, checkpoint, weights } => experiments::export(&run_dir, out.as_deref(), checkpoint.as_deref(), |dir, c| weights.open(dir, c)),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
         Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, rounds } } => {
             bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, rounds })
@@ -268,7 +370,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let control = Control::new();
     let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
-    let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None };
+    let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string() };
     let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_families::launch(&launch, sink));
     match result {
         Ok(_) => Ok(()),
@@ -284,7 +386,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let beam = decode.settings()?;
-    let run = kiln_families::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let run = decode.weights.open(run_dir, decode.checkpoint.as_deref())?;
     let text = match input {
         Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?,
         None => {
@@ -302,11 +404,11 @@ fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode:
     Ok(())
 }
 
-fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_families::Sampling, checkpoint: Option<&str>) -> anyhow::Result<()> {
+fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_families::Sampling, checkpoint: Option<&str>, weights: &WeightsArg) -> anyhow::Result<()> {
     if !(sampling.temperature.is_finite() && sampling.temperature >= 0.0) {
         anyhow::bail!("--temperature: expected a number >= 0, got {}", sampling.temperature);
     }
-    let run = kiln_families::infer::open_run(run_dir, checkpoint)?;
+    let run = weights.open(run_dir, checkpoint)?;
     let text = kiln_families::generate(&run, prompt, sampling)?;
     let sep = if prompt.is_empty() || text.starts_with('\n') { "" } else { " " };
     println!("{prompt}{sep}{text}");
@@ -317,15 +419,16 @@ fn eval(run_dir: &std::path::Path, split: &str, decode: &DecodeArgs) -> anyhow::
     let beam = decode.settings()?;
     // It writes eval-<split>.json into the run: one process per run directory.
     let _lock = kiln_events::RunLock::acquire(run_dir).map_err(anyhow::Error::msg)?;
-    let run = kiln_families::infer::open_run(run_dir, decode.checkpoint.as_deref())?;
+    let run = decode.weights.open(run_dir, decode.checkpoint.as_deref())?;
     let split = if split == "valid" { kiln_families::Split::Valid } else { kiln_families::Split::Test };
     let r = kiln_families::evaluate(&run, split, beam)?;
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
     println!(
-        "{} | {} | step {} | {} {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
+        "{} | {} | step {} | {} weights | {} {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
         run_dir.display(),
         r.split,
         r.step,
+        if r.weights == "ema" { "ema" } else { "raw" },
         r.size,
         r.unit,
         r.loss,

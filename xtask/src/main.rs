@@ -5,6 +5,8 @@
 //!   (with the `cuda` feature when asked) and runs `kiln train`.
 //! - `cargo xtask watch <run-dir>`: the dashboard of a live or finished run.
 //! - `cargo xtask translate | generate | eval <run-dir> ...`: use a trained model.
+//! - `cargo xtask runs [DIR]`, `compare RUN RUN…`, `sweep RECIPE --grid key=v1,v2 …`: experiments.
+//! - `cargo xtask average RUN --last K`, `export RUN --format safetensors`: checkpoint tools.
 //! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
 //! - `cargo xtask test`: the project's test command (all crates, all tests).
@@ -45,10 +47,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|watch|translate|generate|eval|cache|bench|test|fuzz|check-cuda> ...");
+        bail!("usage: cargo xtask <train|watch|translate|generate|eval|runs|compare|sweep|average|export|cache|bench|test|fuzz|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" => {
+        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" => {
             let cuda = rest.iter().any(|a| a == "--cuda");
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
             let mut build = cargo();
@@ -93,7 +95,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, cache, bench, test, fuzz or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, runs, compare, sweep, average, export, cache, bench, test, fuzz or check-cuda"),
     }
 }
 

@@ -40,6 +40,7 @@ fn info() -> RunInfo {
         valid_examples: 500,
         sync_interval: 10,
         prefetch: 8,
+        commit: String::new(),
     }
 }
 

@@ -135,6 +135,25 @@ pub struct Summary {
     /// The task's own metrics at the last validation, by name (e.g. `accuracy`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// `train.patience` ended the run: that many validations in a row brought no new best.
+    #[serde(default)]
+    pub early_stopped: bool,
+    /// The best checkpoint by `train.best_metric` (`checkpoints/best`), and its figure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestCheckpoint>,
+    /// The figures above (validation, test) are those of the weights' moving average
+    /// (`train.ema_decay`).
+    #[serde(default)]
+    pub ema: bool,
+}
+
+/// The best checkpoint of a run by its `train.best_metric`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestCheckpoint {
+    pub checkpoint: String,
+    /// `valid_loss` or `bleu`.
+    pub metric: String,
+    pub value: f64,
 }
 
 /// How the data was prepared and fed.
@@ -192,6 +211,9 @@ pub struct RunInfo {
     /// Ready batches the loader keeps at most (`loader.prefetch`).
     #[serde(default)]
     pub prefetch: usize,
+    /// The commit of kiln the run ran at (`""` where not known).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub commit: String,
 }
 
 /// Requests from views to the trainer, honoured at the next step boundary. Cloning shares it.

@@ -227,6 +227,7 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         resume: None,
         control: kiln_events::Control::new(),
         step_times: Some(times.clone()),
+        commit: String::new(),
     };
     std::fs::create_dir_all(&launch.run_dir)?;
     let mut sink = Collect { windows: Vec::new(), first_window_loss_sum: None, device: String::new() };

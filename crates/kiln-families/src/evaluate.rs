@@ -1,11 +1,13 @@
 //! Validation and test evaluation: mean per-token NLL and perplexity over the whole set (one
-//! device read at the end), and corpus BLEU of greedy translations (one read per decoded batch).
+//! device read at the end), and corpus BLEU of greedy translations (one read per decoded batch)
+//! or, with `eval.beam` > 1, of beam search sentence by sentence.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_data::batching::plan_batches;
-use kiln_data::{EvalSet, HostBatch, SubwordTokenizer, PAD};
+use kiln_data::{EvalSet, Example, HostBatch, SubwordTokenizer, PAD};
 use kiln_metrics::BleuStats;
+use kiln_model::seq2seq::BeamSettings;
 use kiln_model::{label_smoothed_loss, Seq2Seq};
 use kiln_recipe::Recipe;
 
@@ -32,6 +34,25 @@ pub fn max_len_for(recipe: &Recipe, src_len: usize) -> usize {
     ((recipe.eval.max_len_a * src_len as f64) as usize).saturating_add(recipe.eval.max_len_b).min(recipe.model.max_positions.saturating_sub(1)).max(1)
 }
 
+/// The beam of the recipe's own decodes (`eval.beam`, `eval.len_penalty`); each sentence's
+/// limit comes from `eval.max_len_a` / `max_len_b`.
+pub fn beam_settings(recipe: &Recipe) -> BeamSettings {
+    BeamSettings { beam: recipe.eval.beam, max_len: 0, len_penalty: recipe.eval.len_penalty }
+}
+
+/// Beam search, sentence by sentence (its beams are the batch), each with its own length limit.
+/// `sources` are token ids without specials, at most `data.max_len` long.
+pub fn beam_translate<B: Backend>(model: &Seq2Seq<B>, sources: &[&[u32]], recipe: &Recipe, beam: BeamSettings, device: &B::Device) -> Vec<Vec<u32>> {
+    sources
+        .iter()
+        .map(|src| {
+            let b = HostBatch::build(&[Example { src: src.to_vec(), tgt: Vec::new() }], &[0]);
+            let settings = BeamSettings { max_len: max_len_for(recipe, src.len() + 1), ..beam };
+            model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true)
+        })
+        .collect()
+}
+
 pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &SubwordTokenizer, recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let mut nll: Option<Tensor<B, 1>> = None;
     let mut tokens = 0usize;
@@ -54,6 +75,13 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     let bleu = if recipe.eval.bleu && !set.examples.is_empty() {
         let n = if recipe.eval.bleu_sentences == 0 { set.examples.len() } else { recipe.eval.bleu_sentences.min(set.examples.len()) };
         let mut stats = BleuStats::default();
+        if recipe.eval.beam > 1 {
+            let sources: Vec<&[u32]> = set.examples[..n].iter().map(|e| e.src.as_slice()).collect();
+            for (hyp, reference) in beam_translate(model, &sources, recipe, beam_settings(recipe), device).iter().zip(&set.references) {
+                stats.add(&tokenizer.decode(hyp), reference);
+            }
+            return EvalFigures { loss, ppl: loss.exp(), bleu: Some(stats.score()), metrics: Default::default() };
+        }
         for batch in eval_batches(set, recipe, n) {
             let b = HostBatch::build(&set.examples, &batch);
             // Each sentence's own limit, so its translation does not depend on its batch.

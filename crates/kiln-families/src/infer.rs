@@ -18,7 +18,7 @@ use kiln_recipe::{ModelFamily, Recipe};
 use serde::Serialize;
 
 use kiln_train::checkpoint::{self, Architecture};
-use crate::evaluate::{evaluate, ids, max_len_for};
+use crate::evaluate::{beam_translate, evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
 use crate::family::{lm_config, model_config};
 
@@ -29,6 +29,21 @@ pub struct RunModel {
     pub tokenizer: SubwordTokenizer,
     pub checkpoint: PathBuf,
     pub step: usize,
+    /// The weights file of the checkpoint that decodes: `ema` (the moving average of the
+    /// weights, `train.ema_decay`) where the checkpoint has one, else `model`.
+    pub weights: &'static str,
+}
+
+/// Which of a checkpoint's weights to use (`--weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// The moving average where the checkpoint has one, else the raw weights.
+    #[default]
+    Auto,
+    /// The moving average; refused where the checkpoint has none.
+    Ema,
+    /// The weights the optimizer trained.
+    Raw,
 }
 
 /// Opens `run_dir` at `checkpoint` (a name under `checkpoints/`, e.g. `step-0001108`; default:
@@ -61,11 +76,25 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     let state = checkpoint::verify(&dir).map_err(|m| anyhow!(m))?;
     checkpoint::check_architecture(&dir, &state, &Architecture::new(&recipe.model, tokenizer.vocab_size())).map_err(|m| anyhow!(m))?;
     checkpoint::check_run_files(&dir, &state).map_err(|m| anyhow!(m))?;
-    Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step })
+    let weights = if state.ema { "ema" } else { "model" };
+    Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step, weights })
+}
+
+impl RunModel {
+    /// Decodes with `which` of the checkpoint's weights.
+    pub fn use_weights(&mut self, which: Weights) -> Result<()> {
+        self.weights = match which {
+            Weights::Auto => self.weights,
+            Weights::Raw => "model",
+            Weights::Ema if self.checkpoint.join("ema.mpk").is_file() => "ema",
+            Weights::Ema => bail!("--weights ema: {} holds no moving average of the weights (the run had train.ema_decay = 0)", self.checkpoint.display()),
+        };
+        Ok(())
+    }
 }
 
 fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
-    kiln_train::checkpoint::load_weights(model, &run.checkpoint.join("model"), device)
+    kiln_train::checkpoint::load_weights(model, &run.checkpoint.join(run.weights), device)
 }
 
 impl RunModel {
@@ -104,11 +133,8 @@ pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recip
             }
         }
     } else {
-        for (i, e) in examples.iter().enumerate() {
-            let b = HostBatch::build(&examples, &[i]);
-            let settings = BeamSettings { max_len: max_len_for(recipe, e.src.len() + 1), ..beam };
-            out[i] = model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true);
-        }
+        let sources: Vec<&[u32]> = examples.iter().map(|e| e.src.as_slice()).collect();
+        out = beam_translate(model, &sources, recipe, beam, device);
     }
     out
 }
@@ -150,6 +176,8 @@ pub struct EvalReport {
     pub ppl: f64,
     pub beam: usize,
     pub len_penalty: f64,
+    /// `ema` (the moving average of the weights) or `model` (the raw weights).
+    pub weights: String,
     /// sacreBLEU-equal corpus BLEU and chrF of the decoded split (translation runs).
     pub bleu: Option<f64>,
     pub chrf: Option<f64>,
@@ -175,6 +203,7 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
         ppl: f64::NAN,
         beam: beam.beam,
         len_penalty: beam.len_penalty,
+        weights: run.weights.to_string(),
         bleu: None,
         chrf: None,
     };

@@ -4,8 +4,10 @@
 //! [`kiln_train::Trainer`], as any library user does. Also the commands that use a trained
 //! model (`infer`), evaluation (`evaluate`) and the benchmarks (`bench`).
 
+pub mod average;
 pub mod bench;
 pub mod evaluate;
+pub mod export;
 pub mod family;
 pub mod infer;
 pub mod registry;
@@ -38,6 +40,8 @@ pub struct Launch {
     pub control: kiln_events::Control,
     /// A measurement run (`kiln bench train`): per-step times go here; no validation, no saves.
     pub step_times: Option<trainer::StepTimes>,
+    /// The commit kiln was built from, for the run's header (`""`: not known).
+    pub commit: String,
 }
 
 /// Prepares the run directory and data, then trains on the recipe's device.
@@ -308,6 +312,7 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
             .guard_run_file("recipe.toml")
             .guard_run_file("tokenizer.json")
             .control(launch.control.clone())
+            .commit(launch.commit.clone())
             .replicas(replica_devices)
             .data_figures(kiln_events::DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: 0.0 });
         if let Some(times) = &launch.step_times {

@@ -25,6 +25,11 @@ pub trait Family {
     /// Trains the recipe's model of this family (the run's data is prepared already).
     fn fit<B: AutodiffBackend>(run: FamilyRun<'_, B>, sink: &mut (dyn EventSink + Send)) -> Result<Summary>;
 
+    /// The family's model as a recipe builds it (fresh weights, to be loaded into).
+    type Model<B: Backend>: burn::module::Module<B> + burn_store::ModuleSnapshot<B>;
+
+    fn build<B: Backend>(recipe: &kiln_recipe::Recipe, vocab_size: usize, device: &B::Device) -> Self::Model<B>;
+
     /// `kiln eval`: a checkpoint's figures on a split, into `report`.
     fn evaluate_checkpoint<B: Backend>(run: &RunModel, data: &Prepared, split: Split, beam: BeamSettings, device: &B::Device, report: &mut EvalReport) -> Result<()>;
 }
@@ -47,9 +52,18 @@ pub fn dispatch<U: UseFamily>(family: ModelFamily, user: U) -> U::Output {
 pub struct Translation;
 
 impl Family for Translation {
+    type Model<B: Backend> = kiln_model::Seq2Seq<B>;
+
+    fn build<B: Backend>(recipe: &kiln_recipe::Recipe, vocab_size: usize, device: &B::Device) -> Self::Model<B> {
+        model_config(recipe, vocab_size).init::<B>(device)
+    }
+
     fn fit<B: AutodiffBackend>(run: FamilyRun<'_, B>, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
         let (data, recipe) = (Arc::clone(&run.data), run.recipe().clone());
         let vocab = data.tokenizer.vocab_size();
+        if recipe.eval.beam > vocab {
+            anyhow::bail!("eval.beam: expected at most the vocabulary's {vocab} tokens (a beam holds distinct tokens), got {}", recipe.eval.beam);
+        }
         run.check_model_fits(vocab)?;
         let model = model_config(&recipe, vocab).init::<B>(&run.device);
         let lengths = autobatch::length_ranges(recipe.data.max_len + 2);
@@ -76,6 +90,12 @@ impl Family for Translation {
 pub struct LanguageModel;
 
 impl Family for LanguageModel {
+    type Model<B: Backend> = kiln_model::DecoderLm<B>;
+
+    fn build<B: Backend>(recipe: &kiln_recipe::Recipe, vocab_size: usize, device: &B::Device) -> Self::Model<B> {
+        lm_config(recipe, vocab_size).init::<B>(device)
+    }
+
     fn fit<B: AutodiffBackend>(run: FamilyRun<'_, B>, sink: &mut (dyn EventSink + Send)) -> Result<Summary> {
         let (data, recipe) = (Arc::clone(&run.data), run.recipe().clone());
         let vocab = data.tokenizer.vocab_size();

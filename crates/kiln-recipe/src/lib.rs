@@ -109,6 +109,44 @@ pub enum Precision {
     F16,
 }
 
+/// The validation figure that picks the best checkpoint and drives early stopping
+/// (`train.best_metric`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BestMetric {
+    /// Lowest validation loss.
+    #[default]
+    ValidLoss,
+    /// Highest validation BLEU (translation with `eval.bleu`).
+    Bleu,
+}
+
+impl BestMetric {
+    /// The figure of a validation, if it has one.
+    pub fn of(self, loss: f64, bleu: Option<f64>) -> Option<f64> {
+        match self {
+            BestMetric::ValidLoss => Some(loss),
+            BestMetric::Bleu => bleu,
+        }
+        .filter(|v| v.is_finite())
+    }
+
+    /// Whether `new` beats `old`.
+    pub fn better(self, new: f64, old: f64) -> bool {
+        match self {
+            BestMetric::ValidLoss => new < old,
+            BestMetric::Bleu => new > old,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BestMetric::ValidLoss => "validation loss",
+            BestMetric::Bleu => "validation BLEU",
+        }
+    }
+}
+
 /// What kind of corpus `data.train` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -397,6 +435,13 @@ pub struct TrainSection {
     pub nan_max_recoveries: usize,
     /// Compute precision of the passes.
     pub precision: Precision,
+    /// Exponential moving average of the weights after each step, `ema ← d·ema + (1−d)·w`
+    /// (0 = off). Validation, the test split and `eval`/`translate` use the average.
+    pub ema_decay: f64,
+    /// Stop after this many validations in a row without a new best `best_metric` (0 = off).
+    pub patience: usize,
+    /// What "best" means for `checkpoints/best` and for `patience`.
+    pub best_metric: BestMetric,
 }
 
 impl Default for TrainSection {
@@ -425,6 +470,9 @@ impl Default for TrainSection {
             nan_lr_factor: 0.5,
             nan_max_recoveries: 5,
             precision: Precision::F32,
+            ema_decay: 0.0,
+            patience: 0,
+            best_metric: BestMetric::ValidLoss,
         }
     }
 }
@@ -465,11 +513,15 @@ pub struct EvalSection {
     /// Longest hypothesis: `max_len_a × source length + max_len_b` tokens.
     pub max_len_a: f64,
     pub max_len_b: usize,
+    /// Beam width of the BLEU decodes during training and of the final test split (1 = greedy).
+    pub beam: usize,
+    /// GNMT length penalty α of those beam decodes.
+    pub len_penalty: f64,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10 }
+        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10, beam: 1, len_penalty: 1.0 }
     }
 }
 
@@ -771,7 +823,16 @@ impl Recipe {
                 return bad(format!("expected each CUDA device once, got {devices:?}"));
             }
         }
+        in_range("train.ema_decay", tr.ema_decay, 0.0, 1.0, false, true)?;
+        if tr.best_metric == BestMetric::Bleu && !(self.eval.bleu && self.model.family == ModelFamily::Transformer) {
+            return Err(("train.best_metric".into(), "\"bleu\" needs a translation model (model.family = \"transformer\") with eval.bleu = true".into()));
+        }
         in_range("eval.max_len_a", self.eval.max_len_a, 0.0, f64::INFINITY, false, true)?;
+        positive("eval.beam", self.eval.beam)?;
+        if t.path.as_os_str().is_empty() {
+            at_most("eval.beam", self.eval.beam, t.vocab_size, "a beam holds distinct tokens of the vocabulary, tokenizer.vocab_size")?;
+        }
+        in_range("eval.len_penalty", self.eval.len_penalty, 0.0, f64::INFINITY, false, true)?;
         Ok(())
     }
 
@@ -828,7 +889,7 @@ pub fn plain_name(name: &str) -> Result<(), String> {
 /// `train.accumulate` and `backend.devices`). Everything else shapes the model, the data or the
 /// tokens, and must be the run's own.
 pub const RESUMABLE_SECTIONS: [&str; 3] = ["train", "eval", "backend"];
-pub const FIXED_ON_RESUME: [&str; 3] = ["train.seed", "train.accumulate", "backend.devices"];
+pub const FIXED_ON_RESUME: [&str; 4] = ["train.seed", "train.accumulate", "train.best_metric", "backend.devices"];
 
 /// Keys that may change when resuming a run (see [`RESUMABLE_SECTIONS`]).
 pub fn resumable_override(key: &str) -> bool {
@@ -991,7 +1052,7 @@ mod tests {
             assert!(e.to_string().contains(needle), "{v}: {e}");
         }
         assert!(!resumable_override("backend.devices"), "a step's batch count hangs on it, like train.accumulate");
-        assert_eq!(resume_rule(), "only train.*, eval.* and backend.* keys, except train.seed, train.accumulate and backend.devices");
+        assert_eq!(resume_rule(), "only train.*, eval.* and backend.* keys, except train.seed, train.accumulate, train.best_metric and backend.devices");
     }
 
     #[test]

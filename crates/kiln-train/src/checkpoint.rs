@@ -59,6 +59,19 @@ pub struct TrainState {
     pub skipped_steps: usize,
     #[serde(default)]
     pub rollbacks: usize,
+    /// The best `train.best_metric` of any validation so far, and the validations since it
+    /// (`train.patience`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_value: Option<f64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stale_validations: usize,
+    /// The checkpoint holds `ema.mpk`, the moving average of the weights (`train.ema_decay`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ema: bool,
+    /// An averaged checkpoint (`kiln average`): the checkpoints whose weights it is the mean of.
+    /// It holds weights only and is never resumed from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub averaged_from: Vec<String>,
     /// BLAKE3 (hex) of run files the checkpoint depends on (`tokenizer.json`), by name under
     /// the run directory: a file changed since the save is refused before the checkpoint is used.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -71,6 +84,16 @@ pub struct TrainState {
 
 fn one() -> f64 {
     1.0
+}
+
+// Fields added after the first format are left out at their defaults, so a state written
+// before them keeps its digest (the canonical JSON of its fields).
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for TrainState {
@@ -94,6 +117,10 @@ impl Default for TrainState {
             lr_scale: 1.0,
             skipped_steps: 0,
             rollbacks: 0,
+            best_value: None,
+            stale_validations: 0,
+            ema: false,
+            averaged_from: Vec::new(),
             run_files: Default::default(),
             integrity: None,
         }
@@ -288,12 +315,35 @@ pub fn save(
     write_files: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<PathBuf, String> {
     let root = checkpoints_dir(run_dir);
-    std::fs::create_dir_all(&root).map_err(|e| format!("{}: cannot create: {e}", root.display()))?;
+    let dest = write_dir(&root, name, state, write_files)?;
+    kiln_events::write_atomic(&root.join("latest"), name.as_bytes())?;
+    if let Some((best, _)) = &state.best {
+        kiln_events::write_atomic(&root.join("best"), best.as_bytes())?;
+    }
+    Ok(dest)
+}
+
+/// Writes a checkpoint made from others (an average, `kiln average`): the same files and checks
+/// as [`save`], but `latest` and `best` keep naming the run's own checkpoints, and its name may
+/// not look like one of theirs (`step-…`), so resuming and pruning never take it.
+pub fn save_derived(run_dir: &Path, name: &str, state: &TrainState, write_files: impl FnOnce(&Path) -> Result<(), String>) -> Result<PathBuf, String> {
+    let root = checkpoints_dir(run_dir);
+    plain_checkpoint_name(name).map_err(|why| format!("{}: {why}", root.display()))?;
+    if name.starts_with("step-") || name == "latest" || name == "best" {
+        return Err(format!("{}: {name:?} is a name of the run's own checkpoints; choose another", root.display()));
+    }
+    write_dir(&root, name, state, write_files)
+}
+
+/// `checkpoints/<name>`, written whole or not at all: a temporary directory filled, hashed,
+/// fsynced and renamed into place.
+fn write_dir(root: &Path, name: &str, state: &TrainState, write_files: impl FnOnce(&Path) -> Result<(), String>) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: cannot create: {e}", root.display()))?;
     // Named for this process; any other temporary checkpoint is a killed process's (the run's
     // lock lets one process write here), left half-written, and goes.
     let tmp = root.join(format!(".{name}.{}.tmp", std::process::id()));
     let dest = root.join(name);
-    for stale in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+    for stale in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let file = stale.file_name().to_string_lossy().into_owned();
         if file.starts_with('.') && file.ends_with(".tmp") {
             let _ = std::fs::remove_dir_all(stale.path());
@@ -311,13 +361,8 @@ pub fn save(
             std::fs::remove_dir_all(&dest).map_err(|e| format!("{}: cannot replace: {e}", dest.display()))?;
         }
         std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: cannot rename into place: {e}", dest.display()))?;
-        // The checkpoint's name is durable before `latest` names it.
-        kiln_events::files::sync_dir(&root)?;
-        kiln_events::write_atomic(&root.join("latest"), name.as_bytes())?;
-        if let Some((best, _)) = &state.best {
-            kiln_events::write_atomic(&root.join("best"), best.as_bytes())?;
-        }
-        Ok(())
+        // The checkpoint's name is durable before a pointer names it.
+        kiln_events::files::sync_dir(root)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);

@@ -17,6 +17,7 @@ pub mod strategy;
 pub mod system;
 pub mod task;
 pub mod trainer;
+pub mod weights;
 mod window;
 
 pub use data::{Batching, DatasetData, TrainData};

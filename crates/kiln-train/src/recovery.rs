@@ -14,17 +14,15 @@ use kiln_events::Event;
 
 use crate::checkpoint;
 use crate::data::TrainData;
-use crate::loss_scale::AdamWOptimizer;
 use crate::step::{step_gradients, SINGLE};
 use crate::task::{Task, TaskBatch};
-use crate::trainer::Fit;
+use crate::trainer::{Fit, Held};
 use crate::window::{SyncWindow, WindowRead};
 
 /// `on_nan = "skip"`: the model, optimizer and state at the open window's start, and the batches
 /// of its steps so far, to replay the window without its non-finite steps.
 pub(crate) struct WindowStart<B: AutodiffBackend, T: Task<B>> {
-    pub model: T::Model,
-    pub optim: AdamWOptimizer<T::Model, B>,
+    pub held: Held<B, T::Model>,
     pub step: usize,
     pub batches: Vec<Vec<T::Batch>>,
 }
@@ -32,8 +30,7 @@ pub(crate) struct WindowStart<B: AutodiffBackend, T: Task<B>> {
 impl<B: AutodiffBackend, T: Task<B>> WindowStart<B, T> {
     /// The open window starts here: a copy of the model and optimizer (shared tensors).
     pub fn at(learner: &crate::trainer::Learner<B, T::Model>, step: usize) -> Self {
-        let (model, optim) = learner.snapshot();
-        Self { model, optim, step, batches: Vec::new() }
+        Self { held: learner.snapshot(), step, batches: Vec::new() }
     }
 }
 
@@ -85,7 +82,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
     /// applying only those with a finite loss and gradient. Steps queued after it while its read
     /// was in flight ran on the bad model: they run again after it, as the open window.
     pub(crate) fn replay_without_nonfinite(&mut self, done: SyncWindow<B::InnerBackend>, start: WindowStart<B, T>, read: &WindowRead, epoch: usize) -> anyhow::Result<()> {
-        self.learner.restore(start.model, start.optim);
+        self.learner.restore(start.held);
         self.state.step = start.step;
         let queued_after = self.window_start.take().map(|open| open.batches).unwrap_or_default();
         self.window = SyncWindow::new();
@@ -105,7 +102,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
             self.last_lr = self.schedule.at(self.state.step) * self.state.lr_scale;
             if values[..2].iter().all(|v| v.is_finite()) {
                 let lr = self.last_lr;
-                self.learner.step(|model, mut optim| (optim.step(lr, model, sums.grads), optim, ()));
+                self.learner.step(self.state.step, |model, mut optim| (optim.step(lr, model, sums.grads), optim, ()));
                 replayed.host_sum += values[0];
                 for (acc, v) in replayed.host_metrics.iter_mut().zip(&values[2..]) {
                     *acc += v;
@@ -166,11 +163,11 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
             let why = format!("{} rollbacks made already (train.nan_max_recoveries)", self.state.rollbacks);
             return Err(self.nonfinite_stop(read, epoch, &why));
         }
-        let (good_model, good_optim, good_state) = self.last_good.clone().expect("rollback keeps the last checkpoint");
+        let (good, good_state) = self.last_good.clone().expect("rollback keeps the last checkpoint");
         let mut sync = self.state.sync;
         sync.record(read.ms);
         let (skipped_steps, rollbacks, lr_scale) = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.lr_scale * self.tr.nan_lr_factor);
-        self.learner.restore(good_model, good_optim);
+        self.learner.restore(good);
         self.state = good_state;
         // The syncs happened; the recoveries and the lowered rate carry on.
         self.state.sync = sync;

@@ -318,6 +318,7 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
                 valid_examples: 0,
                 sync_interval: 0,
                 prefetch: 0,
+                commit: String::new(),
             };
             self.emit(kiln_events::Event::RunStarted(info));
         }
@@ -380,6 +381,9 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
             skipped_steps: 0,
             rollbacks: 0,
             metrics,
+            early_stopped: false,
+            best: None,
+            ema: false,
         };
         self.emit(kiln_events::Event::Finished(summary));
         Ok(())

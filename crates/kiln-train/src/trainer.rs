@@ -48,6 +48,7 @@ use crate::schedule::LrSchedule;
 use crate::step::{apply_step, is_host_backend, step_gradients, Faults, HostStep, Replica, StepPlace, SINGLE};
 use crate::system::ProcessSample;
 use crate::task::{MetricDef, Split, Task, TaskBatch};
+use crate::weights::Ema;
 use crate::window::{ClosedWindow, SyncWindow, WindowReader};
 
 pub use crate::recovery::NonFiniteStop;
@@ -123,6 +124,7 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     data_figures: DataFigures,
     faults: Faults,
     guarded: Vec<String>,
+    commit: String,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
@@ -147,6 +149,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             data_figures: DataFigures { cache_hit: false, prepare_s: 0.0, padding_pct: 0.0 },
             faults: Faults::from_env(),
             guarded: Vec::new(),
+            commit: String::new(),
         }
     }
 
@@ -208,6 +211,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// checkpoint anywhere) refuses a file that changed since.
     pub fn guard_run_file(mut self, name: impl Into<String>) -> Self {
         self.guarded.push(name.into());
+        self
+    }
+
+    /// The commit of the code that trains (for the run's header and `kiln runs`).
+    pub fn commit(mut self, commit: impl Into<String>) -> Self {
+        self.commit = commit.into();
         self
     }
 
@@ -273,17 +282,33 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 }
 
-/// The model and its optimizer. Between steps they are owned here alone, and a step moves them
-/// into the update: a parameter or moment tensor nobody else holds is updated in place where the
-/// backend can (Flex reuses a buffer it owns alone); copies are taken only where a recovery
-/// needs them (`on_nan = "skip"` / `"rollback"`).
+/// The model, its optimizer and (`train.ema_decay`) the average of its weights. Between steps
+/// they are owned here alone, and a step moves the model and optimizer into the update: a
+/// parameter or moment tensor nobody else holds is updated in place where the backend can (Flex
+/// reuses a buffer it owns alone); copies are taken only where a recovery needs them
+/// (`on_nan = "skip"` / `"rollback"`). Every update goes through [`Learner::step`], which moves
+/// the average along with it, so a replayed or recovered step keeps it exact too.
 pub(crate) struct Learner<B: AutodiffBackend, M: AutodiffModule<B>> {
     parts: Option<(M, AdamWOptimizer<M, B>)>,
+    ema: Option<Ema<B, M>>,
+}
+
+/// The model, optimizer and weight average at a point of the run (shared tensors, not copies).
+pub(crate) struct Held<B: AutodiffBackend, M: AutodiffModule<B>> {
+    pub model: M,
+    pub optim: AdamWOptimizer<M, B>,
+    pub ema: Option<Ema<B, M>>,
+}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B> + Clone> Clone for Held<B, M> {
+    fn clone(&self) -> Self {
+        Self { model: self.model.clone(), optim: self.optim.clone(), ema: self.ema.clone() }
+    }
 }
 
 impl<B: AutodiffBackend, M: AutodiffModule<B> + Clone> Learner<B, M> {
-    fn new(model: M, optim: AdamWOptimizer<M, B>) -> Self {
-        Self { parts: Some((model, optim)) }
+    fn new(model: M, optim: AdamWOptimizer<M, B>, ema: Option<Ema<B, M>>) -> Self {
+        Self { parts: Some((model, optim)), ema }
     }
 
     fn parts(&self) -> &(M, AdamWOptimizer<M, B>) {
@@ -298,20 +323,40 @@ impl<B: AutodiffBackend, M: AutodiffModule<B> + Clone> Learner<B, M> {
         &self.parts().1
     }
 
+    /// The weight average, when the run keeps one.
+    pub fn ema(&self) -> Option<&Ema<B, M>> {
+        self.ema.as_ref()
+    }
+
+    /// The weights evaluation uses: the average when there is one, else the model's.
+    pub fn eval_model(&self) -> M::InnerModule {
+        match &self.ema {
+            Some(ema) => ema.module.clone(),
+            None => self.model().valid(),
+        }
+    }
+
     /// A copy that shares the tensors (taken for recovery).
-    pub fn snapshot(&self) -> (M, AdamWOptimizer<M, B>) {
-        self.parts().clone()
+    pub fn snapshot(&self) -> Held<B, M> {
+        let (model, optim) = self.parts().clone();
+        Held { model, optim, ema: self.ema.clone() }
     }
 
-    /// Continues from `model` and `optim` (a recovery's copy).
-    pub fn restore(&mut self, model: M, optim: AdamWOptimizer<M, B>) {
-        self.parts = Some((model, optim));
+    /// Continues from a recovery's copy.
+    pub fn restore(&mut self, held: Held<B, M>) {
+        self.parts = Some((held.model, held.optim));
+        self.ema = held.ema;
     }
 
-    /// An update that takes the model and optimizer by value and gives them back.
-    pub fn step<R>(&mut self, update: impl FnOnce(M, AdamWOptimizer<M, B>) -> (M, AdamWOptimizer<M, B>, R)) -> R {
+    /// An update that takes the model and optimizer by value and gives them back; the weight
+    /// average then takes in the new weights.
+    /// `step` is the optimizer step this update makes (1-based), for the average's warm-up.
+    pub fn step<R>(&mut self, step: usize, update: impl FnOnce(M, AdamWOptimizer<M, B>) -> (M, AdamWOptimizer<M, B>, R)) -> R {
         let (model, optim) = self.parts.take().expect("the model is in place between steps");
         let (model, optim, out) = update(model, optim);
+        if let Some(ema) = &mut self.ema {
+            ema.update(&model, step);
+        }
         self.parts = Some((model, optim));
         out
     }
@@ -367,7 +412,7 @@ enum Pass {
 }
 
 /// The model, optimizer and state at a point of the run (shared tensors, not copies).
-pub(crate) type Snapshot<B, T> = (<T as Task<B>>::Model, AdamWOptimizer<<T as Task<B>>::Model, B>, TrainState);
+pub(crate) type Snapshot<B, T> = (Held<B, <T as Task<B>>::Model>, TrainState);
 
 /// One run of the loop: the model, the optimizer and everything that changes as it trains.
 pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> {
@@ -434,6 +479,26 @@ fn resume_checkpoint(asked: &Path, run_dir: &Path, fits: impl Fn(&TrainState) ->
     Err(anyhow!("{}: no intact checkpoint to resume from ({})", checkpoint::checkpoints_dir(run_dir).display(), passed.join("; ")))
 }
 
+/// The weight average of a run with `train.ema_decay`: continued from the checkpoint's `ema.mpk`
+/// when it has one, else started at the weights as they are (a fresh run; or a resume of a run
+/// that kept none, which a note says).
+fn start_ema<B: AutodiffBackend, M: AutodiffModule<B>>(tr: &TrainSection, model: &M, resumed: Option<(&Path, &TrainState)>, device: &B::Device, notes: &mut Vec<String>) -> Result<Option<Ema<B, M>>> {
+    if tr.ema_decay <= 0.0 {
+        if resumed.is_some_and(|(_, state)| state.ema) {
+            notes.push("train.ema_decay = 0: the checkpoint's weight average is not continued; the raw weights train on".into());
+        }
+        return Ok(None);
+    }
+    Ok(Some(match resumed {
+        Some((dir, state)) if state.ema => Ema::resume(tr.ema_decay, checkpoint::load_weights(model.valid(), &dir.join("ema"), device)?),
+        Some((dir, state)) => {
+            notes.push(format!("{}: no weight average saved; train.ema_decay = {} starts one at step {}", dir.display(), tr.ema_decay, state.step));
+            Ema::start(tr.ema_decay, model)
+        }
+        None => Ema::start(tr.ema_decay, model),
+    }))
+}
+
 /// Checks a saved data position against this run's data: the batch inside its epoch, and the
 /// step count those batches make (`per_step` batches per step; every step, skipped or not,
 /// consumed its batches). A position that does not fit would skip or repeat data silently.
@@ -462,7 +527,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Creates the parameters, the optimizer and the state (fresh or from the checkpoint to
     /// resume), counts the run's steps and announces the run.
     fn start(trainer: Trainer<B, T>, data: &'a D, sink: &'a mut (dyn EventSink + Send)) -> Result<Self> {
-        let Trainer { task, mut model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded } = trainer;
+        let Trainer { task, mut model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit } = trainer;
         // Initialisation is the first use of the seed, so a model starts the same whatever
         // happened before.
         B::seed(&device, tr.seed);
@@ -481,6 +546,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let architecture = task.architecture();
         let mut state = TrainState { format: STATE_FORMAT, architecture: architecture.clone(), ..Default::default() };
         let mut resume_notes = Vec::new();
+        let mut resumed_dir = None;
         if let Some(asked) = &resume_from {
             let (dir, saved) = resume_checkpoint(asked, &run_dir, |state| check_position(state, data, per_step, &epoch_steps), &mut resume_notes)?;
             state = saved;
@@ -491,6 +557,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             state.architecture = architecture;
             state.integrity = None;
             model = checkpoint::load_weights(model, &dir.join("model"), &device)?;
+            resumed_dir = Some(dir.clone());
             let optim_path = dir.join("optimizer");
             let record = FileRecorder::new()
                 .load(optim_path.clone(), &device)
@@ -498,6 +565,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             optim = optim.load_record(record);
         }
 
+        let ema = start_ema(&tr, &model, resumed_dir.as_deref().map(|dir| (dir, &state)), &device, &mut resume_notes)?;
         let schedule = LrSchedule::new(&tr, total_steps);
         let info = task.info();
         sink.emit(&Event::RunStarted(RunInfo {
@@ -516,6 +584,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             sync_interval: tr.sync_interval,
             // The loader's capacity: a queue of ⌈prefetch / workers⌉ per worker.
             prefetch: prefetch.max(workers).div_ceil(workers) * workers,
+            commit,
         }))
         .map_err(|m| anyhow!(m))?;
         let fell_back = !resume_notes.is_empty();
@@ -538,7 +607,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             let settings = ReplicaSettings { train: tr.clone(), host, compute: kiln_model::autocast::compute(), faults: faults.clone() };
             ReplicaPool::start(&task, &model, &optim, settings, &device, &replica_devices)
         });
-        let last_good = (tr.on_nan == OnNan::Rollback).then(|| (model.clone(), optim.clone(), state.clone()));
+        let last_good = (tr.on_nan == OnNan::Rollback).then(|| (Held { model: model.clone(), optim: optim.clone(), ema: ema.clone() }, state.clone()));
         Ok(Self {
             metric_defs: task.metrics(),
             task,
@@ -558,7 +627,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             guarded,
             workers,
             prefetch,
-            learner: Learner::new(model, optim),
+            learner: Learner::new(model, optim, ema),
             state,
             schedule,
             host,
@@ -584,6 +653,11 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         self.tr.max_steps > 0 && self.state.step >= self.tr.max_steps
     }
 
+    /// `train.patience` validations in a row brought no new best: the run is over.
+    fn out_of_patience(&self) -> bool {
+        self.tr.patience > 0 && self.state.stale_validations >= self.tr.patience
+    }
+
     pub fn emit(&mut self, event: Event) -> Result<()> {
         self.sink.emit(&event).map_err(|m| anyhow!(m))
     }
@@ -591,7 +665,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// The whole run: epochs until the end, then the test split and the summary.
     fn train(mut self) -> Result<Summary> {
         // A finished run resumed with more epochs or steps continues; `finished` is informational.
-        let mut stop = self.at_step_limit();
+        let mut stop = self.at_step_limit() || self.out_of_patience();
         while !stop && self.state.epoch < self.tr.epochs {
             let epoch = self.state.epoch;
             let pass = self.train_epoch(epoch)?;
@@ -602,6 +676,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             stop = pass == Pass::Cut;
             let epoch_done = pass == Pass::Done;
             self.end_epoch(epoch, epoch_done, stop)?;
+            stop = stop || self.out_of_patience();
         }
         self.finish()
     }
@@ -712,7 +787,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// The update of a step whose sums are in hand, at `self.last_lr`; its sums join the window.
     pub fn apply(&mut self, sums: crate::step::StepSums<B>) {
         let (lr, scaler) = (self.last_lr, self.scaler.as_mut());
-        let norm = self.learner.step(|model, optim| apply_step(model, optim, sums.grads, sums.norm, lr, scaler));
+        let norm = self.learner.step(self.state.step, |model, optim| apply_step(model, optim, sums.grads, sums.norm, lr, scaler));
         self.window.add(sums.loss_sum, norm, sums.metric_sums);
     }
 
@@ -834,7 +909,12 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             self.state.epoch_loss_sum = 0.0;
             self.state.epoch_tokens = 0;
         }
-        let finished = (stop && !self.stopped) || self.state.epoch >= self.tr.epochs;
+        let early_stop = self.out_of_patience();
+        if early_stop {
+            let line = format!("early stop: {} validations without a better {} (train.patience)", self.state.stale_validations, self.tr.best_metric.name());
+            self.emit(Event::Note(line))?;
+        }
+        let finished = (stop && !self.stopped) || early_stop || self.state.epoch >= self.tr.epochs;
         let periodic = epoch_done && self.tr.save_every > 0 && self.state.epoch.is_multiple_of(self.tr.save_every);
         let step_save = self.tr.save_every_steps > 0 && self.state.step.is_multiple_of(self.tr.save_every_steps);
         if (finished || periodic || self.stopped || step_save) && !self.measuring() {
@@ -848,10 +928,19 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         if self.faults.pause_in_eval_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.faults.pause_in_eval_ms));
         }
-        let Some(valid) = self.task.evaluate(&self.learner.model().valid(), Split::Valid, &self.device) else {
+        let Some(valid) = self.task.evaluate(&self.learner.eval_model(), Split::Valid, &self.device) else {
             return Ok(());
         };
         let row = ValidRow { epoch: epoch + 1, step: self.state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu, metrics: valid.metrics };
+        // Early stopping's count: a validation without a figure (a non-finite loss) is no better.
+        let metric = self.tr.best_metric;
+        match metric.of(row.loss, row.bleu) {
+            Some(v) if self.state.best_value.is_none_or(|best| metric.better(v, best)) => {
+                self.state.best_value = Some(v);
+                self.state.stale_validations = 0;
+            }
+            _ => self.state.stale_validations += 1,
+        }
         self.state.last_valid = Some(row.clone());
         self.emit(Event::Validation(row))
     }
@@ -862,12 +951,14 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         self.state.wall_s = self.clock.wall();
         let state = &mut self.state;
         let name = format!("step-{:07}", state.step);
-        if let Some(v) = state.last_valid.as_ref().filter(|v| v.step == state.step && v.loss.is_finite()) {
-            if state.best.as_ref().is_none_or(|(_, best)| v.loss < *best) {
-                state.best = Some((name.clone(), v.loss));
+        let metric = self.tr.best_metric;
+        if let Some(value) = state.last_valid.as_ref().filter(|v| v.step == state.step).and_then(|v| metric.of(v.loss, v.bleu)) {
+            if state.best.as_ref().is_none_or(|(_, best)| metric.better(value, *best)) {
+                state.best = Some((name.clone(), value));
             }
         }
-        let (model, optim) = (self.learner.model(), self.learner.optim());
+        let (model, optim, ema) = (self.learner.model(), self.learner.optim(), self.learner.ema());
+        state.ema = ema.is_some();
         let pause_in_save_ms = self.faults.pause_in_save_ms;
         state.run_files = checkpoint::hash_run_files(&self.run_dir, &self.guarded).map_err(|m| anyhow!(m))?;
         let path = checkpoint::save(&self.run_dir, &name, state, |dir| {
@@ -880,6 +971,9 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 std::fs::write(&path, bytes).map_err(|e| format!("{}: cannot write: {e}", path.display()))
             };
             write("model.mpk", Recorder::<B>::record(&bytes, model.clone().into_record(), ()))?;
+            if let Some(ema) = ema {
+                write("ema.mpk", Recorder::<B::InnerBackend>::record(&bytes, ema.module.clone().into_record(), ()))?;
+            }
             if pause_in_save_ms > 0 {
                 std::thread::sleep(std::time::Duration::from_millis(pause_in_save_ms));
             }
@@ -889,8 +983,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         checkpoint::prune(&self.run_dir, self.tr.keep_checkpoints, state.best.as_ref().map(|(n, _)| n.as_str())).map_err(|m| anyhow!(m))?;
         let event = Event::Checkpoint { epoch: state.epoch, step: state.step, path: path.display().to_string() };
         if let Some(good) = &mut self.last_good {
-            let (model, optim) = self.learner.snapshot();
-            *good = (model, optim, self.state.clone());
+            *good = (self.learner.snapshot(), self.state.clone());
         }
         self.emit(event)
     }
@@ -901,7 +994,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             let line = format!("stopped on request at step {}; continue with: kiln train --resume {}", self.state.step, self.run_dir.display());
             self.emit(Event::Note(line))?;
         }
-        let test = if self.stopped || self.measuring() { None } else { self.task.evaluate(&self.learner.model().valid(), Split::Test, &self.device) };
+        let test = if self.stopped || self.measuring() { None } else { self.task.evaluate(&self.learner.eval_model(), Split::Test, &self.device) };
         if let Some(t) = &test {
             let label = self.task.info().test_label;
             let metrics: String = t.metrics.iter().map(|(k, v)| format!(" | {k} {v:.4}")).collect();
@@ -925,6 +1018,16 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             skipped_steps: self.state.skipped_steps,
             rollbacks: self.state.rollbacks,
             metrics: last_valid.map(|v| v.metrics).unwrap_or_default(),
+            early_stopped: self.out_of_patience(),
+            best: self.state.best.as_ref().map(|(name, value)| kiln_events::BestCheckpoint {
+                checkpoint: name.clone(),
+                metric: match self.tr.best_metric {
+                    kiln_recipe::BestMetric::ValidLoss => "valid_loss".into(),
+                    kiln_recipe::BestMetric::Bleu => "bleu".into(),
+                },
+                value: *value,
+            }),
+            ema: self.learner.ema().is_some(),
         };
         self.emit(Event::Finished(summary.clone()))?;
         Ok(summary)

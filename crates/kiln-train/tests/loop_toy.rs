@@ -272,3 +272,108 @@ fn each_on_nan_mode_does_what_it_says() {
     let err = rolled.expect_err("the fault comes back every time");
     assert!(err.to_string().contains("rollbacks made already"), "{err}");
 }
+
+/// The weights of a checkpoint file (`model` or `ema`) of the run's latest checkpoint, as bits.
+fn file_weights(run_dir: &std::path::Path, file: &str) -> Vec<u32> {
+    struct Values(Vec<u32>);
+    impl<B: Backend> ModuleVisitor<B> for Values {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0.extend(param.val().into_data().iter::<f32>().map(f32::to_bits));
+        }
+    }
+    let latest = kiln_train::checkpoint::latest(run_dir).unwrap().expect("a checkpoint");
+    let model = kiln_train::checkpoint::load_weights(Classifier::<Flex>::new(&Default::default()), &latest.join(file), &Default::default()).unwrap();
+    let mut values = Values(Vec::new());
+    model.visit(&mut values);
+    values.0
+}
+
+/// `train.ema_decay`: the moving average is saved beside the raw weights, a stopped and resumed
+/// run ends with the unbroken run's average bit for bit, and validation measures the average.
+#[test]
+fn weight_average_resumes_bit_identical_and_is_what_validation_measures() {
+    let _turn = one_at_a_time();
+    let train = TrainSection { ema_decay: 0.9, ..settings(3) };
+    let (whole, broken) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let unbroken = fit(whole.path(), train.clone(), &mut Events::default());
+    assert!(unbroken.ema);
+    let control = Control::new();
+    let mut stopping = Events { stop_after: Some((17, control.clone())), ..Default::default() };
+    let first = trainer(broken.path(), train.clone()).control(control).fit(&data(), &mut stopping).unwrap();
+    assert!(first.stopped && first.steps < unbroken.steps);
+    let checkpoint = kiln_train::checkpoint::latest(broken.path()).unwrap().unwrap();
+    let resumed = trainer(broken.path(), train).resume(Some(checkpoint)).fit(&data(), &mut Events::default()).unwrap();
+    assert_eq!(resumed.steps, unbroken.steps);
+    assert_eq!(file_weights(broken.path(), "ema"), file_weights(whole.path(), "ema"), "the average continues exactly");
+    assert_eq!(file_weights(broken.path(), "model"), file_weights(whole.path(), "model"));
+    assert_ne!(file_weights(whole.path(), "ema"), file_weights(whole.path(), "model"), "the average is not the last weights");
+    // The logged validation is the saved average's.
+    let latest = kiln_train::checkpoint::latest(whole.path()).unwrap().unwrap();
+    let device = Default::default();
+    let ema = kiln_train::checkpoint::load_weights(Classifier::<Flex>::new(&device), &latest.join("ema"), &device).unwrap();
+    let figures = <PointTask as Task<B>>::evaluate(&PointTask { valid: points(48, 1000) }, &ema, Split::Valid, &device).unwrap();
+    assert_eq!(Some(figures.loss.to_bits()), unbroken.valid_loss.map(f64::to_bits));
+    assert_eq!(resumed.valid_loss.map(f64::to_bits), unbroken.valid_loss.map(f64::to_bits));
+}
+
+/// A task whose validation losses follow a script (from validation `from` on): early stopping is
+/// then a matter of counting.
+struct ScriptedValidation {
+    inner: PointTask,
+    losses: Vec<f64>,
+    at: std::sync::atomic::AtomicUsize,
+}
+
+impl<B: AutodiffBackend> Task<B> for ScriptedValidation {
+    type Model = Classifier<B>;
+    type Batch = PointBatch<B>;
+
+    fn forward(&self, model: &Classifier<B>, batch: &PointBatch<B>) -> TaskOutput<B> {
+        <PointTask as Task<B>>::forward(&self.inner, model, batch)
+    }
+
+    fn evaluate(&self, _: &ValidModel<B, Self>, split: Split, _: &B::Device) -> Option<EvalFigures> {
+        (split == Split::Valid).then(|| kiln_train::task::figures(self.losses[self.at.fetch_add(1, std::sync::atomic::Ordering::SeqCst)], Default::default()))
+    }
+}
+
+fn scripted(run_dir: &std::path::Path, train: TrainSection, from: usize) -> Trainer<B, ScriptedValidation> {
+    let device = Default::default();
+    let task = ScriptedValidation { inner: PointTask { valid: Vec::new() }, losses: vec![1.0, 0.8, 0.9, 0.85, 0.81, 0.2, 0.1, 0.05, 0.04, 0.03], at: from.into() };
+    Trainer::new(task, Classifier::new(&device), device).settings(train).run_dir(run_dir).loader(2, 4)
+}
+
+/// `train.patience = 3`: validation 2 is the best, 3-5 are not better, so the run ends after
+/// epoch 5 of 10 with validation 2's checkpoint as the best; a run stopped in epoch 4 and resumed
+/// carries its count of validations without improvement and ends at the same validation.
+#[test]
+fn early_stopping_stops_at_the_right_validation_and_resumes_its_count() {
+    let _turn = one_at_a_time();
+    let train = TrainSection { epochs: 10, patience: 3, ..settings(3) };
+    let dir = tempfile::tempdir().unwrap();
+    let whole = scripted(dir.path(), train.clone(), 0).fit(&data(), &mut Events::default()).unwrap();
+    let per_epoch = 12;
+    assert!(whole.early_stopped);
+    assert_eq!((whole.epochs, whole.steps), (5, 5 * per_epoch), "stopped after the fifth validation");
+    let best = whole.best.clone().expect("a best checkpoint");
+    assert_eq!((best.checkpoint.as_str(), best.value), ("step-0000024", 0.8));
+    let pointer = std::fs::read_to_string(dir.path().join("checkpoints/best")).unwrap();
+    assert_eq!(pointer.trim(), "step-0000024");
+    assert!(dir.path().join("checkpoints/step-0000024").is_dir(), "the best checkpoint is kept");
+
+    // Stopped in epoch 4, after three validations (one without improvement), then resumed.
+    let broken = tempfile::tempdir().unwrap();
+    let control = Control::new();
+    let mut stopping = Events { stop_after: Some((40, control.clone())), ..Default::default() };
+    let first = scripted(broken.path(), train.clone(), 0).control(control).fit(&data(), &mut stopping).unwrap();
+    assert!(first.stopped && !first.early_stopped && first.epochs == 3, "stopped in epoch 4: {} epochs, step {}", first.epochs, first.steps);
+    let checkpoint = kiln_train::checkpoint::latest(broken.path()).unwrap().unwrap();
+    let resumed = scripted(broken.path(), train.clone(), 3).resume(Some(checkpoint)).fit(&data(), &mut Events::default()).unwrap();
+    assert!(resumed.early_stopped);
+    assert_eq!((resumed.epochs, resumed.steps), (5, 5 * per_epoch));
+    assert_eq!(resumed.best.map(|b| b.checkpoint), Some("step-0000024".to_string()));
+    // Resuming an early-stopped run trains nothing more.
+    let checkpoint = kiln_train::checkpoint::latest(broken.path()).unwrap().unwrap();
+    let again = scripted(broken.path(), train, 5).resume(Some(checkpoint)).fit(&data(), &mut Events::default()).unwrap();
+    assert_eq!(again.steps, 5 * per_epoch);
+}

@@ -1,7 +1,8 @@
 //! End-of-run charts in the run directory: `loss.png` (training loss per sync window and
 //! validation loss against step) and `throughput.png` (target tokens/s per window). Drawn from
 //! `metrics.jsonl`, so a resumed run's charts cover all its processes. The font is embedded
-//! (DejaVu Sans Mono, `assets/fonts/`): no system fonts needed.
+//! (DejaVu Sans Mono, `assets/fonts/`): no system fonts needed. [`overlay`] draws several runs
+//! on one chart for `kiln compare`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -55,6 +56,20 @@ pub fn write_charts(run_dir: &Path, title: &str) -> Result<Vec<PathBuf>, String>
 type Series<'a> = (&'a str, &'a [(f64, f64)], &'a RGBColor);
 
 fn draw(path: &Path, caption: &str, y_label: &str, series: &[Series<'_>]) -> Result<(), String> {
+    draw_against(path, caption, "optimizer step", y_label, series)
+}
+
+/// Colours of overlaid runs, in order (then repeated).
+const PALETTE: [RGBColor; 8] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(255, 127, 14), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(23, 190, 207)];
+
+/// One chart of several runs' lines (`kiln compare`): each a named list of (x, y) points.
+pub fn overlay(path: &Path, caption: &str, x_label: &str, y_label: &str, lines: &[(String, Vec<(f64, f64)>)]) -> Result<(), String> {
+    register_font();
+    let series: Vec<Series<'_>> = lines.iter().enumerate().map(|(i, (name, data))| (name.as_str(), data.as_slice(), &PALETTE[i % PALETTE.len()])).collect();
+    draw_against(path, caption, x_label, y_label, &series)
+}
+
+fn draw_against(path: &Path, caption: &str, x_label: &str, y_label: &str, series: &[Series<'_>]) -> Result<(), String> {
     let fail = |e: String| format!("{}: cannot draw chart: {e}", path.display());
     let points = series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -78,7 +93,7 @@ fn draw(path: &Path, caption: &str, y_label: &str, series: &[Series<'_>]) -> Res
             .map_err(|e| fail(e.to_string()))?;
         chart
             .configure_mesh()
-            .x_desc("optimizer step")
+            .x_desc(x_label)
             .y_desc(y_label)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style(("sans-serif", 14))

@@ -64,6 +64,9 @@ mod tests {
             skipped_steps: 0,
             rollbacks: 0,
             metrics: [("accuracy".to_string(), 0.975)].into(),
+            early_stopped: false,
+            best: None,
+            ema: false,
         };
         let t = summary_table(&s, "runs/q");
         assert!(t.contains("1108 / 4") && t.contains("1,030 target tok/s") && t.contains("112 (avg 0.00 ms") && t.contains("padding 4.1 %"), "{t}");
