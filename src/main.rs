@@ -292,6 +292,14 @@ fn main() -> ExitCode {
     // 277 → 308-334 MiB on the quickstart (docs/bench/train.md).
     // SAFETY: sets a process-wide allocator option; no pointers are involved.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`kiln runs | head -1`) would panic.
+    // The default action ends the process as other command-line tools end; a training run
+    // killed this way is a killed run: its checkpoints stay whole (docs/reliability.md).
+    // SAFETY: sets the disposition of one signal before any thread is started.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print as clap writes them; a bad flag or value is one line, exit 2.

@@ -111,6 +111,9 @@ fn keys() -> Vec<(&'static str, Kind)> {
         ("train.nan_lr_factor", Float(&["0.5"])),
         ("train.nan_max_recoveries", Int(&["0", "1", "5"])),
         ("train.precision", Word(&["f32", "bf16", "f16", "f8"])),
+        ("train.ema_decay", Float(&["0.0", "0.9", "0.999", "1.0"])),
+        ("train.patience", Int(&["0", "1", "3"])),
+        ("train.best_metric", Word(&["valid_loss", "bleu", "chrf"])),
         ("backend.device", Word(&["cpu", "auto", "cuda", "cuda:0", "gpu"])),
         ("backend.threads", Int(&["0", "1", "2"])),
         ("backend.cpu_split", Int(&["0", "1", "2", "3"])),
@@ -119,6 +122,8 @@ fn keys() -> Vec<(&'static str, Kind)> {
         ("eval.bleu_sentences", Int(&["0", "5"])),
         ("eval.max_len_a", Float(&["1.5", "0.0"])),
         ("eval.max_len_b", Int(&["0", "10"])),
+        ("eval.beam", Int(&["1", "2", "4"])),
+        ("eval.len_penalty", Float(&["0.0", "1.0"])),
     ]
 }
 

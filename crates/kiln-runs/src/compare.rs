@@ -20,6 +20,9 @@ fn flatten(table: &toml::Table, prefix: &str, out: &mut BTreeMap<String, String>
     }
 }
 
+/// Keys holding a path: compared as the files they name (`a/../b` and `b` are one file).
+const PATH_KEYS: [&str; 5] = ["data.train", "data.valid", "data.test", "tokenizer.path", "loader.cache_dir"];
+
 /// A run's resolved recipe, flattened.
 pub fn recipe_keys(dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let path = dir.join("recipe.toml");
@@ -27,6 +30,14 @@ pub fn recipe_keys(dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: not a recipe: {}", path.display(), e.message()))?;
     let mut out = BTreeMap::new();
     flatten(&table, "", &mut out);
+    for key in PATH_KEYS {
+        if let Some(v) = out.get_mut(key) {
+            let raw = v.trim_matches('"');
+            if let Ok(real) = std::fs::canonicalize(raw) {
+                *v = format!("{:?}", real.display().to_string());
+            }
+        }
+    }
     Ok(out)
 }
 

@@ -268,11 +268,14 @@ pub fn table(records: &[RunRecord], root: &Path) -> String {
     align(&rows)
 }
 
-/// Rows as columns padded to their widest cell (numbers right-aligned), two spaces apart.
+/// Rows as columns padded to their widest cell, two spaces apart; a column whose cells (below
+/// the header) are all numbers or `-` is right-aligned.
 pub fn align(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
-    let numeric = |s: &str| s.chars().next().is_some_and(|c| c.is_ascii_digit() || c == '-' || c == '+') && s.parse::<f64>().is_ok();
+    let is_number = |s: &str| s == "-" || s.parse::<f64>().is_ok();
+    let numeric_col: Vec<bool> = (0..cols).map(|c| rows.iter().skip(1).filter_map(|r| r.get(c)).all(|s| is_number(s)) && rows.iter().skip(1).any(|r| r.get(c).is_some_and(|s| s != "-"))).collect();
+    let numeric = |c: usize, s: &str| numeric_col[c] && is_number(s);
     let mut out = String::new();
     for row in rows {
         let cells: Vec<String> = row
@@ -280,7 +283,7 @@ pub fn align(rows: &[Vec<String>]) -> String {
             .enumerate()
             .map(|(c, s)| {
                 let pad = widths[c].saturating_sub(s.chars().count());
-                if numeric(s) { format!("{}{s}", " ".repeat(pad)) } else { format!("{s}{}", " ".repeat(pad)) }
+                if numeric(c, s) { format!("{}{s}", " ".repeat(pad)) } else { format!("{s}{}", " ".repeat(pad)) }
             })
             .collect();
         out.push_str(cells.join("  ").trim_end());
