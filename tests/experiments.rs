@@ -165,3 +165,21 @@ fn export_writes_safetensors_that_match_the_config() {
     assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(run.join("tokenizer.json")).unwrap());
     assert_user_error(&kiln(&["export", &run.display().to_string(), "--format", "onnx"]), &["onnx"]);
 }
+
+/// `eval.beam`: the run's own test BLEU is the beam's, the figure `eval --beam K` gives.
+#[test]
+fn the_recipes_beam_decodes_the_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = train_with(&smoke(), &run, &["train.epochs=3", "eval.beam=3", "eval.len_penalty=0.6"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = read_json(&run.join("summary.json"));
+    let r = run.display().to_string();
+    let bleu = |beam: &str| {
+        let o = kiln(&["eval", &r, "--beam", beam, "--len-penalty", "0.6"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_json(&run.join("eval-test.json"))["bleu"].as_f64().unwrap()
+    };
+    assert_eq!(summary["test"]["bleu"].as_f64().unwrap().to_bits(), bleu("3").to_bits(), "{summary}");
+    assert_user_error(&train_with(&smoke(), &dir.path().join("wide"), &["eval.beam=401"], &[]), &["eval.beam", "400"]);
+}

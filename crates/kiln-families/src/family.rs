@@ -140,10 +140,12 @@ pub fn model_size_estimate(recipe: &Recipe, vocab_size: usize) -> f64 {
 }
 
 /// Refuses, in one line naming the model's keys, a model whose weights, gradients and AdamW
-/// moments (four f32 copies) alone exceed the device's memory (`capacity` bytes).
+/// moments (four f32 copies, five with `train.ema_decay`'s average) alone exceed the device's
+/// memory (`capacity` bytes).
 pub fn check_model_fits(recipe: &Recipe, vocab_size: usize, capacity: u64, device: &str) -> anyhow::Result<()> {
     let numbers = model_size_estimate(recipe, vocab_size);
-    let bytes = numbers * 4.0 * 4.0;
+    let copies = if recipe.train.ema_decay > 0.0 { 5.0 } else { 4.0 };
+    let bytes = numbers * copies * 4.0;
     if bytes <= capacity as f64 {
         return Ok(());
     }
