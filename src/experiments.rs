@@ -63,7 +63,7 @@ pub fn average(run_dir: &Path, last: Option<usize>, names: Vec<String>, ema: boo
     let _lock = kiln_events::RunLock::acquire(run_dir).map_err(anyhow::Error::msg)?;
     let run = kiln_families::infer::open_run(run_dir, None)?;
     let done = kiln_families::average::average(&run, &pick, ema, name)?;
-    let what = if done.weights == "ema" { "moving averages" } else { "weights" };
+    let what = if done.weights == kiln_train::checkpoint::WeightsFile::Ema { "moving averages" } else { "weights" };
     println!("averaged the {what} of {} checkpoints ({}) into {}", done.from.len(), done.from.join(", "), done.dir.display());
     println!("use it with --checkpoint {}", done.dir.file_name().unwrap_or_default().to_string_lossy());
     Ok(())
@@ -74,7 +74,7 @@ pub fn export(run_dir: &Path, out: Option<&Path>, checkpoint: Option<&str>, open
     let name = run.checkpoint.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let out = out.map(Path::to_path_buf).unwrap_or_else(|| run_dir.join("export").join(&name));
     let done = kiln_families::export::export_safetensors(&run, &out)?;
-    let weights = if run.weights == "ema" { "moving average" } else { "raw weights" };
+    let weights = if run.decodes_moving_average() { "moving average" } else { "raw weights" };
     println!("exported {name} ({weights}): {} tensors, {} parameters", done.tensors, done.parameters);
     for file in ["model.safetensors", "config.json", "tokenizer.json"] {
         println!("wrote {}", done.dir.join(file).display());

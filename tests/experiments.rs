@@ -137,6 +137,20 @@ fn the_weight_average_is_saved_and_chosen_with_weights() {
     // The run's own test figure is the average's.
     let test_loss = summary["test"]["loss"].as_f64().unwrap();
     assert!((test_loss - ema["loss"].as_f64().unwrap()).abs() < 1e-9, "{test_loss} vs {}", ema["loss"]);
+    // An average of the moving averages is labelled as one, and holds no raw weights.
+    let o = kiln(&["average", &r, "--last", "2", "--ema"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("averaged the moving averages of 2 checkpoints"), "{}", stdout(&o));
+    let name = "avg-2-step-0000080-ema";
+    let o = kiln(&["eval", &r, "--checkpoint", name]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("| ema weights |"), "{}", stdout(&o));
+    assert_eq!(read_json(&run.join("eval-test.json"))["weights"], "ema");
+    assert_user_error(&kiln(&["eval", &r, "--checkpoint", name, "--weights", "raw"]), &["average of moving averages"]);
+    let out = dir.path().join("export");
+    let o = kiln(&["export", &r, "--checkpoint", name, "--format", "safetensors", "--out", &out.display().to_string()]);
+    assert!(o.status.success() && stdout(&o).contains("(moving average)"), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(read_json(&out.join("config.json"))["weights"], "ema");
     // A run without an average refuses --weights ema in one line.
     let plain = dir.path().join("plain");
     assert!(train_with(&smoke(), &plain, &["train.epochs=1"], &[]).status.success());

@@ -101,13 +101,17 @@ fn skip_replays_the_window_without_the_bad_step() {
 /// a bad step is found one window late and the steps queued after it ran on a NaN model. Each
 /// mode must end exactly as when every window is read at its end: the same windows logged, the
 /// same losses, the same steps skipped or rolled back.
+///
+/// Batches run whole (`backend.cpu_split = 1`): the comparison is of the recovery, and a batch cut
+/// into parts on a loaded machine once gave a rollback trajectory 1e-4 off from its first window
+/// (1 CI run; not reproduced in 178 runs of the same case under load), which is tracked on its own.
 #[test]
 fn a_bad_step_found_one_window_late_ends_as_one_found_at_once() {
     let dir = tempfile::tempdir().unwrap();
     type Case<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)]);
     let cases: [Case; 2] = [
-        ("skip", &["train.on_nan=skip"], &[("KILN_TEST_NONFINITE_STEPS", "13")]),
-        ("rollback", &["train.lr=1e30", "train.on_nan=rollback", "train.nan_lr_factor=1e-33"], &[]),
+        ("skip", &["train.on_nan=skip", "backend.cpu_split=1"], &[("KILN_TEST_NONFINITE_STEPS", "13")]),
+        ("rollback", &["train.lr=1e30", "train.on_nan=rollback", "train.nan_lr_factor=1e-33", "backend.cpu_split=1"], &[]),
     ];
     for (mode, sets, env) in cases {
         let [late, at_once] = ["late", "at-once"].map(|n| dir.path().join(format!("{mode}-{n}")));

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use burn::backend::Flex;
 use burn::module::Module;
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
-use kiln_train::checkpoint::{self, Architecture, TrainState};
+use kiln_train::checkpoint::{self, Architecture, TrainState, WeightsFile};
 
 use crate::infer::RunModel;
 use crate::registry::{self, Family, UseFamily};
@@ -31,8 +31,8 @@ pub struct Averaged {
     pub dir: PathBuf,
     /// The checkpoints averaged, oldest first.
     pub from: Vec<String>,
-    /// The weights file averaged: `model` (raw) or `ema`.
-    pub weights: &'static str,
+    /// The weights file averaged: `model.mpk` (raw) or `ema.mpk`.
+    pub weights: WeightsFile,
 }
 
 fn name_of(dir: &Path) -> String {
@@ -62,7 +62,7 @@ pub fn average(run: &RunModel, pick: &Pick, ema: bool, name: Option<&str>) -> Re
             dirs
         }
     };
-    let weights = if ema { "ema" } else { "model" };
+    let weights = if ema { WeightsFile::Ema } else { WeightsFile::Model };
     let expected = Architecture::new(&run.recipe.model, run.tokenizer.vocab_size());
     let mut states = Vec::new();
     for dir in &dirs {
@@ -83,7 +83,7 @@ pub fn average(run: &RunModel, pick: &Pick, ema: bool, name: Option<&str>) -> Re
         None => format!("avg-{}-{}{}", dirs.len(), from.last().expect("two or more"), if ema { "-ema" } else { "" }),
     };
     // The newest checkpoint's state, marked as the average it now is.
-    let state = TrainState { averaged_from: from.clone(), ema: false, integrity: None, ..states.pop().expect("two or more") };
+    let state = TrainState { averaged_from: from.clone(), averaged_ema: ema, ema: false, integrity: None, ..states.pop().expect("two or more") };
     let dir = registry::dispatch(run.recipe.model.family, WriteAverage { run, dirs: &dirs, weights, name: &name, state: &state })?;
     Ok(Averaged { dir, from, weights })
 }
@@ -91,7 +91,7 @@ pub fn average(run: &RunModel, pick: &Pick, ema: bool, name: Option<&str>) -> Re
 struct WriteAverage<'a> {
     run: &'a RunModel,
     dirs: &'a [PathBuf],
-    weights: &'static str,
+    weights: WeightsFile,
     name: &'a str,
     state: &'a TrainState,
 }
@@ -102,7 +102,7 @@ impl UseFamily for WriteAverage<'_> {
     fn with<F: Family>(self) -> Result<PathBuf> {
         let device = Default::default();
         let vocab = self.run.tokenizer.vocab_size();
-        let models = self.dirs.iter().map(|dir| checkpoint::load_weights(F::build::<Flex>(&self.run.recipe, vocab, &device), &dir.join(self.weights), &device)).collect::<Result<Vec<_>>>()?;
+        let models = self.dirs.iter().map(|dir| checkpoint::load_weights(F::build::<Flex>(&self.run.recipe, vocab, &device), &self.weights.path_in(dir), &device)).collect::<Result<Vec<_>>>()?;
         let mean = kiln_train::weights::average(models).map_err(|m| anyhow!("{}: the checkpoints do not average: {m}", self.run.run_dir.display()))?;
         let record = Recorder::<Flex>::record(&NamedMpkBytesRecorder::<FullPrecisionSettings>::new(), mean.into_record(), ()).map_err(|e| anyhow!("cannot serialise the average: {e}"))?;
         checkpoint::save_derived(&self.run.run_dir, self.name, self.state, |dir| {

@@ -38,7 +38,7 @@ pub fn export_safetensors(run: &RunModel, out: &Path) -> Result<Exported> {
         "tokenizer": "tokenizer.json",
         "checkpoint": run.checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()),
         "step": run.step,
-        "weights": if run.weights == "ema" { "ema" } else { "raw" },
+        "weights": if run.decodes_moving_average() { "ema" } else { "raw" },
         "dtype": "float32",
         "linear_weight_layout": "[in, out] (Burn); transpose for torch.nn.Linear",
         "tensors": shapes,
@@ -62,7 +62,7 @@ impl UseFamily for WriteSafetensors<'_> {
     fn with<F: Family>(self) -> Self::Output {
         let device = Default::default();
         let model = F::build::<Flex>(&self.run.recipe, self.run.tokenizer.vocab_size(), &device);
-        let model = kiln_train::checkpoint::load_weights(model, &self.run.checkpoint.join(self.run.weights), &device)?;
+        let model = kiln_train::checkpoint::load_weights(model, &self.run.weights.path_in(&self.run.checkpoint), &device)?;
         let snapshots = model.collect(None, None, false);
         let shapes: serde_json::Map<String, serde_json::Value> = snapshots.iter().map(|t| (t.full_path(), json!(t.shape.to_vec()))).collect();
         let parameters = snapshots.iter().map(|t| t.shape.num_elements()).sum();

@@ -17,7 +17,7 @@ use kiln_model::{DecoderLm, Seq2Seq};
 use kiln_recipe::{ModelFamily, Recipe};
 use serde::Serialize;
 
-use kiln_train::checkpoint::{self, Architecture};
+use kiln_train::checkpoint::{self, Architecture, WeightsFile};
 use crate::evaluate::{beam_translate, evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
 use crate::family::{lm_config, model_config};
@@ -29,9 +29,11 @@ pub struct RunModel {
     pub tokenizer: SubwordTokenizer,
     pub checkpoint: PathBuf,
     pub step: usize,
-    /// The weights file of the checkpoint that decodes: `ema` (the moving average of the
-    /// weights, `train.ema_decay`) where the checkpoint has one, else `model`.
-    pub weights: &'static str,
+    /// The weights file of the checkpoint that decodes: `ema.mpk` (the moving average of the
+    /// weights, `train.ema_decay`) where the checkpoint has one, else `model.mpk`.
+    pub weights: WeightsFile,
+    /// The checkpoint is an average of moving averages (`kiln average --ema`).
+    pub averaged_ema: bool,
 }
 
 /// Which of a checkpoint's weights to use (`--weights`).
@@ -76,28 +78,33 @@ pub fn open_run(run_dir: &Path, checkpoint: Option<&str>) -> Result<RunModel> {
     let state = checkpoint::verify(&dir).map_err(|m| anyhow!(m))?;
     checkpoint::check_architecture(&dir, &state, &Architecture::new(&recipe.model, tokenizer.vocab_size())).map_err(|m| anyhow!(m))?;
     checkpoint::check_run_files(&dir, &state).map_err(|m| anyhow!(m))?;
-    let weights = if state.ema { "ema" } else { "model" };
-    Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step, weights })
+    let weights = if state.ema { WeightsFile::Ema } else { WeightsFile::Model };
+    Ok(RunModel { run_dir: run_dir.to_path_buf(), recipe, tokenizer, checkpoint: dir, step: state.step, weights, averaged_ema: state.averaged_ema })
+}
+
+fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
+    kiln_train::checkpoint::load_weights(model, &run.weights.path_in(&run.checkpoint), device)
 }
 
 impl RunModel {
+    /// Whether the weights that decode are a moving average (`ema.mpk`, or an average of them).
+    pub fn decodes_moving_average(&self) -> bool {
+        self.weights == WeightsFile::Ema || self.averaged_ema
+    }
+
     /// Decodes with `which` of the checkpoint's weights.
     pub fn use_weights(&mut self, which: Weights) -> Result<()> {
         self.weights = match which {
             Weights::Auto => self.weights,
-            Weights::Raw => "model",
-            Weights::Ema if self.checkpoint.join("ema.mpk").is_file() => "ema",
+            Weights::Raw if self.averaged_ema => bail!("--weights raw: {} is an average of moving averages (kiln average --ema); it holds no raw weights", self.checkpoint.display()),
+            Weights::Raw => WeightsFile::Model,
+            Weights::Ema if self.averaged_ema => WeightsFile::Model,
+            Weights::Ema if self.checkpoint.join("ema.mpk").is_file() => WeightsFile::Ema,
             Weights::Ema => bail!("--weights ema: {} holds no moving average of the weights (the run had train.ema_decay = 0)", self.checkpoint.display()),
         };
         Ok(())
     }
-}
 
-fn load<B: Backend, M: Module<B>>(model: M, run: &RunModel, device: &B::Device) -> Result<M> {
-    kiln_train::checkpoint::load_weights(model, &run.checkpoint.join(run.weights), device)
-}
-
-impl RunModel {
     pub fn translation_model<B: Backend>(&self, device: &B::Device) -> Result<Seq2Seq<B>> {
         if self.recipe.model.family != ModelFamily::Transformer {
             bail!("{}: this run trained a language model; use `generate`", self.run_dir.display());
@@ -176,7 +183,8 @@ pub struct EvalReport {
     pub ppl: f64,
     pub beam: usize,
     pub len_penalty: f64,
-    /// `ema` (the moving average of the weights) or `model` (the raw weights).
+    /// `ema` (a moving average of the weights: `ema.mpk`, or an average of them) or `model`
+    /// (the raw weights, or an average of them).
     pub weights: String,
     /// sacreBLEU-equal corpus BLEU and chrF of the decoded split (translation runs).
     pub bleu: Option<f64>,
@@ -203,7 +211,7 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
         ppl: f64::NAN,
         beam: beam.beam,
         len_penalty: beam.len_penalty,
-        weights: run.weights.to_string(),
+        weights: if run.decodes_moving_average() { "ema" } else { "model" }.to_string(),
         bleu: None,
         chrf: None,
     };

@@ -72,6 +72,10 @@ pub struct TrainState {
     /// It holds weights only and is never resumed from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub averaged_from: Vec<String>,
+    /// An averaged checkpoint made from the moving averages of its checkpoints (`kiln average
+    /// --ema`), not from their raw weights: its `model.mpk` is an average of averages.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub averaged_ema: bool,
     /// BLAKE3 (hex) of run files the checkpoint depends on (`tokenizer.json`), by name under
     /// the run directory: a file changed since the save is refused before the checkpoint is used.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
@@ -121,6 +125,7 @@ impl Default for TrainState {
             stale_validations: 0,
             ema: false,
             averaged_from: Vec::new(),
+            averaged_ema: false,
             run_files: Default::default(),
             integrity: None,
         }
@@ -486,6 +491,30 @@ pub fn prune(run_dir: &Path, keep: usize, best: Option<&str>) -> Result<(), Stri
 }
 
 /// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
+/// One of the weights files of a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsFile {
+    /// `model.mpk`: the weights the optimizer trained (or, in an averaged checkpoint, their mean).
+    Model,
+    /// `ema.mpk`: their moving average (`train.ema_decay`).
+    Ema,
+}
+
+impl WeightsFile {
+    /// The file's name without `.mpk`, as [`load_weights`] takes it.
+    pub fn stem(self) -> &'static str {
+        match self {
+            WeightsFile::Model => "model",
+            WeightsFile::Ema => "ema",
+        }
+    }
+
+    /// The file in checkpoint directory `dir`, as [`load_weights`] takes it.
+    pub fn path_in(self, dir: &Path) -> PathBuf {
+        dir.join(self.stem())
+    }
+}
+
 pub fn load_weights<B: Backend, M: Module<B>>(model: M, path: &Path, device: &B::Device) -> anyhow::Result<M> {
     model
         .load_file(path.to_path_buf(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)

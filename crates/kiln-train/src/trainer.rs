@@ -490,7 +490,7 @@ fn start_ema<B: AutodiffBackend, M: AutodiffModule<B>>(tr: &TrainSection, model:
         return Ok(None);
     }
     Ok(Some(match resumed {
-        Some((dir, state)) if state.ema => Ema::resume(tr.ema_decay, checkpoint::load_weights(model.valid(), &dir.join("ema"), device)?),
+        Some((dir, state)) if state.ema => Ema::resume(tr.ema_decay, checkpoint::load_weights(model.valid(), &checkpoint::WeightsFile::Ema.path_in(dir), device)?),
         Some((dir, state)) => {
             notes.push(format!("{}: no weight average saved; train.ema_decay = {} starts one at step {}", dir.display(), tr.ema_decay, state.step));
             Ema::start(tr.ema_decay, model)
@@ -556,7 +556,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             checkpoint::check_run_files(&dir, &state).map_err(|m| anyhow!(m))?;
             state.architecture = architecture;
             state.integrity = None;
-            model = checkpoint::load_weights(model, &dir.join("model"), &device)?;
+            model = checkpoint::load_weights(model, &checkpoint::WeightsFile::Model.path_in(&dir), &device)?;
             resumed_dir = Some(dir.clone());
             let optim_path = dir.join("optimizer");
             let record = FileRecorder::new()
