@@ -96,6 +96,14 @@ mod tests {
     use super::*;
     use burn::tensor::{Int, Tensor, TensorData};
 
+    /// A Python that imports torch: `KILN_PEER_PYTHON`, the bench's `benches/peer/.venv`, or
+    /// `python3`.
+    fn python_with_torch() -> Option<std::path::PathBuf> {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peer/.venv/bin/python");
+        let candidates = [std::env::var_os("KILN_PEER_PYTHON").map(Into::into), Some(venv), Some("python3".into())];
+        candidates.into_iter().flatten().find(|p| std::process::Command::new(p).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success()))
+    }
+
     /// The golden run's checkpoint, exported and read back, is the same model: every weight bit
     /// for bit, and the same logits on a batch.
     #[test]
@@ -114,6 +122,24 @@ mod tests {
         let tgt = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![2i32, 11, 6, 2, 8, 0], [2, 3]), &device);
         let logits = |m: &kiln_model::Seq2Seq<Flex>| m.forward(src.clone(), tgt.clone()).into_data().to_vec::<f32>().unwrap();
         assert_eq!(logits(&loaded), logits(&original));
+        // The PyTorch reference, where a Python with torch is found, reads the file into its own
+        // model and gives the same logits.
+        if let Some(python) = python_with_torch() {
+            let batch = dir.path().join("batch.json");
+            std::fs::write(&batch, r#"{"src": [[5, 9, 14, 3], [7, 22, 3, 0]], "tgt_in": [[2, 11, 6], [2, 8, 0]]}"#).unwrap();
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/peer/peer_logits.py");
+            let out = std::process::Command::new(&python).arg(&script).arg(dir.path()).arg(&batch).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let peer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let ours = logits(&original);
+            let theirs: Vec<f64> = peer["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(peer["shape"], json!([2, 3, ours.len() / 6]));
+            let worst = ours.iter().zip(&theirs).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            assert!(worst < 1e-4, "PyTorch's logits differ from kiln's by up to {worst}");
+            eprintln!("PyTorch ({}) reads the export: its logits within {worst:.1e} of kiln's", python.display());
+        } else {
+            eprintln!("no Python with torch (KILN_PEER_PYTHON, benches/peer/.venv): the PyTorch reading of the export is not checked");
+        }
         // A file of another architecture is refused, not half loaded.
         let mut other = crate::infer::open_run(&run_dir, None).unwrap();
         other.recipe.model.d_ff *= 2;
