@@ -490,7 +490,6 @@ pub fn prune(run_dir: &Path, keep: usize, best: Option<&str>) -> Result<(), Stri
     Ok(())
 }
 
-/// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
 /// One of the weights files of a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightsFile {
@@ -515,6 +514,7 @@ impl WeightsFile {
     }
 }
 
+/// Loads weights saved at `path` (`.mpk` added) into `model`; a file that does not fit is one line.
 pub fn load_weights<B: Backend, M: Module<B>>(model: M, path: &Path, device: &B::Device) -> anyhow::Result<M> {
     model
         .load_file(path.to_path_buf(), &NamedMpkFileRecorder::<FullPrecisionSettings>::new(), device)
