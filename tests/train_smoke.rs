@@ -406,6 +406,14 @@ fn worker_count_does_not_change_training() {
     };
     // Same batches in the same order: the same tokens and bit-identical losses per window.
     assert_eq!(losses(&one), losses(&two));
+    // And the same weights file, byte for byte, parameter ids included (numbered in module
+    // order, not drawn at random). The optimizer's file holds the same moments, but in the order
+    // of Burn's hash map of them, which differs from process to process.
+    let saved = |run: &std::path::Path| {
+        let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+        std::fs::read(run.join("checkpoints").join(latest.trim()).join("model.mpk")).unwrap()
+    };
+    assert!(saved(&one) == saved(&two), "model.mpk differs between the two runs");
     for r in windows(&read_jsonl(&two.join("metrics.jsonl"))) {
         assert!(r["data_wait_ms"].is_number() && r["padding_pct"].is_number(), "{r}");
     }

@@ -92,6 +92,37 @@ pub fn create_params<B: Backend, M: Module<B>>(model: &M) {
     model.visit(&mut CreateParams);
 }
 
+/// Gives the parameters the ids 0, 1, 2, … in module order. Burn draws each id at random when it
+/// builds a module, and the optimizer's state and the checkpoint files are keyed by them: numbered,
+/// two runs of the same recipe save the same bytes, and processes that build the same model agree
+/// on which parameter is which. Values, devices and gradient tracking are untouched.
+pub fn number_params<B: Backend, M: Module<B>>(model: M) -> M {
+    use burn::module::{Param, ParamId};
+    use burn::tensor::{Bool, Int};
+    struct Number(u64);
+    impl Number {
+        fn next(&mut self) -> ParamId {
+            self.0 += 1;
+            ParamId::from(self.0 - 1)
+        }
+    }
+    impl<B: Backend> burn::module::ModuleMapper<B> for Number {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (_, value, mapper) = param.consume();
+            Param::from_mapped_value(self.next(), value, mapper)
+        }
+        fn map_int<const D: usize>(&mut self, param: Param<Tensor<B, D, Int>>) -> Param<Tensor<B, D, Int>> {
+            let (_, value, mapper) = param.consume();
+            Param::from_mapped_value(self.next(), value, mapper)
+        }
+        fn map_bool<const D: usize>(&mut self, param: Param<Tensor<B, D, Bool>>) -> Param<Tensor<B, D, Bool>> {
+            let (_, value, mapper) = param.consume();
+            Param::from_mapped_value(self.next(), value, mapper)
+        }
+    }
+    model.map(&mut Number(0))
+}
+
 /// kiln's loop for a task: build it, set what differs from the defaults, call [`Trainer::fit`].
 ///
 /// Runs are reproducible: `fit` seeds the backend from `train.seed` and creates the model's
@@ -527,11 +558,13 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Creates the parameters, the optimizer and the state (fresh or from the checkpoint to
     /// resume), counts the run's steps and announces the run.
     fn start(trainer: Trainer<B, T>, data: &'a D, sink: &'a mut (dyn EventSink + Send)) -> Result<Self> {
-        let Trainer { task, mut model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit } = trainer;
+        let Trainer { task, model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit } = trainer;
         // Initialisation is the first use of the seed, so a model starts the same whatever
         // happened before.
         B::seed(&device, tr.seed);
         create_params(&model);
+        // A resumed run takes the ids saved with its checkpoint (the optimizer's state is keyed by them).
+        let mut model = number_params(model);
         let mut optim = adamw::<B, T::Model>(&tr);
 
         // Steps per epoch, counted up front (the schedule needs the exact total); each epoch's
