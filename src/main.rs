@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_nodes;
 mod experiments;
 use kiln_events::Control;
 use kiln_recipe::{Override, Recipe};
@@ -167,6 +168,22 @@ enum BenchWhat {
         #[arg(long, default_value = "docs/bench/data.md")]
         out: PathBuf,
     },
+    /// Training across processes: the same steps in one process with N CPU replicas and in N
+    /// processes joined over loopback (`--nodes`); the all-reduces' share of training time.
+    Nodes {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Processes (and replicas of the one-process run).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Optimizer steps each setup runs.
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        /// Markdown file the result row is appended to.
+        #[arg(long, default_value = "docs/bench/nodes.md")]
+        out: PathBuf,
+    },
     /// Training throughput: steady-state target tokens/s after a warm-up, step time, sync / data
     /// wait / compute shares, memory; and the same batches through the PyTorch reference
     /// (benches/peer/) when a python3 with torch is found, for the kiln/PyTorch ratio.
@@ -280,6 +297,48 @@ struct TrainArgs {
     /// terminal).
     #[arg(long)]
     no_tui: bool,
+    /// Multi-node data parallel: the number of processes (nodes) in the run, each with its own
+    /// `backend.devices`; start one per node with the same recipe, its --node-rank and the
+    /// --coordinator.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nodes: usize,
+    /// This process's rank among the --nodes (0..N-1). Rank 0 runs the coordinator and writes
+    /// the run directory; the others write nothing.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    node_rank: usize,
+    /// Where rank 0's coordinator listens, as every node reaches it (e.g. 10.0.0.1:29500).
+    #[arg(long, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// Where the other nodes reach this one (default: the coordinator's host, port + 1 + rank;
+    /// required on ranks > 0 when the coordinator is on another machine).
+    #[arg(long, value_name = "HOST:PORT")]
+    node_address: Option<String>,
+    /// Seconds a node waits for the others (to join, in each all-reduce, through the slowest
+    /// node's validation and saves) before it gives up with exit code 4.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0)]
+    node_timeout: f64,
+}
+
+impl TrainArgs {
+    /// The node flags, checked: `None` for a one-process run.
+    fn node_group(&self) -> anyhow::Result<Option<kiln_train::nodes::NodeGroup>> {
+        if self.nodes <= 1 {
+            if self.nodes == 0 {
+                anyhow::bail!("--nodes: expected 1 or more processes, got 0");
+            }
+            for (given, flag) in [(self.node_rank != 0, "--node-rank"), (self.coordinator.is_some(), "--coordinator"), (self.node_address.is_some(), "--node-address")] {
+                if given {
+                    anyhow::bail!("{flag}: only with --nodes 2 or more");
+                }
+            }
+            return Ok(None);
+        }
+        let Some(coordinator) = &self.coordinator else {
+            anyhow::bail!("--coordinator: required with --nodes {} (HOST:PORT of rank 0's coordinator)", self.nodes);
+        };
+        let group = kiln_train::nodes::NodeGroup::new(self.nodes, self.node_rank, coordinator, self.node_address.as_deref(), self.node_timeout).map_err(anyhow::Error::msg)?;
+        Ok(Some(group))
+    }
 }
 
 /// mimalloc's `mi_option_purge_delay` (mimalloc.h of the v3 sources libmimalloc-sys builds).
@@ -329,6 +388,7 @@ fn main() -> ExitCode {
         Command::Average { run_dir, last, checkpoints, ema, name } => experiments::average(&run_dir, last, checkpoints, ema, name.as_deref()),
         Command::Export { run_dir, format: _, out, checkpoint, weights } => experiments::export(&run_dir, out.as_deref(), checkpoint.as_deref(), |dir, c| weights.open(dir, c)),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
+        Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),
         Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, rounds } } => {
             bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, rounds })
         }
@@ -338,9 +398,13 @@ fn main() -> ExitCode {
         Err(e) => {
             let text = format!("{e:#}").replace('\n', " ");
             eprintln!("kiln: error: {text}");
-            // 3: training diverged (non-finite loss); 2: everything else the user can fix.
+            // 3: training diverged (non-finite loss); 4: a node was lost; 2: everything else the
+            // user can fix.
             if e.downcast_ref::<kiln_train::trainer::NonFiniteStop>().is_some() {
                 ExitCode::from(3)
+            } else if e.downcast_ref::<kiln_train::nodes::NodeLost>().is_some() {
+                // 4: a node of a multi-node run was lost (or never joined).
+                ExitCode::from(kiln_train::nodes::NODE_LOST_EXIT)
             } else {
                 ExitCode::from(2)
             }
@@ -350,6 +414,10 @@ fn main() -> ExitCode {
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let nodes = args.node_group()?;
+    if let Some(group) = nodes.clone().filter(|g| !g.writes_run_files()) {
+        return train_other_node(&args, &overrides, group);
+    }
     let (recipe, run_dir, resume, _lock) = match &args.resume {
         Some(dir) => {
             // One process per run: the lock comes before anything in the directory is read or changed.
@@ -378,7 +446,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let control = Control::new();
     let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
-    let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string() };
+    let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string(), nodes };
     let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_families::launch(&launch, sink));
     match result {
         Ok(_) => Ok(()),
@@ -389,6 +457,39 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// A node of rank > 0: it trains like rank 0 and writes nothing. A fresh run prepares its data in
+/// a scratch directory (the tokenizer trained there must come out as rank 0's: the roll call
+/// compares them); a resume reads rank 0's run directory (shared, or copied to this machine) and
+/// leaves it as it is.
+fn train_other_node(args: &TrainArgs, overrides: &[Override], group: kiln_train::nodes::NodeGroup) -> anyhow::Result<()> {
+    let scratch = tempfile::Builder::new().prefix("kiln-node-").tempdir().map_err(|e| anyhow::anyhow!("cannot create a scratch directory: {e}"))?;
+    let (recipe, run_dir, resume) = match &args.resume {
+        Some(dir) => {
+            let recipe = kiln_families::resume_recipe(dir, overrides)?;
+            let resume = if kiln_families::rundir::holds_checkpoints(dir) {
+                Some(kiln_train::checkpoint::resume_point(dir).map_err(anyhow::Error::msg)?.0)
+            } else {
+                None
+            };
+            (recipe, dir.clone(), resume)
+        }
+        None => {
+            let Some(path) = &args.recipe else {
+                anyhow::bail!("a recipe is required: kiln train <recipe.toml> (or --resume RUN_DIR)");
+            };
+            (Recipe::load(path, overrides)?, scratch.path().join("run"), None)
+        }
+    };
+    if resume.is_none() {
+        std::fs::create_dir_all(scratch.path().join("run")).map_err(|e| anyhow::anyhow!("{}: {e}", scratch.path().display()))?;
+    }
+    let run_dir = if resume.is_some() { run_dir } else { scratch.path().join("run") };
+    println!("kiln: node {} of {}: training with the coordinator at {}; rank 0 writes the run directory", group.rank, group.nodes, group.coordinator);
+    let control = Control::new();
+    let launch = kiln_families::Launch { recipe, run_dir, resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string(), nodes: Some(group) };
+    kiln::session::run_without_files(&control, |sink| kiln_families::launch(&launch, sink)).map(|_| ())
 }
 
 fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {

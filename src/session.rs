@@ -85,6 +85,14 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
     result
 }
 
+/// A run that writes no files (a multi-node run's ranks > 0): progress lines on stdout, SIGINT /
+/// SIGTERM a stop request.
+pub fn run_without_files(control: &Control, train: impl FnOnce(&mut (dyn EventSink + Send)) -> Result<Summary>) -> Result<Summary> {
+    install_stop_signals(control);
+    let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()));
+    train(&mut sink)
+}
+
 /// A library run: `trainer` on `data` in the session, with the run directory the trainer was
 /// given (created if missing). Ctrl-C stops it after the current step, with a checkpoint.
 pub fn fit<B, T, D>(trainer: Trainer<B, T>, data: &D, session: &Session) -> Result<Summary>

@@ -28,7 +28,10 @@ fn main() {
 }
 
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    // `cargo run` says at run time which checkout's xtask this is; the path compiled in may be
+    // another checkout's when several share one target folder (the binary is uplifted from it).
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn cargo() -> Command {

@@ -82,15 +82,17 @@ fn draw_throughput(frame: &mut Frame, area: Rect, s: &DashboardState) {
     let [text, spark] = Layout::vertical([Constraint::Length(2), Constraint::Min(1)]).areas(inner);
     let (sent, steps) = s.rates();
     let tok = s.last().map(|w| w.tokens_per_s).unwrap_or(0.0);
-    // Data parallel: each device's share of the last window.
-    let per_device = s
-        .last()
-        .filter(|w| !w.device_tokens.is_empty() && w.window_s > 0.0)
-        .map(|w| w.device_tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect::<Vec<_>>().join(" | "));
+    // Data parallel: each node's share of the last window (several nodes), else each device's.
+    let rates = |tokens: &[u64], window_s: f64| tokens.iter().map(|t| thousands(*t as f64 / window_s)).collect::<Vec<_>>().join(" | ");
+    let per_replica = s.last().filter(|w| w.window_s > 0.0).and_then(|w| match (w.node_tokens.is_empty(), w.device_tokens.is_empty()) {
+        (false, _) => Some(format!("per node {}", rates(&w.node_tokens, w.window_s))),
+        (true, false) => Some(format!("per device {}", rates(&w.device_tokens, w.window_s))),
+        (true, true) => None,
+    });
     let lines = vec![
         Line::from(vec![Span::styled(format!("{} tok/s", thousands(tok)), Style::new().add_modifier(Modifier::BOLD)), Span::raw(format!("  {sent:.1} sent/s"))]),
-        Line::from(match per_device {
-            Some(devices) => format!("{steps:.2} steps/s · per device {devices} tok/s"),
+        Line::from(match per_replica {
+            Some(shares) => format!("{steps:.2} steps/s · {shares} tok/s"),
             None => format!("{steps:.2} steps/s"),
         }),
     ];
@@ -109,9 +111,20 @@ fn draw_sync(frame: &mut Frame, area: Rect, s: &DashboardState) {
             Span::raw(format!(" · {:.1} steps/sync", f.steps_per_sync)),
         ]),
         Line::from(format!("last {:.3} ms · avg {:.3} ms · max {:.3} ms", f.last_ms, f.avg_ms, f.max_ms)),
-        Line::from(format!("in sync: {:.3} % of wall", f.wall_pct)),
-        Line::from(format!("this window: {} steps, {:.3} % in its sync", f.window_steps, f.window_pct)),
     ];
+    let mut lines = lines;
+    match s.last().and_then(|w| w.reduce.map(|r| (r, w.wall_s))) {
+        // Data parallel: the steps' all-reduces are syncs too (across nodes, the wait on them).
+        Some((r, wall_s)) => {
+            lines.push(Line::from(format!("in sync: {:.3} % of wall · window {} steps, {:.3} %", f.wall_pct, f.window_steps, f.window_pct)));
+            let pct = if wall_s > 0.0 { 100.0 * r.total_ms / 1e3 / wall_s } else { 0.0 };
+            lines.push(Line::from(format!("all-reduce: {} · avg {:.2} ms · max {:.2} ms · {pct:.1} % of wall", r.count, r.avg_ms(), r.max_ms)));
+        }
+        None => {
+            lines.push(Line::from(format!("in sync: {:.3} % of wall", f.wall_pct)));
+            lines.push(Line::from(format!("this window: {} steps, {:.3} % in its sync", f.window_steps, f.window_pct)));
+        }
+    }
     frame.render_widget(Paragraph::new(lines).block(block("sync · device→host reads")), area);
 }
 

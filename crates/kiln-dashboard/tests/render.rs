@@ -64,6 +64,8 @@ fn window(step: usize, tokens_per_s: f64, sync_ms: f64, sync: SyncStats) -> Wind
         rss_mb: 512.0,
         cpu_pct: 190.0,
         device_tokens: vec![],
+        node_tokens: vec![],
+        reduce: None,
         overflow_skips: 0,
         loss_scale: None,
         metrics: Default::default(),
@@ -111,6 +113,21 @@ fn the_throughput_panel_shows_each_devices_rate_under_data_parallel() {
     s.apply(&Event::Window(WindowRow { device_tokens: vec![61_000, 59_000], ..one }));
     let text = screen(&s, 140, 40);
     assert!(text.contains("per device 6,100 | 5,900 tok/s"), "{text}");
+}
+
+/// Several nodes: each node's tokens/s, and the steps' all-reduce time in the sync panel.
+#[test]
+fn the_dashboard_shows_each_nodes_rate_and_the_all_reduce_time() {
+    let mut s = DashboardState::new("live");
+    s.apply(&Event::RunStarted(info()));
+    let one = window(410, 11_000.0, 0.5, SyncStats { count: 41, total_ms: 10.25, max_ms: 1.5 });
+    s.apply(&Event::Window(one.clone()));
+    assert!(!screen(&s, 140, 40).contains("all-reduce"), "one device: no all-reduce line");
+    let reduce = SyncStats { count: 400, total_ms: 2_000.0, max_ms: 40.0 };
+    s.apply(&Event::Window(WindowRow { device_tokens: vec![61_000, 59_000], node_tokens: vec![61_000, 59_000], reduce: Some(reduce), ..one }));
+    let text = screen(&s, 140, 40);
+    assert!(text.contains("per node 6,100 | 5,900 tok/s"), "{text}");
+    assert!(text.contains("all-reduce: 400 · avg 5.00 ms · max 40.00 ms"), "{text}");
 }
 
 fn fixture() -> PathBuf {

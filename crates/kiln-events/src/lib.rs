@@ -26,6 +26,13 @@ impl SyncStats {
         self.max_ms = self.max_ms.max(ms);
     }
 
+    /// Adds `other`'s reads to these.
+    pub fn merge(&mut self, other: &SyncStats) {
+        self.count += other.count;
+        self.total_ms += other.total_ms;
+        self.max_ms = self.max_ms.max(other.max_ms);
+    }
+
     pub fn avg_ms(&self) -> f64 {
         if self.count == 0 { 0.0 } else { self.total_ms / self.count as f64 }
     }
@@ -75,6 +82,15 @@ pub struct WindowRow {
     /// order (its tokens/s = these / `window_s`); absent with one device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_tokens: Vec<u64>,
+    /// Multi-node (`--nodes`): each node's target tokens in the window, by rank (its tokens/s =
+    /// these / `window_s`); absent in a one-process run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_tokens: Vec<u64>,
+    /// Data parallel: cumulative host time in the steps' all-reduces (count, total, max ms; across
+    /// nodes the reduce between them included), as `sync` counts the loss reads; absent with
+    /// one device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reduce: Option<SyncStats>,
     /// f16 (`train.precision`): steps of the window undone because their gradients overflowed,
     /// and the dynamic loss scale after it; absent otherwise.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -228,6 +228,7 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         control: kiln_events::Control::new(),
         step_times: Some(times.clone()),
         commit: String::new(),
+        nodes: None,
     };
     std::fs::create_dir_all(&launch.run_dir)?;
     let mut sink = Collect { windows: Vec::new(), first_window_loss_sum: None, device: String::new() };

@@ -42,6 +42,8 @@ pub struct Launch {
     pub step_times: Option<trainer::StepTimes>,
     /// The commit kiln was built from, for the run's header (`""`: not known).
     pub commit: String,
+    /// Multi-node (`--nodes`): this process's place among the nodes.
+    pub nodes: Option<kiln_train::nodes::NodeGroup>,
 }
 
 /// Prepares the run directory and data, then trains on the recipe's device.
@@ -67,7 +69,8 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
         DeviceChoice::Cpu => {
             type B = burn::backend::Autodiff<burn::backend::Flex>;
             let parts = step::HostStep::for_backend::<B>(recipe.backend.cpu_split).parts;
-            let split = if parts > 1 { format!(", batches in {parts} parts") } else { String::new() };
+            // Replicas (a node of several) run their batches whole.
+            let split = if parts > 1 && launch.nodes.is_none() { format!(", batches in {parts} parts") } else { String::new() };
             let name = format!("cpu (flex, {} threads{split}{auto})", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
             train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink)
@@ -146,6 +149,10 @@ fn train_on<B: AutodiffBackend>(
         kiln_recipe::Precision::F32 => device_name,
         kiln_recipe::Precision::Bf16 => format!("{device_name}, bf16 products"),
         kiln_recipe::Precision::F16 => format!("{device_name}, f16 products"),
+    };
+    let device_name = match &launch.nodes {
+        Some(g) => format!("{device_name}; node {} of {} nodes", g.rank, g.nodes),
+        None => device_name,
     };
     let run = FamilyRun::<B> { launch, device, replica_devices, device_name, memory, data };
     registry::dispatch(recipe.model.family, FitFamily { run, sink })
@@ -315,11 +322,57 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
             .commit(launch.commit.clone())
             .replicas(replica_devices)
             .data_figures(kiln_events::DataFigures { cache_hit: data.cache.hit, prepare_s: data.prepare_s, padding_pct: 0.0 });
+        if let Some(group) = &launch.nodes {
+            let mut group = group.clone();
+            group.agreement = node_agreement(&recipe, &data).to_vec();
+            trainer = trainer.nodes(group);
+        }
         if let Some(times) = &launch.step_times {
             trainer = trainer.measure_steps(times.clone());
         }
         trainer.fit(&train_data, sink)
     }
+}
+
+/// What the nodes of a run must agree on, from the recipe and the prepared data: the sections
+/// that fix the training (paths and this machine's loader threads and cache left out: they may
+/// differ between machines), the device count, and the data itself — the tokenizer and every
+/// token id — so nodes whose corpora or tokenizers differ are refused, wherever their files are.
+fn node_agreement(recipe: &Recipe, data: &kiln_data::Prepared) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    let mut table = toml::Value::try_from(recipe).ok().and_then(|t| t.as_table().cloned()).unwrap_or_default();
+    let paths: [(&str, &[&str]); 2] = [("data", &["train", "valid", "test"]), ("tokenizer", &["path"])];
+    for (section, keys) in paths {
+        if let Some(t) = table.get_mut(section).and_then(|t| t.as_table_mut()) {
+            for key in keys {
+                t.remove(*key);
+            }
+        }
+    }
+    for section in ["data", "tokenizer", "model", "train"] {
+        if let Some(t) = table.get(section) {
+            h.update(format!("[{section}]{t}").as_bytes());
+        }
+    }
+    let loader = &recipe.loader;
+    h.update(format!("{:?}|{}|{}|{}", loader.max_tokens, loader.max_sentences, loader.bucket_pool, recipe.backend.devices.len().max(1)).as_bytes());
+    h.update(data.tokenizer.to_json().as_bytes());
+    let mut ids = |xs: &[u32]| {
+        h.update(&(xs.len() as u64).to_le_bytes());
+        for x in xs {
+            h.update(&x.to_le_bytes());
+        }
+    };
+    for e in data.train.iter().chain(&data.valid.examples).chain(&data.test.examples) {
+        ids(&e.src);
+        ids(&e.tgt);
+    }
+    if let Some(text) = &data.text {
+        ids(&text.train);
+        ids(&text.valid);
+        ids(&text.test);
+    }
+    *h.finalize().as_bytes()
 }
 
 /// Half precision on the CPU runs, but slower than f32: says so.

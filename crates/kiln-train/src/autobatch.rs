@@ -305,8 +305,8 @@ pub fn probe<B: burn::tensor::backend::AutodiffBackend, T: crate::task::Task<B>>
         std::panic::set_hook(Box::new(|_| {}));
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let tokens = batch.stats().target_tokens;
-            let at = StepPlace { device, host, replica: SINGLE, loss_scale: None, faults: &faults };
-            let sums = step_gradients(task, model, std::slice::from_ref(&batch), train, 0, tokens, false, at);
+            let at = StepPlace { device, host, replica: SINGLE, loss_scale: None, faults: &faults, watchdog: None };
+            let sums = step_gradients(task, model, std::slice::from_ref(&batch), train, 0, tokens, false, at).expect("one device makes no collective call");
             let stepped = optim.clone().step(train.lr, model.clone(), sums.grads);
             // Waits for the step, optimizer included, to finish on the device.
             let _ = Tensor::cat(vec![sums.loss_sum, sums.norm], 0).into_data();

@@ -80,6 +80,10 @@ pub struct TrainState {
     /// the run directory: a file changed since the save is refused before the checkpoint is used.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub run_files: std::collections::BTreeMap<String, String>,
+    /// Data parallel: the host's time in the steps' all-reduces so far (across nodes: the
+    /// reduce between them included), as the sync statistics count the loss reads.
+    #[serde(default, skip_serializing_if = "no_reads")]
+    pub reduce: SyncStats,
     /// BLAKE3 (hex) of the state itself (every other field, as canonical JSON): a changed digit
     /// anywhere in `state.json` is caught before the state is used. Absent in older checkpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,6 +98,10 @@ fn one() -> f64 {
 // before them keeps its digest (the canonical JSON of its fields).
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn no_reads(s: &SyncStats) -> bool {
+    s.count == 0
 }
 
 fn is_false(b: &bool) -> bool {
@@ -127,6 +135,7 @@ impl Default for TrainState {
             averaged_from: Vec::new(),
             averaged_ema: false,
             run_files: Default::default(),
+            reduce: SyncStats::default(),
             integrity: None,
         }
     }

@@ -9,6 +9,7 @@ pub mod clip;
 pub mod data;
 pub mod device;
 pub mod loss_scale;
+pub mod nodes;
 mod recovery;
 mod replicas;
 pub mod schedule;

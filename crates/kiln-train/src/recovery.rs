@@ -94,7 +94,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         for batches in &start.batches {
             let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
             let tokens = stats.iter().map(|s| s.target_tokens).sum();
-            let sums = step_gradients(&*self.task, self.learner.model(), batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
+            let sums = step_gradients(&*self.task, self.learner.model(), batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE)).expect("rank 0 alone makes no collective call");
             let mut parts = vec![sums.loss_sum, sums.norm];
             parts.extend(sums.metric_sums);
             let values: Vec<f64> = Tensor::cat(parts, 0).into_data().iter::<f64>().collect();
@@ -139,7 +139,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
             for batches in queued_after {
                 let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
                 let tokens = stats.iter().map(|s| s.target_tokens).sum();
-                let sums = step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE));
+                let sums = step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, tokens, false, self.place(SINGLE)).expect("rank 0 alone makes no collective call");
                 self.state.step += 1;
                 self.last_lr = self.schedule.at(self.state.step) * self.state.lr_scale;
                 self.apply(sums);
@@ -166,11 +166,13 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         let (good, good_state) = self.last_good.clone().expect("rollback keeps the last checkpoint");
         let mut sync = self.state.sync;
         sync.record(read.ms);
+        let reduce = self.state.reduce;
         let (skipped_steps, rollbacks, lr_scale) = (self.state.skipped_steps, self.state.rollbacks + 1, self.state.lr_scale * self.tr.nan_lr_factor);
         self.learner.restore(good);
         self.state = good_state;
         // The syncs happened; the recoveries and the lowered rate carry on.
         self.state.sync = sync;
+        self.state.reduce = reduce;
         self.state.skipped_steps = skipped_steps;
         self.state.rollbacks = rollbacks;
         self.state.lr_scale = lr_scale;

@@ -7,7 +7,7 @@
 
 use std::any::TypeId;
 
-use burn::collective::{PeerId, ReduceOperation};
+use burn::collective::{CollectiveError, PeerId, ReduceOperation};
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -108,6 +108,9 @@ pub(crate) struct StepSums<B: AutodiffBackend> {
     pub loss_sum: Tensor<B::InnerBackend, 1>,
     pub norm: Tensor<B::InnerBackend, 1>,
     pub metric_sums: Vec<Tensor<B::InnerBackend, 1>>,
+    /// Data parallel: milliseconds the host spent in the step's all-reduce (the wait for the
+    /// slowest replica, of any node, included).
+    pub reduce_ms: Option<f64>,
 }
 
 /// Where a step runs and how.
@@ -118,6 +121,8 @@ pub(crate) struct StepPlace<'a, B: AutodiffBackend> {
     pub replica: Replica,
     pub loss_scale: Option<&'a Tensor<B::InnerBackend, 1>>,
     pub faults: &'a Faults,
+    /// Multi-node: bounds this step's wait on the other nodes (on the loop's rank only).
+    pub watchdog: Option<&'a crate::nodes::Watchdog>,
 }
 
 /// Forward and backward passes of one optimizer step (`step` = steps done before it).
@@ -135,7 +140,7 @@ pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
     step_tokens: usize,
     idle: bool,
     at: StepPlace<'_, B>,
-) -> StepSums<B> {
+) -> Result<StepSums<B>, CollectiveError> {
     // Dropout masks are a function of (seed, step, rank): resuming and replaying reproduce them.
     // On the CPU kiln draws them on the host (kiln_model::dropout), elsewhere the backend does.
     let seed = if at.replica.rank == 0 { tr.seed } else { mix_seed(tr.seed, 7, at.replica.rank as u64) };
@@ -191,24 +196,34 @@ pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
     let mut grads = accumulator.grads();
     let zero = || Tensor::<B, 1>::zeros([1], at.device).inner();
     let mut step_loss = step_loss.unwrap_or_else(zero);
+    let mut reduce_ms = None;
     if let Some(peer) = at.replica.peer {
         // The replicas' gradients, losses and metric sums summed, on every replica: each then
         // clips and steps alike, so the replicas stay identical.
-        grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum).expect("kiln: gradient all-reduce failed");
-        step_loss = all_reduce_sum::<B>(peer, step_loss);
-        metric_sums = metric_sums.into_iter().map(|m| all_reduce_sum::<B>(peer, m)).collect();
+        let reduce = || -> Result<_, CollectiveError> {
+            let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum)?;
+            let loss = all_reduce_sum::<B>(peer, step_loss)?;
+            let metrics = metric_sums.into_iter().map(|m| all_reduce_sum::<B>(peer, m)).collect::<Result<Vec<_>, _>>()?;
+            Ok((grads, loss, metrics))
+        };
+        let started = std::time::Instant::now();
+        (grads, step_loss, metric_sums) = match at.watchdog {
+            Some(watchdog) => watchdog.around(move || format!("no answer from the other nodes in the all-reduce of step {}", step + 1), reduce)?,
+            None => reduce()?,
+        };
+        reduce_ms = Some(started.elapsed().as_secs_f64() * 1e3);
     }
     if let Some(scale) = at.loss_scale {
         crate::clip::scale_gradients::<B, _>(model, &mut grads, scale.clone().recip());
     }
     let norm = if tr.clip_norm > 0.0 { clip_global_norm::<B, _>(model, &mut grads, tr.clip_norm) } else { global_norm::<B, _>(model, &grads) };
-    StepSums { grads, loss_sum: step_loss, norm: norm.unwrap_or_else(zero), metric_sums }
+    Ok(StepSums { grads, loss_sum: step_loss, norm: norm.unwrap_or_else(zero), metric_sums, reduce_ms })
 }
 
 /// A `[1]` sum over the replicas, on every replica.
-fn all_reduce_sum<B: AutodiffBackend>(peer: PeerId, t: Tensor<B::InnerBackend, 1>) -> Tensor<B::InnerBackend, 1> {
-    let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, t.into_primitive().tensor(), ReduceOperation::Sum).expect("kiln: loss all-reduce failed");
-    Tensor::from_primitive(TensorPrimitive::Float(summed))
+fn all_reduce_sum<B: AutodiffBackend>(peer: PeerId, t: Tensor<B::InnerBackend, 1>) -> Result<Tensor<B::InnerBackend, 1>, CollectiveError> {
+    let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, t.into_primitive().tensor(), ReduceOperation::Sum)?;
+    Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
 }
 
 /// The optimizer step after [`step_gradients`]. With f16 loss scaling the scaler takes the

@@ -351,6 +351,8 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
             rss_mb: 0.0,
             cpu_pct: 0.0,
             device_tokens: Vec::new(),
+            node_tokens: Vec::new(),
+            reduce: None,
             overflow_skips: 0,
             loss_scale: None,
             metrics,

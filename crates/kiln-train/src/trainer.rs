@@ -42,6 +42,7 @@ use kiln_recipe::{OnNan, Precision, TrainSection};
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
 use crate::data::TrainData;
 use crate::loss_scale::{AdamWOptimizer, LossScale};
+use crate::nodes::NodeGroup;
 use crate::recovery::WindowStart;
 use crate::replicas::{ReplicaPool, ReplicaSettings};
 use crate::schedule::LrSchedule;
@@ -156,6 +157,7 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     faults: Faults,
     guarded: Vec<String>,
     commit: String,
+    nodes: Option<NodeGroup>,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
@@ -181,6 +183,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             faults: Faults::from_env(),
             guarded: Vec::new(),
             commit: String::new(),
+            nodes: None,
         }
     }
 
@@ -266,6 +269,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Data parallel: the devices of ranks 1.. (rank 0 is the trainer's own device).
     pub fn replicas(mut self, devices: Vec<B::Device>) -> Self {
         self.replica_devices = devices;
+        self
+    }
+
+    /// Multi-node data parallel: this process is one node of `group` (its local devices are this
+    /// trainer's device and [`Self::replicas`]). Every node must train the same task on the same
+    /// data; only rank 0 writes checkpoints.
+    pub fn nodes(mut self, group: NodeGroup) -> Self {
+        self.nodes = Some(group);
         self
     }
 
@@ -484,6 +495,9 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     pub last_good: Option<Snapshot<B, T>>,
     pub last_lr: f64,
     pub stopped: bool,
+    /// Multi-node: the stop request every node agreed on at the last window's close (a stop on
+    /// one node alone would leave the others waiting in the next all-reduce).
+    pub agreed_stop: bool,
 }
 
 /// The state to resume from: `asked`'s when it is whole (read by [`checkpoint::read_state`]:
@@ -558,7 +572,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Creates the parameters, the optimizer and the state (fresh or from the checkpoint to
     /// resume), counts the run's steps and announces the run.
     fn start(trainer: Trainer<B, T>, data: &'a D, sink: &'a mut (dyn EventSink + Send)) -> Result<Self> {
-        let Trainer { task, model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit } = trainer;
+        let Trainer { task, model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit, nodes } = trainer;
         // Initialisation is the first use of the seed, so a model starts the same whatever
         // happened before.
         B::seed(&device, tr.seed);
@@ -569,7 +583,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
 
         // Steps per epoch, counted up front (the schedule needs the exact total); each epoch's
         // batches are made again when the epoch starts (a pure function of the epoch).
-        let per_step = tr.accumulate.max(1).saturating_mul(replica_devices.len() + 1);
+        let replicas = (replica_devices.len() + 1) * nodes.as_ref().map_or(1, |g| g.nodes);
+        let per_step = tr.accumulate.max(1).saturating_mul(replicas);
         let epoch_steps: Vec<usize> = (0..tr.epochs).map(|e| data.batches(e).div_ceil(per_step)).collect();
         let mut total_steps: usize = epoch_steps.iter().sum();
         if tr.max_steps > 0 {
@@ -598,6 +613,15 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             optim = optim.load_record(record);
         }
 
+        let agreement = nodes.as_ref().map(|g| {
+            // What the nodes must share: the caller's part (recipe, tokenizer), the build, the
+            // settings, the model's size, the data's shape and the point the run starts from.
+            let mut h = blake3::Hasher::new();
+            h.update(&g.agreement);
+            let facts = format!("{commit}|{tr:?}|{}|{epoch_steps:?}|{total_steps}|{}|{}|{}|{:?}", model.num_params(), state.step, state.epoch, state.batch_in_epoch, state.architecture);
+            h.update(facts.as_bytes());
+            *h.finalize().as_bytes()
+        });
         let ema = start_ema(&tr, &model, resumed_dir.as_deref().map(|dir| (dir, &state)), &device, &mut resume_notes)?;
         let schedule = LrSchedule::new(&tr, total_steps);
         let info = task.info();
@@ -636,10 +660,17 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let scaler = (tr.precision == Precision::F16).then(|| LossScale::<B::InnerBackend>::standard(&device));
         // Data parallel: ranks 1.. start from the model and optimizer as they are now (resumed or
         // fresh), so every replica starts identical.
-        let pool = (!replica_devices.is_empty()).then(|| {
-            let settings = ReplicaSettings { train: tr.clone(), host, compute: kiln_model::autocast::compute(), faults: faults.clone() };
-            ReplicaPool::start(&task, &model, &optim, settings, &device, &replica_devices)
-        });
+        let pool = match (replica_devices.is_empty(), nodes) {
+            (true, None) => None,
+            (_, nodes) => {
+                let settings = ReplicaSettings { train: tr.clone(), host, compute: kiln_model::autocast::compute(), faults: faults.clone() };
+                let mut pool = ReplicaPool::start(&task, &model, &optim, settings, &device, &replica_devices, nodes)?;
+                if let Some(digest) = &agreement {
+                    pool.roll_call(digest)?;
+                }
+                Some(pool)
+            }
+        };
         let last_good = (tr.on_nan == OnNan::Rollback).then(|| (Held { model: model.clone(), optim: optim.clone(), ema: ema.clone() }, state.clone()));
         Ok(Self {
             metric_defs: task.metrics(),
@@ -671,6 +702,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             window_start: None,
             last_good,
             stopped: false,
+            agreed_stop: false,
         })
     }
 
@@ -678,8 +710,28 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         self.step_times.is_some()
     }
 
+    /// Replicas of the run, every node's.
     fn replicas(&self) -> usize {
-        self.pool.as_ref().map_or(1, ReplicaPool::len)
+        self.pool.as_ref().map_or(1, ReplicaPool::global_len)
+    }
+
+    /// The multi-node group, when this process is one node of several.
+    fn group(&self) -> Option<&NodeGroup> {
+        self.pool.as_ref().and_then(ReplicaPool::group)
+    }
+
+    /// Rank 0 (or the only process) writes checkpoints; the other nodes write nothing.
+    fn writes_run_files(&self) -> bool {
+        self.group().is_none_or(NodeGroup::writes_run_files)
+    }
+
+    /// A stop asked for (the dashboard, a signal): across nodes, the one they agreed on.
+    fn stop_requested(&self) -> bool {
+        if self.group().is_some() {
+            self.agreed_stop
+        } else {
+            self.control.stop_requested()
+        }
     }
 
     fn at_step_limit(&self) -> bool {
@@ -725,7 +777,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
                 return self.close_before(epoch, Pass::Cut);
             }
             self.wait_while_paused()?;
-            if self.control.stop_requested() {
+            if self.stop_requested() {
                 self.stopped = true;
                 return self.close_before(epoch, Pass::Cut);
             }
@@ -737,7 +789,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             }
             let group = self.tr.accumulate.max(1).saturating_mul(self.replicas()).min(batches - pos);
             let step_batches: Vec<T::Batch> = (0..group).map(|_| self.loader.next_batch().expect("the pass holds the rest of the epoch")).collect();
-            self.train_step(step_batches);
+            self.train_step(step_batches)?;
             pos += group;
             self.state.batch_in_epoch = pos;
 
@@ -745,7 +797,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             let save_now = self.tr.save_every_steps > 0 && self.state.step.is_multiple_of(self.tr.save_every_steps) && !last_of_epoch;
             // A save needs every step so far in its running loss sums; the epoch's end and the
             // step limit close the window too, and wait for its read.
-            let wait = save_now || last_of_epoch || self.at_step_limit() || self.control.stop_requested();
+            let wait = save_now || last_of_epoch || self.at_step_limit() || self.stop_requested();
             if (self.window.steps >= self.tr.sync_interval || wait) && self.close_window(epoch, wait)? {
                 return Ok(Pass::RolledBack);
             }
@@ -768,6 +820,11 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         if !self.control.paused() || self.control.stop_requested() {
             return Ok(());
         }
+        if self.group().is_some() {
+            // One node paused would hold the others in the next all-reduce until they time out.
+            self.control.toggle_pause();
+            return self.emit(Event::Note("pausing is not available in a multi-node run (stop and --resume instead)".into()));
+        }
         self.emit(Event::Note(format!("paused at step {}", self.state.step)))?;
         let t0 = Instant::now();
         while self.control.paused() && !self.control.stop_requested() {
@@ -780,32 +837,37 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
 
     /// Where rank 0's steps run.
     pub(crate) fn place(&self, replica: Replica) -> StepPlace<'_, B> {
-        StepPlace { device: &self.device, host: self.host, replica, loss_scale: self.scaler.as_ref().map(|s| &s.scale), faults: &self.faults }
+        StepPlace { device: &self.device, host: self.host, replica, loss_scale: self.scaler.as_ref().map(|s| &s.scale), faults: &self.faults, watchdog: self.pool.as_ref().and_then(ReplicaPool::watchdog) }
     }
 
-    /// One optimizer step over a step's batches (all replicas'), its sums into the window.
-    fn train_step(&mut self, batches: Vec<T::Batch>) {
+    /// One optimizer step over a step's batches (all replicas', of every node), its sums into the
+    /// window.
+    fn train_step(&mut self, batches: Vec<T::Batch>) -> Result<()> {
         let step_started = Instant::now();
         let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
         let step_tokens: usize = stats.iter().map(|s| s.target_tokens).sum();
         let lr = self.schedule.at(self.state.step + 1) * self.state.lr_scale;
         let sums = match &self.pool {
-            None => step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, step_tokens, false, self.place(SINGLE)),
+            None => step_gradients(&*self.task, self.learner.model(), &batches, &self.tr, self.state.step, step_tokens, false, self.place(SINGLE)).expect("one device makes no collective call"),
             Some(pool) => {
-                // Rank r takes the step's batches r·accumulate .. (r+1)·accumulate.
+                // Global replica g takes the step's batches g·accumulate .. (g+1)·accumulate.
                 let per = self.tr.accumulate.max(1);
-                let mut shares: Vec<Vec<T::Batch>> = (0..pool.len()).map(|r| batches.iter().skip(r * per).take(per).cloned().collect()).collect();
-                self.window.device_tokens.resize(pool.len(), 0);
-                for (r, share) in shares.iter().enumerate() {
-                    self.window.device_tokens[r] += share.iter().map(|b| b.stats().target_tokens as u64).sum::<u64>();
+                let replicas = pool.global_len();
+                self.window.device_tokens.resize(replicas, 0);
+                for g in 0..replicas {
+                    self.window.device_tokens[g] += stats.iter().skip(g * per).take(per).map(|s| s.target_tokens as u64).sum::<u64>();
                 }
-                pool.send(&mut shares, self.state.step, lr, step_tokens);
-                let rank0 = Replica { rank: 0, peer: Some(burn::collective::PeerId::from(0)) };
-                step_gradients(&*self.task, self.learner.model(), &shares[0], &self.tr, self.state.step, step_tokens, false, self.place(rank0))
+                let (mine, idle) = pool.send(&batches, per, self.state.step, lr, step_tokens);
+                let rank0 = Replica { rank: pool.first(), peer: Some(burn::collective::PeerId::from(pool.first())) };
+                let step = self.state.step + 1;
+                step_gradients(&*self.task, self.learner.model(), &mine, &self.tr, self.state.step, step_tokens, idle, self.place(rank0)).map_err(|e| pool.collective_error(&e, &format!("the all-reduce of step {step}")))?
             }
         };
         self.state.step += 1;
         self.last_lr = lr;
+        if let Some(ms) = sums.reduce_ms {
+            self.window.reduce.record(ms);
+        }
         self.apply(sums);
         if let Some(times) = &self.step_times {
             // Host time: the step's whole cost on an eager backend (Flex); queueing time on CUDA.
@@ -815,6 +877,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         if let Some(start) = &mut self.window_start {
             start.batches.push(batches);
         }
+        Ok(())
     }
 
     /// The update of a step whose sums are in hand, at `self.last_lr`; its sums join the window.
@@ -837,6 +900,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         if self.window.steps == 0 {
             return Ok(false);
         }
+        self.agree_on_stop()?;
         let overlap = if wait { None } else { self.reader.as_ref() };
         let read = self.window.close(overlap, self.scaler.as_ref().map(|s| s.scale.clone()));
         let in_flight = overlap.is_some();
@@ -851,6 +915,18 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         } else {
             self.resolve(closed)
         }
+    }
+
+    /// Multi-node: whether any node was asked to stop, made known to every node at a window's
+    /// close (one read per window, of one value); the steps from here see the same answer.
+    fn agree_on_stop(&mut self) -> Result<()> {
+        let Some(pool) = self.pool.as_ref().filter(|p| p.group().is_some()) else {
+            return Ok(());
+        };
+        let asked = if self.control.stop_requested() { 1.0 } else { 0.0 };
+        let sums = pool.all_reduce_host(vec![asked], "the stop check at a window's close")?;
+        self.agreed_stop = self.agreed_stop || sums[0] > 0.0;
+        Ok(())
     }
 
     /// Waits for a closed window's read and logs it; a non-finite step is handled as
@@ -881,9 +957,15 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Logs a read window: its loss sum joins the epoch's, its figures go to the sinks.
     #[allow(clippy::too_many_arguments)] // a window's read figures, each from its own place
     pub fn record_window(&mut self, window: SyncWindow<B::InnerBackend>, loss_sum: f64, metric_sums: &[f64], ms: f64, epoch: usize, lr: f64, scaling: (u64, Option<f64>)) -> Result<()> {
+        let node_tokens = match self.group() {
+            // Global replicas are numbered node by node.
+            Some(g) => window.device_tokens.chunks(window.device_tokens.len().div_ceil(g.nodes).max(1)).map(|c| c.iter().sum()).collect(),
+            None => Vec::new(),
+        };
         let state = &mut self.state;
         let clock = &mut self.clock;
         state.sync.record(ms);
+        state.reduce.merge(&window.reduce);
         state.epoch_loss_sum += loss_sum;
         state.epoch_tokens += window.tokens;
         state.total_tokens += window.tokens;
@@ -917,6 +999,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             cpu_pct,
             metrics: window.metric_means(&self.metric_defs, metric_sums),
             device_tokens: window.device_tokens,
+            node_tokens,
+            reduce: (state.reduce.count > 0).then_some(state.reduce),
             overflow_skips: scaling.0,
             loss_scale: scaling.1,
         };
@@ -981,6 +1065,14 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Saves `checkpoints/step-N`, records it as the best when the validation just measured
     /// beats the best so far, prunes old checkpoints and tells the sinks.
     fn save(&mut self) -> Result<()> {
+        if !self.writes_run_files() {
+            // Another node's rank 0 writes this checkpoint; this one keeps the same point to roll
+            // back to.
+            if let Some(good) = &mut self.last_good {
+                *good = (self.learner.snapshot(), self.state.clone());
+            }
+            return Ok(());
+        }
         self.state.wall_s = self.clock.wall();
         let state = &mut self.state;
         let name = format!("step-{:07}", state.step);
@@ -1024,7 +1116,10 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// The run is over: the test split (unless stopped or measuring) and the summary.
     fn finish(mut self) -> Result<Summary> {
         if self.stopped {
-            let line = format!("stopped on request at step {}; continue with: kiln train --resume {}", self.state.step, self.run_dir.display());
+            let line = match self.group().filter(|g| !g.writes_run_files()) {
+                Some(_) => format!("stopped on request at step {}; continue with every node's kiln train --resume <node 0's run directory>", self.state.step),
+                None => format!("stopped on request at step {}; continue with: kiln train --resume {}", self.state.step, self.run_dir.display()),
+            };
             self.emit(Event::Note(line))?;
         }
         let test = if self.stopped || self.measuring() { None } else { self.task.evaluate(&self.learner.eval_model(), Split::Test, &self.device) };

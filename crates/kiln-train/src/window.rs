@@ -35,8 +35,10 @@ pub(crate) struct SyncWindow<B: Backend> {
     pub slots: u64,
     pub steps: usize,
     pub started: Instant,
-    /// Target tokens of each replica (data parallel; empty with one device).
+    /// Target tokens of each replica (data parallel; empty with one device), every node's.
     pub device_tokens: Vec<u64>,
+    /// The host's time in the window's all-reduces (data parallel).
+    pub reduce: kiln_events::SyncStats,
     /// When the loop finished with the window: its last step queued and, for a window read at
     /// once, its read done. The window's wall time ends here, so windows tile the run's time.
     pub closed: Option<Instant>,
@@ -58,6 +60,7 @@ impl<B: Backend> SyncWindow<B> {
             steps: 0,
             started: Instant::now(),
             device_tokens: Vec::new(),
+            reduce: Default::default(),
             closed: None,
         }
     }

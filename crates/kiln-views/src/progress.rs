@@ -109,13 +109,19 @@ fn named(metrics: &std::collections::BTreeMap<String, f64>) -> String {
     metrics.iter().map(|(name, value)| format!(" | {name} {value:.4}")).collect()
 }
 
-/// What only some runs have: a task's own metrics, each device's tokens/s (data parallel), the
-/// f16 loss scale and the steps it undid.
+/// What only some runs have: a task's own metrics, each node's or device's tokens/s and the
+/// all-reduce time (data parallel), the f16 loss scale and the steps it undid.
 fn extras(w: &kiln_events::WindowRow) -> String {
     let mut out = named(&w.metrics);
-    if !w.device_tokens.is_empty() && w.window_s > 0.0 {
-        let rates: Vec<String> = w.device_tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect();
-        out.push_str(&format!(" | per device {} tok/s", rates.join(" / ")));
+    let rates = |tokens: &[u64]| tokens.iter().map(|t| thousands(*t as f64 / w.window_s)).collect::<Vec<_>>().join(" / ");
+    if !w.node_tokens.is_empty() && w.window_s > 0.0 {
+        out.push_str(&format!(" | per node {} tok/s", rates(&w.node_tokens)));
+    } else if !w.device_tokens.is_empty() && w.window_s > 0.0 {
+        out.push_str(&format!(" | per device {} tok/s", rates(&w.device_tokens)));
+    }
+    if let Some(r) = w.reduce {
+        // The steps' all-reduces, cumulative like the loss reads' figures.
+        out.push_str(&format!(" | all-reduce avg {:.2} ms (max {:.2}, {} calls)", r.avg_ms(), r.max_ms, r.count));
     }
     if let Some(scale) = w.loss_scale {
         out.push_str(&format!(" | loss scale {scale}"));
@@ -140,7 +146,7 @@ mod tests {
             let mut sync = SyncStats::default();
             sync.record(1.5);
             sync.record(0.5);
-            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], overflow_skips: 0, loss_scale: None, metrics: Default::default() };
+            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_tokens: vec![], node_tokens: vec![], reduce: None, overflow_skips: 0, loss_scale: None, metrics: Default::default() };
             p.emit(&Event::Window(row.clone())).unwrap();
         }
         let line = String::from_utf8(buf).unwrap();
@@ -151,6 +157,9 @@ mod tests {
         assert_eq!(line, " | per device 7,500 / 5,000 tok/s | loss scale 16384 (2 overflowing steps undone)");
         let row = WindowRow { metrics: [("accuracy".to_string(), 0.5)].into(), ..row };
         assert!(extras(&row).starts_with(" | accuracy 0.5000 | per device"), "{}", extras(&row));
+        // Several nodes: each node's rate instead of each device's, and the all-reduce figures.
+        let row = WindowRow { node_tokens: vec![3000, 2000], reduce: Some(SyncStats { count: 4, total_ms: 10.0, max_ms: 4.0 }), loss_scale: None, metrics: Default::default(), ..row };
+        assert_eq!(extras(&row), " | per node 7,500 / 5,000 tok/s | all-reduce avg 2.50 ms (max 4.00, 4 calls)");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1000.0), "1,000");
     }
