@@ -200,12 +200,7 @@ pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
     if let Some(peer) = at.replica.peer {
         // The replicas' gradients, losses and metric sums summed, on every replica: each then
         // clips and steps alike, so the replicas stay identical.
-        let reduce = || -> Result<_, CollectiveError> {
-            let grads = grads.all_reduce::<B::InnerBackend>(peer, ReduceOperation::Sum)?;
-            let loss = all_reduce_sum::<B>(peer, step_loss)?;
-            let metrics = metric_sums.into_iter().map(|m| all_reduce_sum::<B>(peer, m)).collect::<Result<Vec<_>, _>>()?;
-            Ok((grads, loss, metrics))
-        };
+        let reduce = || all_reduce_step::<B, T::Model>(model, peer, grads, step_loss, metric_sums);
         let started = std::time::Instant::now();
         (grads, step_loss, metric_sums) = match at.watchdog {
             Some(watchdog) => watchdog.around(move || format!("no answer from the other nodes in the all-reduce of step {}", step + 1), reduce)?,
@@ -220,10 +215,71 @@ pub(crate) fn step_gradients<B: AutodiffBackend, T: Task<B>>(
     Ok(StepSums { grads, loss_sum: step_loss, norm: norm.unwrap_or_else(zero), metric_sums, reduce_ms })
 }
 
-/// A `[1]` sum over the replicas, on every replica.
-fn all_reduce_sum<B: AutodiffBackend>(peer: PeerId, t: Tensor<B::InnerBackend, 1>) -> Result<Tensor<B::InnerBackend, 1>, CollectiveError> {
-    let summed = burn::collective::all_reduce::<B::InnerBackend>(peer, t.into_primitive().tensor(), ReduceOperation::Sum)?;
-    Ok(Tensor::from_primitive(TensorPrimitive::Float(summed)))
+/// The step's gradients (every parameter's, in module order), its loss and its metric sums,
+/// summed over the replicas in one all-reduce of one flat tensor, then cut back into place.
+/// Burn's `GradientsParams::all_reduce` makes one all-reduce per parameter; across nodes each is
+/// a round of transfers and a barrier between the processes, so one per step is what keeps the
+/// reduce's share of the step small (measured: docs/bench/nodes.md). The sums are the same,
+/// element by element.
+fn all_reduce_step<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    peer: PeerId,
+    mut grads: GradientsParams,
+    loss: Tensor<B::InnerBackend, 1>,
+    metrics: Vec<Tensor<B::InnerBackend, 1>>,
+) -> Result<(GradientsParams, Tensor<B::InnerBackend, 1>, Vec<Tensor<B::InnerBackend, 1>>), CollectiveError> {
+    use burn::module::{ModuleVisitor, Param, ParamId};
+    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
+    /// Takes each gradient out, flattened, with where it came from.
+    struct Flatten<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        pieces: Vec<Tensor<Inner<B>, 1>>,
+        places: Vec<(ParamId, Vec<usize>)>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<Inner<B>, D>(param.id) {
+                let dims = g.dims().to_vec();
+                self.pieces.push(g.reshape([dims.iter().product::<usize>()]));
+                self.places.push((param.id, dims));
+            }
+        }
+    }
+    /// Puts each summed gradient back, in the order it was taken out.
+    struct Unflatten<'a, B: AutodiffBackend> {
+        grads: &'a mut GradientsParams,
+        summed: Tensor<Inner<B>, 1>,
+        places: std::vec::IntoIter<(ParamId, Vec<usize>)>,
+        offset: usize,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.places.as_slice().first().is_some_and(|(id, _)| *id == param.id) {
+                let (_, dims) = self.places.next().expect("just checked");
+                let n: usize = dims.iter().product();
+                let dims: [usize; D] = dims.try_into().expect("a gradient has its parameter's rank");
+                let g = self.summed.clone().slice([self.offset..self.offset + n]).reshape(dims);
+                self.grads.register::<Inner<B>, D>(param.id, g);
+                self.offset += n;
+            }
+        }
+    }
+    let mut flat = Flatten::<B> { grads: &mut grads, pieces: Vec::new(), places: Vec::new() };
+    model.visit(&mut flat);
+    let Flatten { mut pieces, places, .. } = flat;
+    let sums = 1 + metrics.len();
+    pieces.push(loss);
+    pieces.extend(metrics);
+    let summed = burn::collective::all_reduce::<Inner<B>>(peer, Tensor::cat(pieces, 0).into_primitive().tensor(), ReduceOperation::Sum)?;
+    let summed = Tensor::<Inner<B>, 1>::from_primitive(TensorPrimitive::Float(summed));
+    let total = summed.dims()[0];
+    let mut back = Unflatten::<B> { grads: &mut grads, summed: summed.clone(), places: places.into_iter(), offset: 0 };
+    model.visit(&mut back);
+    let start = back.offset;
+    debug_assert_eq!(start + sums, total);
+    let loss = summed.clone().slice([start..start + 1]);
+    let metrics = (1..sums).map(|k| summed.clone().slice([start + k..start + k + 1])).collect();
+    Ok((grads, loss, metrics))
 }
 
 /// The optimizer step after [`step_gradients`]. With f16 loss scaling the scaler takes the
