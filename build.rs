@@ -26,5 +26,10 @@ fn main() {
             println!("cargo:rerun-if-changed={dir}/{branch}");
         }
     }
+    // An edit to a tracked file makes the build dirty: the sources are watched too (an edit to
+    // any of them rebuilds this crate anyway).
+    for path in ["src", "crates", "vendor", "xtask", "Cargo.toml", "Cargo.lock"] {
+        println!("cargo:rerun-if-changed={path}");
+    }
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -113,7 +113,7 @@ pub fn bench_nodes(recipe: &Path, set: &[String], nodes: usize, steps: usize, ou
         "| {} | {} | {} | {steps} | {nodes} | {:.0} | {:.1} % | {:.0} ({}) | {} / {:.0} / {:.1} | {:.1} % | {} |",
         date.trim(),
         env!("KILN_COMMIT"),
-        recipe.display(),
+        if set.is_empty() { recipe.display().to_string() } else { format!("{} ({})", recipe.display(), set.join(", ")) },
         a.tokens_per_s,
         a.reduce_share_pct(),
         b.tokens_per_s,
