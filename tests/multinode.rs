@@ -106,6 +106,29 @@ fn two_processes_train_exactly_as_one_process_with_two_devices() {
     assert_eq!((&s1["valid_loss"], &s1["test"]["loss"]), (&s2["valid_loss"], &s2["test"]["loss"]));
 }
 
+#[test]
+fn two_nodes_of_two_devices_train_as_one_process_with_four() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, multi) = (dir.path().join("one"), dir.path().join("multi"));
+    let sets = ["train.epochs=1", "eval.bleu=false"];
+    one_process(&one, 4, &sets);
+    let two = "backend.devices=[\"cpu\", \"cpu\"]";
+    let outs = run_nodes(2, fresh(&multi), &[&sets[..], &[two]].concat());
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "node {rank}: {}", stderr(o));
+    }
+    let (a, b) = (train_rows(&one), train_rows(&multi));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        // Global replica = node × 2 + local rank: the same shares and masks as devices 0..3.
+        assert_eq!(x["device_tokens"], y["device_tokens"]);
+        let d: Vec<u64> = y["device_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(y["node_tokens"], serde_json::json!([d[0] + d[1], d[2] + d[3]]), "{y}");
+        // Four CPU peers in one process are summed in hash order: equal up to float rounding.
+        assert!((f(&x["loss"]) - f(&y["loss"])).abs() <= 1e-6, "step {}: {} vs {}", x["step"], x["loss"], y["loss"]);
+    }
+}
+
 /// Waits until rank 0's log shows a checkpoint at step ≥ `step`.
 fn wait_for_checkpoint(run_dir: &Path, step: u64, limit: Duration) {
     let t0 = Instant::now();
