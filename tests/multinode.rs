@@ -129,6 +129,25 @@ fn two_nodes_of_two_devices_train_as_one_process_with_four() {
     }
 }
 
+#[test]
+fn three_processes_train_as_one_process_with_three_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, multi) = (dir.path().join("one"), dir.path().join("multi"));
+    let sets = ["train.epochs=1", "eval.bleu=false"];
+    one_process(&one, 3, &sets);
+    // Three nodes: Burn's tree of arity 2 has a root with two children.
+    let outs = run_nodes(3, fresh(&multi), &sets);
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "node {rank}: {}", stderr(o));
+    }
+    let (a, b) = (train_rows(&one), train_rows(&multi));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["device_tokens"], y["device_tokens"]);
+        assert!((f(&x["loss"]) - f(&y["loss"])).abs() <= 1e-6, "step {}: {} vs {}", x["step"], x["loss"], y["loss"]);
+    }
+}
+
 /// Waits until rank 0's log shows a checkpoint at step ≥ `step`.
 fn wait_for_checkpoint(run_dir: &Path, step: u64, limit: Duration) {
     let t0 = Instant::now();
