@@ -445,6 +445,14 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         }
     };
     let control = Control::new();
+    if nodes.is_some() {
+        // A wait on the other nodes that times out ends the process from the watchdog's thread:
+        // the log still gets its error row.
+        let dir = run_dir.clone();
+        kiln_train::nodes::set_last_words(move |line| {
+            let _ = kiln_views::RunFiles::record_error(&dir, line);
+        });
+    }
     let session = kiln::session::Session { dashboard: !args.no_tui, name: recipe.name.clone() };
     let launch = kiln_families::Launch { recipe, run_dir: run_dir.clone(), resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string(), nodes };
     let result = kiln::session::run(&run_dir, &session, &control, |sink| kiln_families::launch(&launch, sink));

@@ -260,6 +260,9 @@ fn a_node_that_never_joins_ends_the_others_within_the_timeout_naming_it() {
         assert_eq!(stderr(o).trim_end().lines().count(), 1, "{}", stderr(o));
     }
     assert!(stderr(&o0).contains("2 of 3 nodes joined") && stderr(&o0).contains("missing: node 1"), "{}", stderr(&o0));
+    // The log says how the attempt ended, as for any failed run.
+    let log = read_jsonl(&dir.path().join("run/metrics.jsonl"));
+    assert!(log.iter().any(|r| r["kind"] == "error" && r["text"].as_str().unwrap_or("").contains("missing: node 1")), "{log:?}");
     assert!(stderr(&o2).contains("node 2: the run did not start"), "{}", stderr(&o2));
 }
 

@@ -35,7 +35,11 @@ impl HostPort {
         if host.is_empty() || port == 0 {
             return Err(format!("expected HOST:PORT with a port of 1-65535, got `{text}`"));
         }
-        Ok(Self { host: host.trim_start_matches('[').trim_end_matches(']').to_string(), port })
+        if host.contains(':') || host.starts_with('[') {
+            // Seen: two nodes on fd00::2 never met (Burn's servers bind 0.0.0.0).
+            return Err(format!("`{text}`: IPv6 addresses are not supported (Burn 0.21's collective listens on IPv4 only); give an IPv4 address or a host name"));
+        }
+        Ok(Self { host: host.to_string(), port })
     }
 
     fn is_loopback(&self) -> bool {
@@ -43,11 +47,7 @@ impl HostPort {
     }
 
     fn ws(&self) -> String {
-        if self.host.contains(':') {
-            format!("ws://[{}]:{}", self.host, self.port)
-        } else {
-            format!("ws://{}:{}", self.host, self.port)
-        }
+        format!("ws://{}:{}", self.host, self.port)
     }
 }
 
@@ -219,10 +219,21 @@ impl std::error::Error for NodeLost {}
 
 type Describe = Box<dyn Fn() -> String + Send>;
 
+type LastWords = Box<dyn Fn(&str) + Send + Sync>;
+static LAST_WORDS: std::sync::OnceLock<LastWords> = std::sync::OnceLock::new();
+
+/// What the process does with the watchdog's line before it ends (the `kiln` command: an `error`
+/// row in rank 0's `metrics.jsonl`, as a failed run gets): the loop is blocked in Burn then, and
+/// cannot log it itself. Set once per process; later calls keep the first.
+pub fn set_last_words(record: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = LAST_WORDS.set(Box::new(record));
+}
+
 /// Bounds the waits on other nodes: armed around each one (joining, an all-reduce), it ends the
 /// process with one line and [`NODE_LOST_EXIT`] when a wait outlasts the timeout. The waits are
 /// blocking calls into Burn with no way to cancel them, so the process itself must end; nothing
-/// is being written while one is armed (saves happen between them), so nothing is left torn.
+/// is being written while one is armed (saves happen between them), so nothing is left torn, and
+/// the line is recorded first where the program says how ([`set_last_words`]).
 #[derive(Clone)]
 pub(crate) struct Watchdog {
     armed: Arc<Mutex<Option<(Instant, Describe)>>>,
@@ -238,7 +249,11 @@ impl Watchdog {
                 while let Some(armed) = watched.upgrade() {
                     if let Some((since, describe)) = armed.lock().ok().as_deref().and_then(|a| a.as_ref()) {
                         if since.elapsed() > timeout {
-                            eprintln!("kiln: error: node {rank}: {} (waited {:.0} s, --node-timeout)", describe(), timeout.as_secs_f64());
+                            let line = format!("node {rank}: {} (waited {:.0} s, --node-timeout)", describe(), timeout.as_secs_f64());
+                            eprintln!("kiln: error: {line}");
+                            if let Some(record) = LAST_WORDS.get() {
+                                record(&line);
+                            }
                             std::process::exit(NODE_LOST_EXIT as i32);
                         }
                     }
@@ -334,6 +349,7 @@ mod tests {
         assert!(NodeGroup::new(2, 1, "10.1.2.3:29500", None, 60.0).unwrap_err().contains("--node-address"));
         assert!(NodeGroup::new(2, 0, "127.0.0.1:29500", Some("127.0.0.1:29500"), 60.0).unwrap_err().contains("coordinator's own port"));
         assert!(NodeGroup::new(2, 0, "127.0.0.1:29500", None, 0.0).unwrap_err().contains("--node-timeout"));
+        assert!(NodeGroup::new(2, 0, "[fd00::2]:29500", None, 60.0).unwrap_err().contains("IPv6"));
         assert_eq!(g.name_address("ws://127.0.0.1:29502", &[29501, 29502]), "node 1 (127.0.0.1:29502)");
         let g = NodeGroup::new(3, 0, "127.0.0.1:29500", None, 60.0).unwrap();
         let line = g.missing_nodes(&["ws://127.0.0.1:29501".into(), "ws://127.0.0.1:29503".into()]);
