@@ -473,27 +473,29 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 /// leaves it as it is.
 fn train_other_node(args: &TrainArgs, overrides: &[Override], group: kiln_train::nodes::NodeGroup) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("kiln-node-").tempdir().map_err(|e| anyhow::anyhow!("cannot create a scratch directory: {e}"))?;
-    let (recipe, run_dir, resume) = match &args.resume {
+    let (recipe, resume) = match &args.resume {
         Some(dir) => {
             let recipe = kiln_families::resume_recipe(dir, overrides)?;
-            let resume = if kiln_families::rundir::holds_checkpoints(dir) {
-                Some(kiln_train::checkpoint::resume_point(dir).map_err(anyhow::Error::msg)?.0)
-            } else {
-                None
-            };
-            (recipe, dir.clone(), resume)
+            let checkpoint = if kiln_families::rundir::holds_checkpoints(dir) { Some(kiln_train::checkpoint::resume_point(dir).map_err(anyhow::Error::msg)?.0) } else { None };
+            (recipe, checkpoint)
         }
         None => {
             let Some(path) = &args.recipe else {
                 anyhow::bail!("a recipe is required: kiln train <recipe.toml> (or --resume RUN_DIR)");
             };
-            (Recipe::load(path, overrides)?, scratch.path().join("run"), None)
+            (Recipe::load(path, overrides)?, None)
         }
     };
-    if resume.is_none() {
-        std::fs::create_dir_all(scratch.path().join("run")).map_err(|e| anyhow::anyhow!("{}: {e}", scratch.path().display()))?;
-    }
-    let run_dir = if resume.is_some() { run_dir } else { scratch.path().join("run") };
+    // Resuming, rank 0's run directory is read (its tokenizer, its checkpoint); otherwise this
+    // node prepares its data in the scratch directory, as rank 0 does in the run's.
+    let run_dir = match (&args.resume, &resume) {
+        (Some(dir), Some(_)) => dir.clone(),
+        _ => {
+            let dir = scratch.path().join("run");
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            dir
+        }
+    };
     println!("kiln: node {} of {}: training with the coordinator at {}; rank 0 writes the run directory", group.rank, group.nodes, group.coordinator);
     let control = Control::new();
     let launch = kiln_families::Launch { recipe, run_dir, resume, control: control.clone(), step_times: None, commit: env!("KILN_COMMIT").to_string(), nodes: Some(group) };

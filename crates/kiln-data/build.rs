@@ -5,7 +5,10 @@
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Cargo's value at run time: the path compiled in is that of whichever checkout first built
+    // this script, which a target folder shared between checkouts reuses.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR for build scripts");
+    let dir = Path::new(&manifest);
     let mut files: Vec<_> = std::fs::read_dir(dir.join("src"))
         .expect("src exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
