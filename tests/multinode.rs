@@ -106,46 +106,42 @@ fn two_processes_train_exactly_as_one_process_with_two_devices() {
     assert_eq!((&s1["valid_loss"], &s1["test"]["loss"]), (&s2["valid_loss"], &s2["test"]["loss"]));
 }
 
-#[test]
-fn two_nodes_of_two_devices_train_as_one_process_with_four() {
+/// One process with `devices` CPU replicas, then `nodes` processes of `devices / nodes` each, on
+/// the same steps: every window's loss within 1e-6 (three or more CPU peers of one process are
+/// summed in hash order, so not always bit for bit) and the same batches per replica. The
+/// multi-node run's windows, for further checks.
+fn nodes_match_one_process(devices: usize, nodes: usize) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     let (one, multi) = (dir.path().join("one"), dir.path().join("multi"));
     let sets = ["train.epochs=1", "eval.bleu=false"];
-    one_process(&one, 4, &sets);
-    let two = "backend.devices=[\"cpu\", \"cpu\"]";
-    let outs = run_nodes(2, fresh(&multi), &[&sets[..], &[two]].concat());
+    one_process(&one, devices, &sets);
+    let local = format!("backend.devices=[{}]", vec!["\"cpu\""; devices / nodes].join(", "));
+    let outs = run_nodes(nodes, fresh(&multi), &[&sets[..], &[local.as_str()]].concat());
     for (rank, o) in outs.iter().enumerate() {
         assert!(o.status.success(), "node {rank}: {}", stderr(o));
     }
     let (a, b) = (train_rows(&one), train_rows(&multi));
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
-        // Global replica = node × 2 + local rank: the same shares and masks as devices 0..3.
-        assert_eq!(x["device_tokens"], y["device_tokens"]);
+        assert_eq!(x["device_tokens"], y["device_tokens"], "the same shares, replica by replica");
+        assert!((f(&x["loss"]) - f(&y["loss"])).abs() <= 1e-6, "step {}: {} vs {}", x["step"], x["loss"], y["loss"]);
+    }
+    b
+}
+
+#[test]
+fn two_nodes_of_two_devices_train_as_one_process_with_four() {
+    // Global replica = node × 2 + local rank: the same shares and masks as devices 0..3.
+    for y in nodes_match_one_process(4, 2) {
         let d: Vec<u64> = y["device_tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert_eq!(y["node_tokens"], serde_json::json!([d[0] + d[1], d[2] + d[3]]), "{y}");
-        // Four CPU peers in one process are summed in hash order: equal up to float rounding.
-        assert!((f(&x["loss"]) - f(&y["loss"])).abs() <= 1e-6, "step {}: {} vs {}", x["step"], x["loss"], y["loss"]);
     }
 }
 
 #[test]
 fn three_processes_train_as_one_process_with_three_devices() {
-    let dir = tempfile::tempdir().unwrap();
-    let (one, multi) = (dir.path().join("one"), dir.path().join("multi"));
-    let sets = ["train.epochs=1", "eval.bleu=false"];
-    one_process(&one, 3, &sets);
     // Three nodes: Burn's tree of arity 2 has a root with two children.
-    let outs = run_nodes(3, fresh(&multi), &sets);
-    for (rank, o) in outs.iter().enumerate() {
-        assert!(o.status.success(), "node {rank}: {}", stderr(o));
-    }
-    let (a, b) = (train_rows(&one), train_rows(&multi));
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(x["device_tokens"], y["device_tokens"]);
-        assert!((f(&x["loss"]) - f(&y["loss"])).abs() <= 1e-6, "step {}: {} vs {}", x["step"], x["loss"], y["loss"]);
-    }
+    nodes_match_one_process(3, 3);
 }
 
 /// Waits until rank 0's log shows a checkpoint at step ≥ `step`.
