@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (issue 7): run once on a machine with an NVIDIA GPU. Builds kiln with the `cuda` feature,
+# GPU check (issues 7 and 26): run once on a machine with an NVIDIA GPU. Builds kiln with the `cuda`
+# and `wgpu` features (wgpu reaches the GPU through the NVIDIA Vulkan driver),
 # trains the smoke recipe on the GPU, checks that the sync interval does not change the summed loss
 # there (1 vs 10), and runs `bench train` on the quickstart recipe in f32 (window reads overlapped
 # with the next window, the default, and read at once), in bf16 and f16 and, with two GPUs or more, data
@@ -11,8 +12,8 @@ out=docs/bench/gpu
 mkdir -p "$out"
 log() { printf '== %s\n' "$*" >&2; }
 
-log "build (cuda feature)"
-cargo build --release --features cuda 2>&1 | tail -1
+log "build (cuda and wgpu features)"
+cargo build --release --features cuda,wgpu 2>&1 | tail -1
 kiln=target/release/kiln
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" || echo "nvidia-smi unavailable" > "$out/gpu.txt"
 
@@ -51,6 +52,22 @@ else
   log "one GPU: no data-parallel bench"
 fi
 
+log "devices"
+"$kiln" devices > "$out/devices.txt" 2>&1 || true
+cat "$out/devices.txt" >&2
+if grep -q '^wgpu:discrete:0 ' "$out/devices.txt"; then
+  log "smoke recipe on wgpu:discrete:0 (Vulkan), then the sync bench there and on cuda:0"
+  "$kiln" train recipes/smoke.toml --run-dir "$scratch/smoke-wgpu" --no-tui --set backend.device=wgpu:discrete:0 \
+    --set loader.cache_dir="$scratch/cache" > "$scratch/smoke-wgpu.log" 2>&1 \
+    && tail -3 "$scratch/smoke-wgpu.log" > "$out/smoke-wgpu.txt" || { tail -5 "$scratch/smoke-wgpu.log"; echo "wgpu smoke failed" > "$out/smoke-wgpu.txt"; }
+  "$kiln" bench sync recipes/smoke-lm.toml --set backend.device=wgpu:discrete:0 --rounds 3 \
+    --json "$out/sync-wgpu.json" --out "$out/sync.md" > "$scratch/sync-wgpu.log" 2>&1 || tail -5 "$scratch/sync-wgpu.log"
+else
+  echo "no discrete wgpu adapter (NVIDIA Vulkan driver missing?)" > "$out/smoke-wgpu.txt"
+fi
+"$kiln" bench sync recipes/smoke-lm.toml --set backend.device=cuda:0 --rounds 3 \
+  --json "$out/sync-cuda.json" --out "$out/sync.md" > "$scratch/sync-cuda.log" 2>&1 || tail -5 "$scratch/sync-cuda.log"
+
 commit=$(git rev-parse --short HEAD)
 python3 - "$out" "$commit" "$exact" <<'PY' | tee "$out/table.md"
 import json, os, sys
@@ -58,6 +75,10 @@ out, commit, exact = sys.argv[1:4]
 gpu = open(f"{out}/gpu.txt").read().strip()
 print(f"GPU: {gpu}; commit {commit}\n")
 print(f"smoke, sync 1 vs 10: {exact}\n")
+if os.path.exists(f"{out}/smoke-wgpu.txt"):
+    print("smoke on wgpu (Vulkan): " + open(f"{out}/smoke-wgpu.txt").read().strip().replace("\n", " / ") + "\n")
+if os.path.exists(f"{out}/sync.md"):
+    print(open(f"{out}/sync.md").read())
 print("| quickstart | tokens/s | step ms median / p90 | sync % | data wait % | peak host RSS MiB |")
 print("|---|---|---|---|---|---|")
 for name in ["f32", "f32-sync-at-once", "bf16", "f16", "dp2"]:

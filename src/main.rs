@@ -146,6 +146,9 @@ enum Command {
         #[command(flatten)]
         weights: WeightsArg,
     },
+    /// The devices this kiln can train on here, by the names `backend.device` takes, and what
+    /// `"auto"` picks.
+    Devices,
     /// Inspect or prune the dataset cache.
     Cache {
         #[command(subcommand)]
@@ -182,6 +185,57 @@ enum BenchWhat {
         steps: usize,
         /// Markdown file the result row is appended to.
         #[arg(long, default_value = "docs/bench/nodes.md")]
+        out: PathBuf,
+    },
+    /// Sync every N, measured: the same steps with the loss read every step and every N steps,
+    /// each overlapped with the next window and not; reads, host wait, step time, tokens/s and
+    /// the ratios against reading every step.
+    Sync {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+        /// Steps per read of the setting compared with reading every step.
+        #[arg(long, default_value_t = 10)]
+        interval: usize,
+        /// Optimizer steps measured after the warm-up (a multiple of --interval).
+        #[arg(long, default_value_t = 60)]
+        steps: usize,
+        /// Steps run before measuring (rounded up to whole windows of --interval): kernels
+        /// compiled, memory pools filled.
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+        /// Rounds of the four settings, alternated; each figure is the median over them.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+        rounds: u32,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Markdown file the result section is appended to.
+        #[arg(long, default_value = "docs/bench/sync.md")]
+        out: PathBuf,
+    },
+    /// Uploads off the training thread: a step on the loop's thread alone, token-id batches
+    /// uploaded from a second thread alone, and both at once, on a device; how much overlaps.
+    Upload {
+        /// The device (a `backend.device` name).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The step: `depth` products of `width` × `width` matrices.
+        #[arg(long, default_value_t = 512)]
+        width: usize,
+        #[arg(long, default_value_t = 16)]
+        depth: usize,
+        /// Batches uploaded per measurement, each `rows` × `len` token ids.
+        #[arg(long, default_value_t = 8)]
+        uploads: usize,
+        #[arg(long, default_value_t = 64)]
+        rows: usize,
+        #[arg(long, default_value_t = 64)]
+        len: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Markdown file the result is appended to.
+        #[arg(long, default_value = "docs/bench/sync.md")]
         out: PathBuf,
     },
     /// Training throughput: steady-state target tokens/s after a warm-up, step time, sync / data
@@ -376,6 +430,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Cache { action, dir } => cache(action, &dir),
+        Command::Devices => devices(),
         Command::Watch { run_dir } => watch(&run_dir),
         Command::Translate { run_dir, input, decode } => translate(&run_dir, input.as_deref(), &decode),
         Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint, weights } => {
@@ -389,6 +444,8 @@ fn main() -> ExitCode {
         Command::Export { run_dir, format: _, out, checkpoint, weights } => experiments::export(&run_dir, out.as_deref(), checkpoint.as_deref(), |dir, c| weights.open(dir, c)),
         Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
         Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),
+        Command::Bench { what: BenchWhat::Upload { device, width, depth, uploads, rows, len, rounds, out } } => bench_upload(&device, width, depth, uploads, [rows, len], rounds, &out),
+        Command::Bench { what: BenchWhat::Sync { recipe, set, interval, steps, warmup, rounds, json, out } } => bench_sync(&recipe, &set, interval, steps, warmup, rounds, json.as_deref(), &out),
         Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, rounds } } => {
             bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, rounds })
         }
@@ -712,6 +769,93 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
     eprintln!("appended to {}", args.out.display());
     Ok(())
 }
+
+/// `kiln devices`: one line per device name this build can use on this machine.
+fn devices() -> anyhow::Result<()> {
+    use kiln_train::device::{cuda_device_count, resolve_device, wgpu_adapters, AdapterKind};
+    println!("cpu                  Burn Flex, {} threads", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if cfg!(feature = "cuda") {
+        match cuda_device_count() {
+            Ok(n) => (0..n).for_each(|i| println!("cuda:{i:<16} CUDA device {i}")),
+            Err(why) => println!("cuda                 none: {why}"),
+        }
+    } else {
+        println!("cuda                 not built in (cargo xtask train --cuda …, or the `cuda` feature)");
+    }
+    if cfg!(feature = "wgpu") {
+        match wgpu_adapters() {
+            Ok(adapters) if !adapters.is_empty() => {
+                let mut seen: Vec<AdapterKind> = Vec::new();
+                for a in &adapters {
+                    let n = seen.iter().filter(|k| **k == a.kind).count();
+                    seen.push(a.kind);
+                    let name = match a.kind {
+                        AdapterKind::Discrete => format!("wgpu:discrete:{n}"),
+                        AdapterKind::Integrated => format!("wgpu:integrated:{n}"),
+                        AdapterKind::Virtual => format!("wgpu:virtual:{n}"),
+                        AdapterKind::Cpu if n == 0 => "wgpu:cpu".to_string(),
+                        // Only the first of a kind without an index, or of no kind, is reachable
+                        // by name; "wgpu" takes the preferred one.
+                        _ => "(wgpu)".to_string(),
+                    };
+                    println!("{name:<20} {}; f16 {}", a.describe(), if a.shader_f16 { "yes" } else { "no" });
+                }
+            }
+            Ok(_) => println!("wgpu                 no adapter: {}", kiln_train::device::WGPU_INSTALL),
+            Err(why) => println!("wgpu                 none: {why}; {}", kiln_train::device::WGPU_INSTALL),
+        }
+    } else {
+        println!("wgpu                 not built in (cargo xtask train --wgpu …, or the `wgpu` feature)");
+    }
+    let auto = resolve_device("auto")?;
+    println!("auto                 {:?}: {}", auto.choice, auto.note.unwrap_or_default());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)] // the command's flags
+fn bench_sync(recipe_path: &std::path::Path, set: &[String], interval: usize, steps: usize, warmup: usize, rounds: u32, json: Option<&std::path::Path>, out: &std::path::Path) -> anyhow::Result<()> {
+    let overrides = set.iter().map(|s| Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let recipe = Recipe::load(recipe_path, &overrides)?;
+    let scratch = tempfile::tempdir()?;
+    let bench = kiln_families::bench::bench_sync(&recipe, interval, steps, warmup, rounds, scratch.path())?;
+    let (machine, commit, date) = provenance(out);
+    let section = bench.markdown(&machine, &commit, &date, set);
+    println!("{section}");
+    if let Some(path) = json {
+        let value = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "recipe": bench.recipe, "device": bench.device, "set": set, "warmup_steps": bench.warmup_steps, "rounds": bench.rounds, "cases": bench.cases });
+        std::fs::write(path, serde_json::to_string_pretty(&value)?).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| SYNC_HEADER.to_string());
+    text.push_str(&section);
+    std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    eprintln!("appended to {}", out.display());
+    Ok(())
+}
+
+fn bench_upload(device: &str, width: usize, depth: usize, uploads: usize, shape: [usize; 2], rounds: usize, out: &std::path::Path) -> anyhow::Result<()> {
+    kiln_recipe::DeviceSpec::parse(device).map_err(|m| anyhow::anyhow!("--device: {m}"))?;
+    if width == 0 || depth == 0 || uploads == 0 || shape.contains(&0) || rounds == 0 {
+        anyhow::bail!("bench upload: --width, --depth, --uploads, --rows, --len and --rounds must be positive");
+    }
+    let b = kiln_families::bench_upload(device, width, depth, uploads, shape, rounds)?;
+    let (machine, commit, date) = provenance(out);
+    let section = b.markdown(&machine, &commit, &date);
+    println!("{section}");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| SYNC_HEADER.to_string());
+    text.push_str(&section);
+    std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
+    eprintln!("appended to {}", out.display());
+    Ok(())
+}
+
+/// The head of a new `docs/bench/sync.md`.
+const SYNC_HEADER: &str = "# Sync every N, measured (`kiln bench sync`)\n\nEach section: the same steps of one recipe with the training loss read back every step and every N steps, each read waited for at once (overlap off) or while the next window runs (overlap on). *Host wait* is the time the training thread spent waiting for reads. Figures are medians over alternated rounds.\n\n";
 
 fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
     use kiln_data::cache;

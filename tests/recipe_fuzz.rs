@@ -114,7 +114,7 @@ fn keys() -> Vec<(&'static str, Kind)> {
         ("train.ema_decay", Float(&["0.0", "0.9", "0.999", "1.0"])),
         ("train.patience", Int(&["0", "1", "3"])),
         ("train.best_metric", Word(&["valid_loss", "bleu", "chrf"])),
-        ("backend.device", Word(&["cpu", "auto", "cuda", "cuda:0", "gpu"])),
+        ("backend.device", Word(&["cpu", "auto", "cuda", "cuda:0", "gpu", "wgpu:virtual:3", "wgpu:gpu"])),
         ("backend.threads", Int(&["0", "1", "2"])),
         ("backend.cpu_split", Int(&["0", "1", "2", "3"])),
         ("backend.devices", Raw(&["[]", "[\"cpu\", \"cpu\"]", "[\"cpu\"]", "[\"cuda:0\", \"cpu\"]", "[\"cuda:0\", \"cuda:0\"]", "\"cpu\""])),

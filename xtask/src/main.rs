@@ -1,15 +1,16 @@
 //! `cargo xtask`: the project's entry points (matklad's pattern), in Rust so they run wherever
 //! cargo does.
 //!
-//! - `cargo xtask train <recipe.toml> [--cuda] [kiln train flags...]`: builds the CLI in release
-//!   (with the `cuda` feature when asked) and runs `kiln train`.
+//! - `cargo xtask train <recipe.toml> [--cuda] [--wgpu] [kiln train flags...]`: builds the CLI in
+//!   release (with the `cuda` / `wgpu` features when asked) and runs `kiln train`.
 //! - `cargo xtask watch <run-dir>`: the dashboard of a live or finished run.
 //! - `cargo xtask translate | generate | eval <run-dir> ...`: use a trained model.
 //! - `cargo xtask runs [DIR]`, `compare RUN RUN…`, `sweep RECIPE --grid key=v1,v2 …`: experiments.
 //! - `cargo xtask average RUN --last K`, `export RUN --format safetensors`: checkpoint tools.
 //! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
-//! - `cargo xtask test`: the project's test command (all crates, all tests).
+//! - `cargo xtask test`: the project's test command (all crates, all tests, built with the `wgpu`
+//!   feature; the wgpu tier runs where an adapter is found, and must when `KILN_WGPU_TIER=require`).
 //! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
 //! - `cargo xtask fuzz [--cases N] [--seed S]`: the recipe and CLI property test at a size beyond
 //!   CI's (N recipes run by the binary, 20 × N through validation; default 2000).
@@ -54,12 +55,12 @@ fn run(args: &[String]) -> Result<()> {
     };
     match cmd.as_str() {
         "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" => {
-            let cuda = rest.iter().any(|a| a == "--cuda");
-            let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda").collect();
+            let features: Vec<&str> = [("--cuda", "cuda"), ("--wgpu", "wgpu")].into_iter().filter(|(flag, _)| rest.iter().any(|a| a == flag)).map(|(_, f)| f).collect();
+            let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda" && *a != "--wgpu").collect();
             let mut build = cargo();
             build.args(["build", "--release", "--quiet", "-p", "kiln", "--bin", "kiln"]);
-            if cuda {
-                build.args(["--features", "cuda"]);
+            if !features.is_empty() {
+                build.args(["--features", &features.join(",")]);
             }
             status(build)?;
             let exe = target_dir().join("release").join(format!("kiln{}", std::env::consts::EXE_SUFFIX));
@@ -69,8 +70,10 @@ fn run(args: &[String]) -> Result<()> {
         }
         "test" => {
             let mut c = cargo();
-            // All targets: unit, integration and binary tests (kiln has no doc tests).
-            c.args(["test", "--workspace", "--all-targets"]).args(rest);
+            // All targets: unit, integration and binary tests (kiln has no doc tests), in one build
+            // with the wgpu backend, so the tier that trains on a wgpu adapter (tests/wgpu.rs) runs
+            // where the machine has one (CI installs lavapipe, a Vulkan device on the CPU).
+            c.args(["test", "--workspace", "--all-targets", "--features", "kiln/wgpu"]).args(rest);
             status(c)
         }
         "fuzz" => {

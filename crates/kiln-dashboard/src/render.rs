@@ -195,11 +195,15 @@ fn draw_system(frame: &mut Frame, area: Rect, s: &DashboardState) {
         Some((util, used, total)) => format!("GPU {util:.0} % · {used:.0}/{total:.0} MiB"),
         None => "GPU -".to_string(),
     };
-    let lines = vec![
+    let mut lines = vec![
         Line::from(format!("CPU {:.0} %", last.map(|w| w.cpu_pct).unwrap_or(0.0))),
         Line::from(format!("RSS {:.0} MiB", last.map(|w| w.rss_mb).unwrap_or(0.0))),
         Line::from(gpu),
     ];
+    // CubeCL's pools on the device (wgpu, CUDA): what tensors use and what the pools hold.
+    if let Some((used, reserved)) = last.and_then(|w| w.device_mb.zip(w.device_reserved_mb)) {
+        lines.push(Line::from(format!("device {used:.0}/{reserved:.0} MiB")));
+    }
     frame.render_widget(Paragraph::new(lines).block(block("system")), area);
 }
 

@@ -63,6 +63,8 @@ fn window(step: usize, tokens_per_s: f64, sync_ms: f64, sync: SyncStats) -> Wind
         prefetch_ready: 6,
         rss_mb: 512.0,
         cpu_pct: 190.0,
+        device_mb: Some(12.4),
+        device_reserved_mb: Some(48.0),
         device_tokens: vec![],
         node_tokens: vec![],
         reduce: None,
@@ -90,7 +92,7 @@ fn sync_and_throughput_panels_show_the_figures_fed_to_them() {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
     // Header, data, system and chart title.
-    for needle in ["step 420/1108", "epoch 2/4", "prefetch queue 6/8", "padding 4.5 %", "CPU 190 %", "RSS 512 MiB", "valid 4.500", "BLEU 1.25", "lr 4.20e-4"] {
+    for needle in ["step 420/1108", "epoch 2/4", "prefetch queue 6/8", "padding 4.5 %", "CPU 190 %", "RSS 512 MiB", "device 12/48 MiB", "valid 4.500", "BLEU 1.25", "lr 4.20e-4"] {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
     assert!(text.contains("q stop & save"), "{text}");

@@ -78,6 +78,12 @@ pub struct WindowRow {
     /// CPU use of the training process over the window, percent of one core (0 where unknown).
     #[serde(default)]
     pub cpu_pct: f64,
+    /// A CubeCL device (wgpu, CUDA): MiB its tensors use and its memory pools hold at the
+    /// window's end; absent on the CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_mb: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reserved_mb: Option<f64>,
     /// Data parallel (`backend.devices`): each device's target tokens in the window, in device
     /// order (its tokens/s = these / `window_s`); absent with one device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -173,6 +173,14 @@ pub struct TrainBench {
     /// Σ loss of the first sync window (a check that kiln and the peer start alike).
     pub first_window_loss_sum: f64,
     pub padding_pct: f64,
+    /// Device→host reads of the loss in the measured windows, and the host's wait in them (ms).
+    pub reads: u64,
+    pub sync_ms_total: f64,
+    pub sync_ms_max: f64,
+    /// Wall time of the measured windows, seconds.
+    pub wall_s: f64,
+    /// Σ loss × tokens over the measured windows: equal for every sync setting of one recipe.
+    pub loss_token_sum: f64,
 }
 
 /// A sink that keeps the windows and shows a progress line on stderr.
@@ -272,7 +280,163 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         rss_per_epoch_mb: rss_per_epoch,
         first_window_loss_sum: sink.first_window_loss_sum.unwrap_or(f64::NAN),
         padding_pct: 100.0 * (1.0 - real / slots.max(1e-9)),
+        reads: measured.len() as u64,
+        sync_ms_total: sync_s * 1e3,
+        sync_ms_max: measured.iter().map(|w| w.sync_ms).fold(0.0, f64::max),
+        wall_s: wall,
+        loss_token_sum: measured.iter().map(|w| w.loss * w.tokens as f64).sum(),
     })
+}
+
+/// One setting of `bench sync`: read the loss every `interval` steps, overlapped with the next
+/// window or not.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct SyncCase {
+    pub interval: usize,
+    pub overlap: bool,
+}
+
+/// A setting's figures: the median over the rounds of each.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncFigures {
+    pub case: SyncCase,
+    pub steps: usize,
+    pub reads: u64,
+    pub wait_ms_total: f64,
+    pub wait_ms_avg: f64,
+    pub wait_ms_max: f64,
+    /// Host wait as a share of the measured wall time, percent.
+    pub wait_pct: f64,
+    pub wall_s: f64,
+    pub step_ms_median: f64,
+    pub tokens_per_s: f64,
+    /// Σ loss × tokens of the measured windows (first round): the same for every setting.
+    pub loss_token_sum: f64,
+    /// Each round's wall time, seconds.
+    pub round_wall_s: Vec<f64>,
+}
+
+/// `bench sync`: the same steps of `recipe` read every step and every `interval` steps, each
+/// overlapped with the next window and not, alternated over `rounds` rounds.
+pub struct SyncBench {
+    pub recipe: String,
+    pub device: String,
+    pub warmup_steps: usize,
+    pub rounds: u32,
+    pub cases: Vec<SyncFigures>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
+    }
+}
+
+pub fn bench_sync(recipe: &Recipe, interval: usize, steps: usize, warmup: usize, rounds: u32, scratch: &Path) -> Result<SyncBench> {
+    if interval < 2 {
+        return Err(anyhow!("--interval: expected at least 2 (it is compared with reading every step), got {interval}"));
+    }
+    if steps == 0 || steps % interval != 0 {
+        return Err(anyhow!("--steps: expected a positive multiple of --interval {interval} (whole windows in every setting), got {steps}"));
+    }
+    // Every setting warms up the same steps: whole windows of the longer interval.
+    let warmup = warmup.div_ceil(interval) * interval;
+    let cases = [SyncCase { interval: 1, overlap: false }, SyncCase { interval: 1, overlap: true }, SyncCase { interval, overlap: false }, SyncCase { interval, overlap: true }];
+    let mut runs: Vec<Vec<TrainBench>> = vec![Vec::new(); cases.len()];
+    let mut device = String::new();
+    for round in 0..rounds {
+        for (i, case) in cases.iter().enumerate() {
+            eprintln!("bench sync: round {} of {rounds}, sync_interval = {}, sync_overlap = {}", round + 1, case.interval, case.overlap);
+            let mut r = recipe.clone();
+            r.train.sync_interval = case.interval;
+            r.train.sync_overlap = case.overlap;
+            let dir = scratch.join(format!("round-{round}-case-{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let b = bench_train(&r, steps, warmup, &dir)?;
+            device = b.device.clone();
+            runs[i].push(b);
+        }
+    }
+    let figures = cases
+        .iter()
+        .zip(runs)
+        .map(|(case, rs)| {
+            let m = |f: fn(&TrainBench) -> f64| median(rs.iter().map(f).collect());
+            let reads = rs[0].reads;
+            let wait_ms_total = m(|b| b.sync_ms_total);
+            SyncFigures {
+                case: *case,
+                steps: rs[0].steps,
+                reads,
+                wait_ms_total,
+                wait_ms_avg: wait_ms_total / reads.max(1) as f64,
+                wait_ms_max: m(|b| b.sync_ms_max),
+                wait_pct: m(|b| 100.0 * b.sync_ms_total / 1e3 / b.wall_s.max(1e-9)),
+                wall_s: m(|b| b.wall_s),
+                step_ms_median: m(|b| b.step_ms_median),
+                tokens_per_s: m(|b| b.tokens_per_s),
+                loss_token_sum: rs[0].loss_token_sum,
+                round_wall_s: rs.iter().map(|b| b.wall_s).collect(),
+            }
+        })
+        .collect();
+    Ok(SyncBench { recipe: recipe.name.clone(), device, warmup_steps: warmup, rounds, cases: figures })
+}
+
+impl SyncBench {
+    /// The setting every ratio is taken against: a read after every step, waited for at once.
+    pub fn baseline(&self) -> &SyncFigures {
+        &self.cases[0]
+    }
+
+    /// Whether every setting summed the same losses (relative 1e-5: the reads move, the sums not).
+    pub fn losses_agree(&self) -> bool {
+        let base = self.baseline().loss_token_sum;
+        self.cases.iter().all(|c| (c.loss_token_sum - base).abs() <= 1e-5 * base.abs())
+    }
+
+    /// A Markdown section for `docs/bench/sync.md`.
+    pub fn markdown(&self, machine: &str, commit: &str, date: &str, sets: &[String]) -> String {
+        let base = self.baseline();
+        let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "–".into() };
+        let mut out = format!(
+            "## {date} · {recipe} · {device} · commit {commit}\n\n\
+             Machine: {machine}. {steps} measured steps after {warmup} warm-up steps, median of {rounds} alternated round(s){sets}. \
+             Σ loss × tokens of the measured windows {agree} across the settings.\n\n\
+             | sync_interval | overlap | reads | host wait total / avg / max ms | wait % of wall | wall s | step ms (median) | tokens/s | reads × | wait × | wall × |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|\n",
+            recipe = self.recipe,
+            device = self.device,
+            steps = base.steps,
+            warmup = self.warmup_steps,
+            rounds = self.rounds,
+            sets = if sets.is_empty() { String::new() } else { format!(", `--set {}`", sets.join(" --set ")) },
+            agree = if self.losses_agree() { "agree (relative 1e-5)" } else { "**differ**" },
+        );
+        for c in &self.cases {
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.1} / {:.3} / {:.2} | {:.2} | {:.2} | {:.1} | {:.0} | {} | {} | {} |\n",
+                c.case.interval,
+                if c.case.overlap { "on" } else { "off" },
+                c.reads,
+                c.wait_ms_total,
+                c.wait_ms_avg,
+                c.wait_ms_max,
+                c.wait_pct,
+                c.wall_s,
+                c.step_ms_median,
+                c.tokens_per_s,
+                ratio(c.reads as f64, base.reads as f64),
+                ratio(c.wait_ms_total, base.wait_ms_total),
+                ratio(c.wall_s, base.wall_s),
+            ));
+        }
+        out.push_str("\nRatios (×) against sync_interval = 1 without overlap, the loop that reads every step.\n\n");
+        out
+    }
 }
 
 /// The PyTorch peer's input (`benches/peer/peer_train.py`): the model and training settings and
@@ -331,4 +495,105 @@ pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -
         },
         "steps": batches,
     }))
+}
+
+/// `bench upload`: whether a batch uploaded from a loader thread overlaps a training step running
+/// on the loop's thread. CubeCL gives each thread its own stream, so the question is whether the
+/// device (and its runtime) runs one thread's uploads while another's kernels are queued, or
+/// serialises them. Three timings on the device: the "step" alone (a chain of matrix products and
+/// an activation on the loop's thread, then a read), the uploads alone (token-id batches of the
+/// given shape created on a second thread, as kiln's loader workers create them, until they are
+/// on the device), and both at once.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UploadBench {
+    pub device: String,
+    pub uploads: usize,
+    pub batch_shape: [usize; 2],
+    pub step_alone_ms: f64,
+    pub uploads_alone_ms: f64,
+    /// Wall time of the step and the uploads started together, and the step's own time then.
+    pub both_ms: f64,
+    pub step_with_uploads_ms: f64,
+    /// (step alone + uploads alone − both) / the shorter of the two: 1 = fully hidden, 0 = serial,
+    /// below 0 = running both at once costs more than one after the other.
+    pub overlap: f64,
+}
+
+/// Runs [`UploadBench`]'s timings on `device` (medians of `rounds`).
+pub fn bench_upload<B: burn::tensor::backend::Backend>(device: &B::Device, device_name: &str, width: usize, depth: usize, uploads: usize, shape: [usize; 2], rounds: usize) -> UploadBench {
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    let weight = Tensor::<B, 2>::random([width, width], Distribution::Uniform(-0.05, 0.05), device);
+    let input = Tensor::<B, 2>::random([width, width], Distribution::Uniform(-1.0, 1.0), device);
+    let step = || {
+        let t0 = Instant::now();
+        let mut x = input.clone();
+        for _ in 0..depth {
+            x = burn::tensor::activation::gelu(x.matmul(weight.clone()));
+        }
+        let _ = x.sum().into_data();
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    let host: Vec<i32> = (0..shape[0] * shape[1]).map(|i| (i as i32).wrapping_mul(2_654_435) & 0xfff).collect();
+    // Waits until everything queued on the device so far has run.
+    let drain = |device: &B::Device| {
+        let _ = Tensor::<B, 1>::zeros([1], device).into_data();
+    };
+    // The batches created as a loader worker creates them (no read), then drained from the same
+    // thread so that the time counts the copies on the device too. The drain waits for the whole
+    // queue (one per device on wgpu), the step's kernels included when they run at once: "both"
+    // is then the wall time until the step and the uploads are done.
+    let upload = |device: &B::Device| {
+        let t0 = Instant::now();
+        let made: Vec<_> = (0..uploads).map(|_| Tensor::<B, 2, Int>::from_data(TensorData::new(host.clone(), shape), device)).collect();
+        drain(device);
+        drop(made);
+        t0.elapsed().as_secs_f64() * 1e3
+    };
+    // Warm-up: kernels compiled, pools filled.
+    step();
+    upload(device);
+    let (mut alone, mut up, mut both, mut with) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds.max(1) {
+        alone.push(step());
+        up.push(upload(device));
+        let t0 = Instant::now();
+        let step_ms = std::thread::scope(|s| {
+            let loader = s.spawn(|| upload(device));
+            let step_ms = step();
+            loader.join().expect("upload thread");
+            step_ms
+        });
+        both.push(t0.elapsed().as_secs_f64() * 1e3);
+        with.push(step_ms);
+    }
+    let (a, u, b, w) = (median(alone), median(up), median(both), median(with));
+    UploadBench {
+        device: device_name.to_string(),
+        uploads,
+        batch_shape: shape,
+        step_alone_ms: a,
+        uploads_alone_ms: u,
+        both_ms: b,
+        step_with_uploads_ms: w,
+        overlap: ((a + u - b) / a.min(u).max(1e-9)).min(1.0),
+    }
+}
+
+impl UploadBench {
+    pub fn markdown(&self, machine: &str, commit: &str, date: &str) -> String {
+        format!(
+            "### {date} · uploads from a loader thread · {device} · commit {commit}\n\nMachine: {machine}. {n} [{r}, {c}] token-id batches created on a second thread as loader workers create them (timed until they are on the device), against a step on the loop's thread (products, then a read); overlap = (step alone + uploads alone − both) / the shorter of the two (100 %: the uploads hide entirely behind the step; 0: one waits for the other).\n\n\
+             | step alone ms | uploads alone ms | both at once ms | step during uploads ms | overlap |\n|---|---|---|---|---|\n\
+             | {a:.1} | {u:.1} | {b:.1} | {w:.1} | {o} |\n\n",
+            device = self.device,
+            n = self.uploads,
+            r = self.batch_shape[0],
+            c = self.batch_shape[1],
+            a = self.step_alone_ms,
+            u = self.uploads_alone_ms,
+            b = self.both_ms,
+            w = self.step_with_uploads_ms,
+            o = if self.overlap >= 0.0 { format!("{:.0} %", 100.0 * self.overlap) } else { format!("none: {:.1} ms more than one after the other", self.both_ms - self.step_alone_ms - self.uploads_alone_ms) },
+        )
+    }
 }

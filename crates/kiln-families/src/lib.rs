@@ -73,8 +73,23 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
             let split = if parts > 1 && launch.nodes.is_none() { format!(", batches in {parts} parts") } else { String::new() };
             let name = format!("cpu (flex, {} threads{split}{auto})", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
-            train_on::<B>(launch, Default::default(), Vec::new(), name, memory, sink)
+            train_on::<B>(launch, Default::default(), Vec::new(), name, memory, None, sink)
         }
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu(adapter) => {
+            type B = burn::backend::Autodiff<burn::backend::Wgpu>;
+            let opened = kiln_train::wgpu_device::open(adapter, 0, device_spec).map_err(|m| anyhow!(m))?;
+            wgpu_precision_check(recipe, &opened.info)?;
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(kiln_train::wgpu_device::WgpuMemory::new(&opened).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            let name = format!("wgpu:{} ({adapter}{auto})", opened.info.describe());
+            let reader = wgpu_memory_reader(vec![opened.device.clone()]);
+            train_on::<B>(launch, opened.device, Vec::new(), name, memory, Some(reader), sink)
+        }
+        #[cfg(not(feature = "wgpu"))]
+        DeviceChoice::Wgpu(_) => unreachable!("resolve_device refuses wgpu in builds without it"),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
@@ -84,7 +99,8 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
                 kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
                 _ => None,
             };
-            train_on::<B>(launch, device, Vec::new(), format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, sink)
+            let reader: kiln_train::trainer::DeviceMemory = Arc::new(move || autobatch::cuda_memory_use(index));
+            train_on::<B>(launch, device, Vec::new(), format!("cuda:{index}{}", if auto.is_empty() { "" } else { " (auto)" }), memory, Some(reader), sink)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
@@ -113,14 +129,38 @@ fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> R
             note(sink, format!("backend.devices: {n} replicas on the CPU share its {} threads: this runs the data-parallel path, it is not faster than one", rayon::current_num_threads()))?;
             let name = format!("cpu ×{n} (flex, {} threads, data parallel)", rayon::current_num_threads());
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
-            train_on::<B>(launch, Default::default(), vec![Default::default(); n - 1], name, memory, sink)
+            train_on::<B>(launch, Default::default(), vec![Default::default(); n - 1], name, memory, None, sink)
         }
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu(_) => {
+            type B = burn::backend::Autodiff<burn::backend::Wgpu>;
+            // An adapter named k times gets k devices (queues), one per replica.
+            let mut opened = Vec::new();
+            for (i, (choice, spec)) in choices.iter().zip(specs).enumerate() {
+                let DeviceChoice::Wgpu(adapter) = *choice else { unreachable!("the recipe check keeps devices of one kind") };
+                let replica = choices[..i].iter().filter(|c| **c == *choice).count();
+                opened.push(kiln_train::wgpu_device::open(adapter, replica, spec).map_err(|m| anyhow!("{}", m.replacen("backend.device =", "backend.devices:", 1)))?);
+            }
+            for o in &opened {
+                wgpu_precision_check(recipe, &o.info)?;
+            }
+            let memory = match recipe.loader.max_tokens {
+                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(kiln_train::wgpu_device::WgpuMemory::new(&opened[0]).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
+                _ => None,
+            };
+            let name = format!("{} (data parallel; {})", specs.join(", "), opened[0].info.describe());
+            let devices: Vec<_> = opened.iter().map(|o| o.device.clone()).collect();
+            let reader = wgpu_memory_reader(devices.clone());
+            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, Some(reader), sink)
+        }
+        #[cfg(not(feature = "wgpu"))]
+        DeviceChoice::Wgpu(_) => unreachable!("resolve_device refuses wgpu in builds without it"),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(_) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
             let index = |c: &DeviceChoice| match c {
                 DeviceChoice::Cuda(i) => *i,
-                DeviceChoice::Cpu => unreachable!("the recipe check keeps devices of one kind"),
+                _ => unreachable!("the recipe check keeps devices of one kind"),
             };
             let devices: Vec<_> = choices.iter().map(|c| burn::backend::cuda::CudaDevice::new(index(c))).collect();
             let name = format!("{} (data parallel)", specs.join(", "));
@@ -128,7 +168,9 @@ fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> R
                 kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(autobatch::CudaMemory::new(index(&choices[0])).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
                 _ => None,
             };
-            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, sink)
+            let first = index(&choices[0]);
+            let reader: kiln_train::trainer::DeviceMemory = Arc::new(move || autobatch::cuda_memory_use(first));
+            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, Some(reader), sink)
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
@@ -141,6 +183,7 @@ fn train_on<B: AutodiffBackend>(
     replica_devices: Vec<B::Device>,
     device_name: String,
     memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    device_memory: Option<kiln_train::trainer::DeviceMemory>,
     sink: &mut (dyn EventSink + Send),
 ) -> Result<Summary> {
     let recipe = &launch.recipe;
@@ -154,7 +197,7 @@ fn train_on<B: AutodiffBackend>(
         Some(g) => format!("{device_name}; node {} of {} nodes", g.rank, g.nodes),
         None => device_name,
     };
-    let run = FamilyRun::<B> { launch, device, replica_devices, device_name, memory, data };
+    let run = FamilyRun::<B> { launch, device, replica_devices, device_name, memory, device_memory, data };
     registry::dispatch(recipe.model.family, FitFamily { run, sink })
 }
 
@@ -238,6 +281,7 @@ pub struct FamilyRun<'a, B: AutodiffBackend> {
     replica_devices: Vec<B::Device>,
     device_name: String,
     memory: Option<Box<dyn autobatch::MemoryMeter>>,
+    device_memory: Option<kiln_train::trainer::DeviceMemory>,
     pub(crate) data: Arc<kiln_data::Prepared>,
 }
 
@@ -245,6 +289,24 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
     /// The recipe of the run.
     pub fn recipe(&self) -> &Recipe {
         &self.launch.recipe
+    }
+
+    /// The family's model on the run's device, its weights drawn from `train.seed` on the host
+    /// (Flex) and moved there, so that a seed means the same model on every device. On the CPU
+    /// the model is drawn in place: the same draws in the same order, without the copy.
+    pub(crate) fn initial_model<F: registry::Family>(&self, vocab_size: usize) -> Result<F::Model<B>> {
+        let recipe = self.recipe();
+        if step::is_host_backend::<B>() {
+            B::seed(&self.device, recipe.train.seed);
+            let model = F::build::<B>(recipe, vocab_size, &self.device);
+            trainer::create_params(&model);
+            return Ok(model);
+        }
+        let host = Default::default();
+        <burn::backend::Flex as burn::tensor::backend::Backend>::seed(&host, recipe.train.seed);
+        let drawn = F::build::<burn::backend::Flex>(recipe, vocab_size, &host);
+        trainer::create_params(&drawn);
+        trainer::weights_from_host(drawn, F::build::<B>(recipe, vocab_size, &self.device), &self.device)
     }
 
     /// Refuses a model that cannot fit the device before it is allocated (where the device's
@@ -273,7 +335,7 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
         D: TrainData<B, Batch = T::Batch>,
         Trainer<B, T>: Send,
     {
-        let FamilyRun { launch, device, replica_devices, device_name, memory, data } = self;
+        let FamilyRun { launch, device, replica_devices, device_name, memory, device_memory, data } = self;
         let recipe = &launch.recipe;
         // The parameters are created from the seed before the probe copies the model.
         B::seed(&device, recipe.train.seed);
@@ -329,6 +391,9 @@ impl<B: AutodiffBackend> FamilyRun<'_, B> {
         }
         if let Some(times) = &launch.step_times {
             trainer = trainer.measure_steps(times.clone());
+        }
+        if let Some(read) = device_memory {
+            trainer = trainer.device_memory(read);
         }
         trainer.fit(&train_data, sink)
     }
@@ -386,6 +451,26 @@ fn cpu_precision_note(recipe: &Recipe, sink: &mut dyn EventSink) -> Result<()> {
 
 pub use kiln_train::compute_dtype;
 
+/// Half precision on a wgpu adapter: f16 where its shaders have f16 (wgpu's `SHADER_F16`); bf16
+/// nowhere (WGSL, the language CubeCL compiles to for wgpu, has no bf16 type).
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+fn wgpu_precision_check(recipe: &Recipe, adapter: &kiln_train::device::AdapterInfo) -> Result<()> {
+    match recipe.train.precision {
+        kiln_recipe::Precision::F32 => Ok(()),
+        kiln_recipe::Precision::F16 if adapter.shader_f16 => Ok(()),
+        kiln_recipe::Precision::F16 => bail!("train.precision = \"f16\": {} has no f16 in shaders (wgpu feature SHADER_F16); use \"f32\" on this adapter", adapter.describe()),
+        kiln_recipe::Precision::Bf16 => bail!("train.precision = \"bf16\": wgpu's shading language (WGSL) has no bf16 type; use \"f16\" where the adapter has it, or \"f32\""),
+    }
+}
+
+/// CubeCL's memory summed over the run's wgpu devices, for the windows' rows.
+#[cfg(feature = "wgpu")]
+fn wgpu_memory_reader(devices: Vec<burn::backend::wgpu::WgpuDevice>) -> kiln_train::trainer::DeviceMemory {
+    Arc::new(move || {
+        devices.iter().try_fold((0u64, 0u64), |(u, r), d| kiln_train::wgpu_device::memory_use(d).map(|(du, dr)| (u + du, r + dr)))
+    })
+}
+
 fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {
     sink.emit(&Event::Note(text)).map_err(|m| anyhow!(m))
 }
@@ -412,6 +497,14 @@ macro_rules! on_backend {
         let _autocast = kiln_model::autocast::enter(compute_dtype($run.recipe.train.precision));
         match resolve_device(&$run.recipe.backend.device)?.choice {
             DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
+            #[cfg(feature = "wgpu")]
+            DeviceChoice::Wgpu(adapter) => {
+                let opened = kiln_train::wgpu_device::open(adapter, 0, &$run.recipe.backend.device).map_err(|m| anyhow!(m))?;
+                wgpu_precision_check(&$run.recipe, &opened.info)?;
+                infer::$f::<burn::backend::Wgpu>($($arg,)* &opened.device)
+            }
+            #[cfg(not(feature = "wgpu"))]
+            DeviceChoice::Wgpu(_) => unreachable!("resolve_device refuses wgpu in builds without it"),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
             #[cfg(not(feature = "cuda"))]
@@ -434,6 +527,23 @@ fn check_beam(run: &infer::RunModel, beam: &kiln_model::seq2seq::BeamSettings) -
 pub fn translate(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2seq::BeamSettings) -> Result<Vec<String>> {
     check_beam(run, &beam)?;
     on_backend!(run, translate_lines(run, lines, beam))
+}
+
+/// `kiln bench upload`: whether uploads from a loader thread overlap a step on `spec`'s device.
+pub fn bench_upload(spec: &str, width: usize, depth: usize, uploads: usize, shape: [usize; 2], rounds: usize) -> Result<bench::UploadBench> {
+    let resolved = resolve_device(spec)?;
+    match resolved.choice {
+        DeviceChoice::Cpu => Ok(bench::bench_upload::<burn::backend::Flex>(&Default::default(), "cpu (flex)", width, depth, uploads, shape, rounds)),
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu(adapter) => {
+            let opened = kiln_train::wgpu_device::open(adapter, 0, spec).map_err(|m| anyhow!(m))?;
+            Ok(bench::bench_upload::<burn::backend::Wgpu>(&opened.device, &format!("wgpu:{}", opened.info.describe()), width, depth, uploads, shape, rounds))
+        }
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(index) => Ok(bench::bench_upload::<burn::backend::Cuda>(&burn::backend::cuda::CudaDevice::new(index), &format!("cuda:{index}"), width, depth, uploads, shape, rounds)),
+        #[allow(unreachable_patterns)]
+        _ => unreachable!("resolve_device refuses devices this build lacks"),
+    }
 }
 
 /// Continues a prompt with a run's language model (`kiln generate`).

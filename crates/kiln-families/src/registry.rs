@@ -65,7 +65,7 @@ impl Family for Translation {
             anyhow::bail!("eval.beam: expected at most the vocabulary's {vocab} tokens (a beam holds distinct tokens), got {}", recipe.eval.beam);
         }
         run.check_model_fits(vocab)?;
-        let model = model_config(&recipe, vocab).init::<B>(&run.device);
+        let model = run.initial_model::<Self>(vocab)?;
         let lengths = autobatch::length_ranges(recipe.data.max_len + 2);
         let probe_batch = |len: usize, n: usize, device: &B::Device| {
             // Source and target both at the range's top (the lengths count the added `</s>`).
@@ -100,7 +100,7 @@ impl Family for LanguageModel {
         let (data, recipe) = (Arc::clone(&run.data), run.recipe().clone());
         let vocab = data.tokenizer.vocab_size();
         run.check_model_fits(vocab)?;
-        let model = lm_config(&recipe, vocab).init::<B>(&run.device);
+        let model = run.initial_model::<Self>(vocab)?;
         let probe_batch = |len: usize, n: usize, device: &B::Device| {
             let stream: Vec<u32> = (0..n * len + 1).map(|i| probe_token(vocab, i)).collect();
             let starts: Vec<usize> = (0..n).map(|k| k * len).collect();

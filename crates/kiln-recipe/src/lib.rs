@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod device;
+pub use device::{DeviceSpec, WgpuAdapter, DEVICE_FORMS};
+
 /// One-line, user-facing error about a recipe or an override.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecipeError {
@@ -481,7 +484,9 @@ impl Default for TrainSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackendSection {
-    /// `"cpu"`, `"cuda"`, `"cuda:N"` or `"auto"` (CUDA when built in and present, else CPU).
+    /// `"cpu"`, `"cuda"`, `"cuda:N"`, `"wgpu"` (the preferred adapter), `"wgpu:cpu"`,
+    /// `"wgpu:discrete:N"`, `"wgpu:integrated:N"`, `"wgpu:virtual:N"`, or `"auto"` (CUDA when built
+    /// in and present, then a GPU adapter through wgpu when built in, else the CPU).
     pub device: String,
     /// CPU threads for tensor kernels (0 = all cores).
     pub threads: usize,
@@ -491,6 +496,7 @@ pub struct BackendSection {
     pub cpu_split: usize,
     /// Data parallel over several devices, one model replica each, gradients all-reduced with
     /// Burn's collective: `["cuda:0", "cuda:1"]`. Replaces `device` when it holds two or more.
+    /// Devices of one kind; a wgpu adapter named twice gets a device (a queue) per replica.
     /// `["cpu", "cpu"]` runs replicas as threads sharing the CPU (it checks the path; it is not
     /// faster).
     pub devices: Vec<String>,
@@ -803,23 +809,22 @@ impl Recipe {
         if self.backend.devices.len() > MAX_DEVICES {
             return Err(("backend.devices".into(), format!("expected at most {MAX_DEVICES} devices (one replica thread each), got {}", self.backend.devices.len())));
         }
-        let dev = self.backend.device.as_str();
-        let cuda_ok = dev == "cuda" || dev.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-        if !(dev == "cpu" || dev == "auto" || cuda_ok) {
-            return Err(("backend.device".into(), format!("expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\", got {dev:?}")));
-        }
+        DeviceSpec::parse(&self.backend.device).map_err(|m| ("backend.device".to_string(), m))?;
         let devices = &self.backend.devices;
         if !devices.is_empty() {
-            let cuda_index = |d: &str| if d == "cuda" { Some(0) } else { d.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) };
             let bad = |m: String| Err(("backend.devices".to_string(), m));
-            if let Some(d) = devices.iter().find(|d| d.as_str() != "cpu" && cuda_index(d).is_none()) {
-                return bad(format!("expected \"cpu\" or \"cuda:N\" for each device, got {d:?}"));
+            let mut specs = Vec::new();
+            for d in devices {
+                match DeviceSpec::parse(d) {
+                    Ok(DeviceSpec::Auto) => return bad("expected named devices, got \"auto\"".into()),
+                    Ok(spec) => specs.push(spec),
+                    Err(m) => return bad(m),
+                }
             }
-            let cuda: Vec<usize> = devices.iter().filter_map(|d| cuda_index(d)).collect();
-            if !cuda.is_empty() && cuda.len() != devices.len() {
-                return bad("expected devices of one kind, all \"cpu\" or all \"cuda:N\"".into());
+            if specs.iter().any(|s| s.kind() != specs[0].kind()) {
+                return bad("expected devices of one kind, all \"cpu\", all \"cuda:N\" or all \"wgpu…\"".into());
             }
-            if (1..cuda.len()).any(|i| cuda[..i].contains(&cuda[i])) {
+            if specs[0].kind() == "cuda" && (1..specs.len()).any(|i| specs[..i].contains(&specs[i])) {
                 return bad(format!("expected each CUDA device once, got {devices:?}"));
             }
         }
@@ -1042,7 +1047,10 @@ mod tests {
         let with = |v: &str, extra: &str| Recipe::parse(&format!("{GOOD}{extra}\n[backend]\ndevices = {v}\n"), "r.toml", &[]);
         assert_eq!(with("[\"cuda:0\", \"cuda:1\"]", "").unwrap().backend.devices, vec!["cuda:0", "cuda:1"]);
         assert_eq!(with("[\"cpu\", \"cpu\"]", "").unwrap().backend.devices.len(), 2);
+        assert_eq!(with("[\"wgpu:cpu\", \"wgpu:cpu\"]", "").unwrap().backend.devices.len(), 2, "a queue per replica on one adapter");
         for (v, extra, key, needle) in [
+            ("[\"wgpu\", \"cuda:0\"]", "", "backend.devices", "one kind"),
+            ("[\"auto\", \"auto\"]", "", "backend.devices", "named devices"),
             ("[\"cuda:0\", \"cpu\"]", "", "backend.devices", "one kind"),
             ("[\"cuda:1\", \"cuda:1\"]", "", "backend.devices", "once"),
             ("[\"tpu\"]", "", "backend.devices", "\"tpu\""),

@@ -232,20 +232,34 @@ pub struct CudaMemory {
     capacity: u64,
 }
 
+/// The memory size of NVIDIA GPU `index` in bytes, from `nvidia-smi`.
+pub fn nvidia_smi_memory(index: usize) -> Result<u64, String> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={index}")])
+        .output()
+        .map_err(|e| format!("loader.max_tokens = \"auto\": cannot read the GPU's memory size with nvidia-smi ({e}); give loader.max_tokens a number"))?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| format!("loader.max_tokens = \"auto\": nvidia-smi gave no memory size for GPU {index}; give loader.max_tokens a number"))?;
+    Ok(mib << 20)
+}
+
+/// CubeCL's memory on CUDA device `index`: bytes in use by tensors and reserved by its pools.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory_use(index: usize) -> Option<(u64, u64)> {
+    use cubecl::Runtime;
+    let usage = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(index)).memory_usage().ok()?;
+    Some((usage.bytes_in_use, usage.bytes_reserved))
+}
+
 #[cfg(feature = "cuda")]
 impl CudaMemory {
     pub fn new(index: usize) -> Result<Self, String> {
         use cubecl::Runtime;
-        let out = std::process::Command::new("nvidia-smi")
-            .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", &format!("--id={index}")])
-            .output()
-            .map_err(|e| format!("loader.max_tokens = \"auto\": cannot read the GPU's memory size with nvidia-smi ({e}); give loader.max_tokens a number"))?;
-        let mib: u64 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .map_err(|_| format!("loader.max_tokens = \"auto\": nvidia-smi gave no memory size for GPU {index}; give loader.max_tokens a number"))?;
+        let capacity = nvidia_smi_memory(index)?;
         let client = cubecl::cuda::CudaRuntime::client(&cubecl::cuda::CudaDevice::new(index));
-        Ok(Self { client, capacity: mib << 20 })
+        Ok(Self { client, capacity })
     }
 }
 

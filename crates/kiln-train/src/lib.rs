@@ -19,6 +19,8 @@ pub mod system;
 pub mod task;
 pub mod trainer;
 pub mod weights;
+#[cfg(feature = "wgpu")]
+pub mod wgpu_device;
 mod window;
 
 pub use data::{Batching, DatasetData, TrainData};

@@ -350,6 +350,8 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
             prefetch_ready: 0,
             rss_mb: 0.0,
             cpu_pct: 0.0,
+            device_mb: None,
+            device_reserved_mb: None,
             device_tokens: Vec::new(),
             node_tokens: Vec::new(),
             reduce: None,

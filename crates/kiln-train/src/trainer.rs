@@ -93,6 +93,16 @@ pub fn create_params<B: Backend, M: Module<B>>(model: &M) {
     model.visit(&mut CreateParams);
 }
 
+/// `model` (built on its device, parameters not yet created) with the weights of `host`, the same
+/// module built and created on another backend (kiln draws them on Flex from the seed, so that a
+/// seed means the same model on every device). The weights travel as a named record, as a
+/// checkpoint does; `model`'s lazy initialisers never run.
+pub fn weights_from_host<H: Backend, B: Backend, MH: Module<H>, M: Module<B>>(host: MH, model: M, device: &B::Device) -> Result<M> {
+    let bytes = Recorder::<H>::record(&BytesRecorder::new(), host.into_record(), ()).map_err(|e| anyhow!("cannot serialise the initial weights: {e}"))?;
+    let record = Recorder::<B>::load(&BytesRecorder::new(), bytes, device).map_err(|e| anyhow!("the initial weights do not fit the model: {}", one_line(&e.to_string())))?;
+    Ok(model.load_record(record))
+}
+
 /// Gives the parameters the ids 0, 1, 2, … in module order. Burn draws each id at random when it
 /// builds a module, and the optimizer's state and the checkpoint files are keyed by them: numbered,
 /// two runs of the same recipe save the same bytes, and processes that build the same model agree
@@ -158,7 +168,12 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     guarded: Vec<String>,
     commit: String,
     nodes: Option<NodeGroup>,
+    device_memory: Option<DeviceMemory>,
 }
+
+/// Reads the device's memory: (bytes in use by tensors, bytes reserved by its pools); `None`
+/// where it cannot tell. Called once per sync window, after its read.
+pub type DeviceMemory = Arc<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// A trainer of `model` for `task` on `device`, with the recipe's defaults for everything.
@@ -184,6 +199,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             guarded: Vec::new(),
             commit: String::new(),
             nodes: None,
+            device_memory: None,
         }
     }
 
@@ -277,6 +293,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// data; only rank 0 writes checkpoints.
     pub fn nodes(mut self, group: NodeGroup) -> Self {
         self.nodes = Some(group);
+        self
+    }
+
+    /// How to read the device's memory (CubeCL's pools), for each window's row and the dashboard.
+    pub fn device_memory(mut self, read: DeviceMemory) -> Self {
+        self.device_memory = Some(read);
         self
     }
 
@@ -498,6 +520,8 @@ pub(crate) struct Fit<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch 
     /// Multi-node: the stop request every node agreed on at the last window's close (a stop on
     /// one node alone would leave the others waiting in the next all-reduce).
     pub agreed_stop: bool,
+    /// Reads the device's memory for each window's row ([`Trainer::device_memory`]).
+    pub device_memory: Option<DeviceMemory>,
 }
 
 /// The state to resume from: `asked`'s when it is whole (read by [`checkpoint::read_state`]:
@@ -572,7 +596,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
     /// Creates the parameters, the optimizer and the state (fresh or from the checkpoint to
     /// resume), counts the run's steps and announces the run.
     fn start(trainer: Trainer<B, T>, data: &'a D, sink: &'a mut (dyn EventSink + Send)) -> Result<Self> {
-        let Trainer { task, model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit, nodes } = trainer;
+        let Trainer { task, model, device, replica_devices, train: tr, name, run_dir, device_name, workers, prefetch, cpu_split, resume_from, control, step_times, data_figures, faults, guarded, commit, nodes, device_memory } = trainer;
         // Initialisation is the first use of the seed, so a model starts the same whatever
         // happened before.
         B::seed(&device, tr.seed);
@@ -703,6 +727,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             last_good,
             stopped: false,
             agreed_stop: false,
+            device_memory,
         })
     }
 
@@ -978,6 +1003,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let cpu_pct = process.cpu_pct_since(&clock.process, clock.process_at.elapsed().as_secs_f64());
         clock.process = process;
         clock.process_at = Instant::now();
+        let device_memory = self.device_memory.as_ref().and_then(|read| read());
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         let row = WindowRow {
             epoch: epoch + 1,
             // The window's last step: under `sync_overlap` the loop is a window further on.
@@ -997,6 +1024,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             prefetch_ready: self.loader.ready(),
             rss_mb: process.rss_mb,
             cpu_pct,
+            device_mb: device_memory.map(|(used, _)| mib(used)),
+            device_reserved_mb: device_memory.map(|(_, reserved)| mib(reserved)),
             metrics: window.metric_means(&self.metric_defs, metric_sums),
             device_tokens: window.device_tokens,
             node_tokens,
