@@ -70,6 +70,7 @@ fn a_seed_means_the_same_model_on_flex_and_wgpu_and_both_learn() {
     assert_eq!(a.len(), 2);
     assert_eq!(b.len(), 2);
     let (la, lb) = (f(&a[0]["loss"]), f(&b[0]["loss"]));
+    eprintln!("first window: Flex {la:e}, wgpu {lb:e}, relative {:.1e}", (la - lb).abs() / la);
     assert!((la - lb).abs() / la <= 1e-4, "first window: Flex {la} vs wgpu {lb}");
     assert_eq!(a[0]["tokens"], b[0]["tokens"], "the same batches");
     for w in [&a, &b] {
@@ -167,28 +168,14 @@ fn stop_and_resume_on_wgpu_reaches_the_unbroken_end() {
     assert!(o.status.success() && stdout(&o).starts_with("To be"), "generate on wgpu: {}{}", stdout(&o), stderr(&o));
 }
 
-/// Data parallel on one adapter named twice: a device (a queue) per replica, gradients
-/// all-reduced with Burn's collective between them; without dropout it computes what one device
-/// accumulating two batches computes.
+/// Data parallel over wgpu devices is refused before anything runs: CubeCL 0.10's wgpu runtime
+/// has no collective operations (its `comm_init` is `unimplemented!()`, which Burn's collective
+/// reaches at the first all-reduce; seen as a panic before the recipe check refused it).
 #[test]
-fn two_replicas_on_one_adapter_compute_what_accumulation_computes() {
-    if !adapter() {
-        return;
-    }
+fn data_parallel_over_wgpu_devices_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let (dp, acc) = (dir.path().join("dp"), dir.path().join("acc"));
-    let common = ["train.max_steps=10", "train.sync_interval=5", DEVICE];
-    let o = run(&lm(), &dp, &[&common[..], &["backend.devices=[\"wgpu:cpu\", \"wgpu:cpu\"]"]].concat());
-    assert!(stdout(&o).contains("data parallel"), "{}", stdout(&o));
-    run(&lm(), &acc, &[&common[..], &["train.accumulate=2"]].concat());
-    let (a, b) = (windows(&dp), windows(&acc));
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!((&x["step"], &x["tokens"]), (&y["step"], &y["tokens"]));
-        let (lx, ly) = (f(&x["loss"]), f(&y["loss"]));
-        assert!((lx - ly).abs() <= 1e-5 * ly, "step {}: two replicas {lx} vs accumulation {ly}", x["step"]);
-        assert_eq!(x["device_tokens"].as_array().map(Vec::len), Some(2), "{x}");
-    }
+    let o = train_with(&lm(), &dir.path().join("dp"), &["backend.devices=[\"wgpu:cpu\", \"wgpu:cpu\"]"], &[]);
+    assert_user_error(&o, &["backend.devices", "no collective operations"]);
 }
 
 /// A non-finite step on the device is found at its window's read and skipped as on the CPU.

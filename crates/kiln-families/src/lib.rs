@@ -85,7 +85,7 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
                 _ => None,
             };
             let name = format!("wgpu:{} ({adapter}{auto})", opened.info.describe());
-            let reader = wgpu_memory_reader(vec![opened.device.clone()]);
+            let reader = wgpu_memory_reader(opened.device.clone());
             train_on::<B>(launch, opened.device, Vec::new(), name, memory, Some(reader), sink)
         }
         #[cfg(not(feature = "wgpu"))]
@@ -131,30 +131,7 @@ fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> R
             let memory = autobatch::HostMemory::new().map(|m| Box::new(m) as Box<dyn autobatch::MemoryMeter>);
             train_on::<B>(launch, Default::default(), vec![Default::default(); n - 1], name, memory, None, sink)
         }
-        #[cfg(feature = "wgpu")]
-        DeviceChoice::Wgpu(_) => {
-            type B = burn::backend::Autodiff<burn::backend::Wgpu>;
-            // An adapter named k times gets k devices (queues), one per replica.
-            let mut opened = Vec::new();
-            for (i, (choice, spec)) in choices.iter().zip(specs).enumerate() {
-                let DeviceChoice::Wgpu(adapter) = *choice else { unreachable!("the recipe check keeps devices of one kind") };
-                let replica = choices[..i].iter().filter(|c| **c == *choice).count();
-                opened.push(kiln_train::wgpu_device::open(adapter, replica, spec).map_err(|m| anyhow!("{}", m.replacen("backend.device =", "backend.devices:", 1)))?);
-            }
-            for o in &opened {
-                wgpu_precision_check(recipe, &o.info)?;
-            }
-            let memory = match recipe.loader.max_tokens {
-                kiln_recipe::TokenLimit::Auto if launch.resume.is_none() => Some(Box::new(kiln_train::wgpu_device::WgpuMemory::new(&opened[0]).map_err(|m| anyhow!(m))?) as Box<dyn autobatch::MemoryMeter>),
-                _ => None,
-            };
-            let name = format!("{} (data parallel; {})", specs.join(", "), opened[0].info.describe());
-            let devices: Vec<_> = opened.iter().map(|o| o.device.clone()).collect();
-            let reader = wgpu_memory_reader(devices.clone());
-            train_on::<B>(launch, devices[0].clone(), devices[1..].to_vec(), name, memory, Some(reader), sink)
-        }
-        #[cfg(not(feature = "wgpu"))]
-        DeviceChoice::Wgpu(_) => unreachable!("resolve_device refuses wgpu in builds without it"),
+        DeviceChoice::Wgpu(_) => unreachable!("the recipe check refuses data parallel over wgpu devices"),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(_) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
@@ -463,12 +440,10 @@ fn wgpu_precision_check(recipe: &Recipe, adapter: &kiln_train::device::AdapterIn
     }
 }
 
-/// CubeCL's memory summed over the run's wgpu devices, for the windows' rows.
+/// CubeCL's memory on the run's wgpu device, for the windows' rows.
 #[cfg(feature = "wgpu")]
-fn wgpu_memory_reader(devices: Vec<burn::backend::wgpu::WgpuDevice>) -> kiln_train::trainer::DeviceMemory {
-    Arc::new(move || {
-        devices.iter().try_fold((0u64, 0u64), |(u, r), d| kiln_train::wgpu_device::memory_use(d).map(|(du, dr)| (u + du, r + dr)))
-    })
+fn wgpu_memory_reader(device: burn::backend::wgpu::WgpuDevice) -> kiln_train::trainer::DeviceMemory {
+    Arc::new(move || kiln_train::wgpu_device::memory_use(&device))
 }
 
 fn note(sink: &mut dyn EventSink, text: String) -> Result<()> {

@@ -496,7 +496,7 @@ pub struct BackendSection {
     pub cpu_split: usize,
     /// Data parallel over several devices, one model replica each, gradients all-reduced with
     /// Burn's collective: `["cuda:0", "cuda:1"]`. Replaces `device` when it holds two or more.
-    /// Devices of one kind; a wgpu adapter named twice gets a device (a queue) per replica.
+    /// Devices of one kind, CPU or CUDA (CubeCL 0.10's wgpu runtime has no collective operations).
     /// `["cpu", "cpu"]` runs replicas as threads sharing the CPU (it checks the path; it is not
     /// faster).
     pub devices: Vec<String>,
@@ -827,6 +827,11 @@ impl Recipe {
             if specs[0].kind() == "cuda" && (1..specs.len()).any(|i| specs[..i].contains(&specs[i])) {
                 return bad(format!("expected each CUDA device once, got {devices:?}"));
             }
+            if specs[0].kind() == "wgpu" && specs.len() > 1 {
+                // cubecl-runtime 0.10 `ComputeServer::comm_init` is `unimplemented!()` for the wgpu
+                // server, and Burn's collective calls it at the first all-reduce.
+                return bad("data parallel over wgpu devices is not possible with CubeCL 0.10 (its wgpu runtime has no collective operations); name one wgpu device in backend.device".into());
+            }
         }
         in_range("train.ema_decay", tr.ema_decay, 0.0, 1.0, false, true)?;
         if tr.best_metric == BestMetric::Bleu && !(self.eval.bleu && self.model.family == ModelFamily::Transformer) {
@@ -1047,10 +1052,10 @@ mod tests {
         let with = |v: &str, extra: &str| Recipe::parse(&format!("{GOOD}{extra}\n[backend]\ndevices = {v}\n"), "r.toml", &[]);
         assert_eq!(with("[\"cuda:0\", \"cuda:1\"]", "").unwrap().backend.devices, vec!["cuda:0", "cuda:1"]);
         assert_eq!(with("[\"cpu\", \"cpu\"]", "").unwrap().backend.devices.len(), 2);
-        assert_eq!(with("[\"wgpu:cpu\", \"wgpu:cpu\"]", "").unwrap().backend.devices.len(), 2, "a queue per replica on one adapter");
         for (v, extra, key, needle) in [
             ("[\"wgpu\", \"cuda:0\"]", "", "backend.devices", "one kind"),
             ("[\"auto\", \"auto\"]", "", "backend.devices", "named devices"),
+            ("[\"wgpu:discrete:0\", \"wgpu:discrete:1\"]", "", "backend.devices", "no collective operations"),
             ("[\"cuda:0\", \"cpu\"]", "", "backend.devices", "one kind"),
             ("[\"cuda:1\", \"cuda:1\"]", "", "backend.devices", "once"),
             ("[\"tpu\"]", "", "backend.devices", "\"tpu\""),

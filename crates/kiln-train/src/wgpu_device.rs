@@ -6,8 +6,9 @@
 //! The device is requested as CubeCL's WGSL path requests it (cubecl-wgpu 0.10
 //! `backend/wgsl.rs::request_device`: every adapter feature but mappable primary buffers, the
 //! adapter's limits, memory hints for usage). Each (adapter, replica) is opened once per process:
-//! training, validation and a later `translate` in the same process share it, and replicas named
-//! on one adapter get a device (a queue) each.
+//! training, validation and a later `translate` in the same process share it. (Replicas would get
+//! a device each, but CubeCL 0.10's wgpu runtime has no collective operations: the recipe check
+//! refuses `backend.devices` of wgpu devices.)
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
