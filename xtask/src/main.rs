@@ -9,6 +9,7 @@
 //! - `cargo xtask average RUN --last K`, `export RUN --format safetensors`: checkpoint tools.
 //! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
 //! - `cargo xtask cache ls | verify | clean [--older-than DAYS] [--dir DIR]`: the dataset cache.
+//! - `cargo xtask devices [--cuda] [--wgpu]`: the devices that build can use here.
 //! - `cargo xtask test`: the project's test command (all crates, all tests, built with the `wgpu`
 //!   feature; the wgpu tier runs where an adapter is found, and must when `KILN_WGPU_TIER=require`).
 //! - `cargo xtask check-cuda`: builds the CLI with the `cuda` feature (no GPU needed).
@@ -51,10 +52,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|watch|translate|generate|eval|runs|compare|sweep|average|export|cache|bench|test|fuzz|check-cuda> ...");
+        bail!("usage: cargo xtask <train|watch|translate|generate|eval|runs|compare|sweep|average|export|cache|bench|devices|test|fuzz|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" => {
+        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" | "devices" => {
             let features: Vec<&str> = [("--cuda", "cuda"), ("--wgpu", "wgpu")].into_iter().filter(|(flag, _)| rest.iter().any(|a| a == flag)).map(|(_, f)| f).collect();
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda" && *a != "--wgpu").collect();
             let mut build = cargo();
@@ -101,7 +102,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, runs, compare, sweep, average, export, cache, bench, test, fuzz or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, runs, compare, sweep, average, export, cache, bench, devices, test, fuzz or check-cuda"),
     }
 }
 
