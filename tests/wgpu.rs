@@ -134,8 +134,8 @@ fn sync_every_n_and_overlap_sum_the_same_loss_on_wgpu() {
     assert_eq!(rows(&totals[1].3), rows(&totals[2].3), "overlap moves the reads, not the rows");
 }
 
-/// Stopped by max_steps and resumed on wgpu: the resumed run reaches the unbroken run's end.
-/// Batches and dropout masks are functions of (seed, step) on every device; whether the sums
+/// Stopped by max_steps and resumed on wgpu, with dropout: the resumed run reaches the unbroken
+/// run's end. Batches and dropout masks are functions of (seed, step) on every device; whether the sums
 /// come out bit for bit depends on CubeCL's kernels, so the bound is stated: 1e-5 relative.
 #[test]
 fn stop_and_resume_on_wgpu_reaches_the_unbroken_end() {
@@ -144,9 +144,10 @@ fn stop_and_resume_on_wgpu_reaches_the_unbroken_end() {
     }
     let dir = tempfile::tempdir().unwrap();
     let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
-    let sets = ["train.max_steps=20", "train.sync_interval=5", DEVICE];
+    // With dropout, so the device's masks are part of what the resumed run must see again.
+    let sets = ["train.max_steps=20", "train.sync_interval=5", "model.dropout=0.1", DEVICE];
     run(&lm(), &whole, &sets);
-    run(&lm(), &split, &["train.max_steps=10", "train.sync_interval=5", DEVICE]);
+    run(&lm(), &split, &["train.max_steps=10", "train.sync_interval=5", "model.dropout=0.1", DEVICE]);
     let o = kiln(&["train", "--resume", &split.display().to_string(), "--set", "train.max_steps=20", "--no-tui"]);
     assert!(o.status.success(), "resume on wgpu: {}", stderr(&o));
     assert!(stdout(&o).contains("resumed at step 10"), "{}", stdout(&o));
