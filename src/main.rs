@@ -825,14 +825,7 @@ fn bench_sync(recipe_path: &std::path::Path, set: &[String], interval: usize, st
         let value = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "recipe": bench.recipe, "device": bench.device, "set": set, "warmup_steps": bench.warmup_steps, "rounds": bench.rounds, "cases": bench.cases });
         std::fs::write(path, serde_json::to_string_pretty(&value)?).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
     }
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| SYNC_HEADER.to_string());
-    text.push_str(&section);
-    std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
-    eprintln!("appended to {}", out.display());
-    Ok(())
+    append_section(out, SYNC_HEADER, &section)
 }
 
 fn bench_upload(device: &str, width: usize, depth: usize, uploads: usize, shape: [usize; 2], rounds: usize, out: &std::path::Path) -> anyhow::Result<()> {
@@ -844,11 +837,16 @@ fn bench_upload(device: &str, width: usize, depth: usize, uploads: usize, shape:
     let (machine, commit, date) = provenance(out);
     let section = b.markdown(&machine, &commit, &date);
     println!("{section}");
+    append_section(out, SYNC_HEADER, &section)
+}
+
+/// Appends a bench's Markdown section to `out`, starting the file with `header` where it is new.
+fn append_section(out: &std::path::Path, header: &str, section: &str) -> anyhow::Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| SYNC_HEADER.to_string());
-    text.push_str(&section);
+    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| header.to_string());
+    text.push_str(section);
     std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
     eprintln!("appended to {}", out.display());
     Ok(())
