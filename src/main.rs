@@ -887,7 +887,7 @@ fn cache(action: CacheAction, dir: &std::path::Path) -> anyhow::Result<()> {
                 for entry in read.flatten() {
                     let path = entry.path();
                     let name = entry.file_name().to_string_lossy().into_owned();
-                    let ours = [cache::EXTENSION, kiln_data::memo::EXTENSION].iter().any(|x| name.ends_with(&format!(".{x}"))) || (name.starts_with('.') && name.ends_with(".tmp"));
+                    let ours = [cache::EXTENSION, kiln_data::memo::EXTENSION].iter().any(|x| name.ends_with(&format!(".{x}"))) || (name.starts_with('.') && (name.ends_with(".tmp") || name.ends_with(".part")));
                     let old_enough = match older_than {
                         Some(days) => entry.metadata().and_then(|m| m.modified()).map(|t| age_days(t) >= days).unwrap_or(false),
                         None => true,

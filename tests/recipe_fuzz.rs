@@ -69,6 +69,7 @@ fn keys() -> Vec<(&'static str, Kind)> {
         ("tokenizer.vocab_size", Int(&["16", "60", "100", "400"])),
         ("tokenizer.lowercase", Bool),
         ("tokenizer.min_frequency", Int(&["1", "2", "5"])),
+        ("tokenizer.train_sentences", Int(&["0", "40", "1000000"])),
         ("tokenizer.sample_alpha", Float(&["0.0", "0.1", "0.5"])),
         ("tokenizer.bpe_dropout", Float(&["0.0", "0.1"])),
         ("loader.max_tokens", Raw(&["64", "200", "400", "2000", "\"auto\"", "[[16, 400], [64, 300]]", "[[8, 4]]", "[]", "[[0, 0]]", "[[32, 100], [16, 200]]", "\"lots\""])),

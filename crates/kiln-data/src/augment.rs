@@ -20,6 +20,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use crate::prepare::Example;
+use crate::store::PairSet;
 use crate::tokenizer::{SubwordTokenizer, EOS};
 use crate::{mix_seed, DataError};
 
@@ -162,26 +163,25 @@ impl Regulariser {
 
     /// This epoch's training examples: each side of example `i` resampled with an RNG seeded from
     /// (`seed`, `i`), on all cores. A resampled side longer than `max_len` keeps its original ids.
-    pub fn epoch(&self, train: &[Example], seed: u64, max_len: usize) -> Vec<Example> {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(train.len().max(1));
-        let chunk = train.len().div_ceil(threads).max(1);
-        let mut out: Vec<Example> = Vec::with_capacity(train.len());
+    pub fn epoch(&self, train: &PairSet, seed: u64, max_len: usize) -> Vec<Example> {
+        let n = train.len();
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(n.max(1));
+        let chunk = n.div_ceil(threads).max(1);
+        let mut out: Vec<Example> = Vec::with_capacity(n);
         std::thread::scope(|s| {
-            let handles: Vec<_> = train
-                .chunks(chunk)
-                .enumerate()
-                .map(|(c, part)| {
+            let handles: Vec<_> = (0..n)
+                .step_by(chunk)
+                .map(|start| {
                     s.spawn(move || {
-                        part.iter()
-                            .enumerate()
-                            .map(|(j, ex)| {
-                                let mut rng = StdRng::seed_from_u64(mix_seed(seed, (c * chunk + j) as u64, 0));
-                                let side = |ids: &[u32], rng: &mut StdRng| {
-                                    let new = self.resample(ids, rng);
-                                    if new.len() <= max_len { new } else { ids.to_vec() }
+                        (start..(start + chunk).min(n))
+                            .map(|i| {
+                                let mut rng = StdRng::seed_from_u64(mix_seed(seed, i as u64, 0));
+                                let side = |ids: Vec<u32>, rng: &mut StdRng| {
+                                    let new = self.resample(&ids, rng);
+                                    if new.len() <= max_len { new } else { ids }
                                 };
-                                let src = side(&ex.src, &mut rng);
-                                let tgt = side(&ex.tgt, &mut rng);
+                                let src = side(train.src(i).to_vec(), &mut rng);
+                                let tgt = side(train.tgt(i).to_vec(), &mut rng);
                                 Example { src, tgt }
                             })
                             .collect::<Vec<_>>()
@@ -309,11 +309,12 @@ mod tests {
         }
 
         let train: Vec<Example> = encoded.chunks(2).map(|c| Example { src: c[0].clone(), tgt: c[1].clone() }).collect();
-        let a = reg.epoch(&train, 11, 128);
-        assert_eq!(a, reg.epoch(&train, 11, 128), "{kind:?}: same seed, same epoch");
-        assert_ne!(a, reg.epoch(&train, 12, 128), "{kind:?}: another seed, another epoch");
+        let stored = crate::PairSet::from_examples(&train);
+        let a = reg.epoch(&stored, 11, 128);
+        assert_eq!(a, reg.epoch(&stored, 11, 128), "{kind:?}: same seed, same epoch");
+        assert_ne!(a, reg.epoch(&stored, 12, 128), "{kind:?}: another seed, another epoch");
         assert_eq!(a.len(), train.len());
-        let capped = reg.epoch(&train, 11, 12);
+        let capped = reg.epoch(&stored, 11, 12);
         assert!(capped.iter().zip(&train).all(|(c, t)| (c.src.len() <= 12 || c.src == t.src) && (c.tgt.len() <= 12 || c.tgt == t.tgt)));
     }
 

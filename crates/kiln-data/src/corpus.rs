@@ -31,23 +31,13 @@ pub fn read_parallel(path: &Path, on_bad_line: OnBadLine, limit: usize) -> Resul
 
 /// Parses TSV bytes; `origin` names the file in errors.
 pub fn parse_parallel(bytes: &[u8], origin: &str, on_bad_line: OnBadLine, limit: usize) -> Result<ReadResult, DataError> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    // The final newline ends the last line; it does not start an empty one.
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut lines = PairLines::new(bytes, origin, on_bad_line, limit);
     let mut out = ReadResult::default();
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate().filter(|_| !bytes.is_empty()) {
-        if limit > 0 && out.pairs.len() >= limit {
-            break;
-        }
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        match parse_line(raw) {
-            Ok(pair) => out.pairs.push(pair),
-            Err(why) => match on_bad_line {
-                OnBadLine::Error => return Err(DataError::new(format!("{origin}:{}", i + 1), why)),
-                OnBadLine::Skip => out.skipped += 1,
-            },
-        }
+    for pair in lines.by_ref() {
+        let (source, target) = pair?;
+        out.pairs.push(Pair { source: source.to_string(), target: target.to_string() });
     }
+    out.skipped = lines.skipped;
     if out.pairs.is_empty() {
         return Err(DataError::new(origin, "corpus has no sentence pairs"));
     }
@@ -70,29 +60,168 @@ pub fn read_text(path: &Path, on_bad_line: OnBadLine, limit: usize) -> Result<Te
 
 /// Parses plain-text bytes; `origin` names the file in errors.
 pub fn parse_text(bytes: &[u8], origin: &str, on_bad_line: OnBadLine, limit: usize) -> Result<TextLines, DataError> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let mut lines = TextLineIter::new(bytes, origin, on_bad_line, limit);
     let mut out = TextLines::default();
-    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate().filter(|_| !bytes.is_empty()) {
-        if limit > 0 && out.lines.len() >= limit {
-            break;
-        }
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        match std::str::from_utf8(raw) {
-            Ok(line) => out.lines.push(line.trim_end().to_string()),
-            Err(e) => match on_bad_line {
-                OnBadLine::Error => return Err(DataError::new(format!("{origin}:{}", i + 1), format!("invalid UTF-8 at byte {}", e.valid_up_to()))),
-                OnBadLine::Skip => out.skipped += 1,
-            },
-        }
+    for line in lines.by_ref() {
+        out.lines.push(line?.to_string());
     }
+    out.skipped = lines.skipped;
     if out.lines.iter().all(|l| l.trim().is_empty()) {
         return Err(DataError::new(origin, "corpus has no text"));
     }
     Ok(out)
 }
 
-fn parse_line(raw: &[u8]) -> Result<Pair, String> {
+/// A corpus file mapped into memory: its pages are the kernel's file cache, not the heap, so a
+/// corpus larger than memory can be read in passes.
+pub struct MappedCorpus {
+    map: Option<memmap2::Mmap>,
+    pub origin: String,
+}
+
+impl MappedCorpus {
+    pub fn open(path: &Path) -> Result<MappedCorpus, DataError> {
+        let origin = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| DataError::new(&origin, format!("cannot read corpus: {e}")))?;
+        let len = file.metadata().map_err(|e| DataError::new(&origin, format!("cannot read corpus: {e}")))?.len();
+        // An empty file cannot be mapped; it reads as no bytes.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the corpus is read-only to kiln; one changed while kiln reads it gives wrong
+            // text (as a read would), not unsafety in kiln's own data, which is copied out.
+            Some(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| DataError::new(&origin, format!("cannot map corpus: {e}")))?)
+        };
+        Ok(MappedCorpus { map, origin })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    pub fn pairs(&self, on_bad_line: OnBadLine, limit: usize) -> PairLines<'_> {
+        PairLines::new(self.bytes(), &self.origin, on_bad_line, limit)
+    }
+
+    pub fn lines(&self, on_bad_line: OnBadLine, limit: usize) -> TextLineIter<'_> {
+        TextLineIter::new(self.bytes(), &self.origin, on_bad_line, limit)
+    }
+}
+
+/// Raw lines of a corpus: BOM stripped, the final newline ending the last line (not starting an
+/// empty one), `\r` of CRLF stripped; with 1-based line numbers.
+struct RawLines<'a> {
+    rest: Option<&'a [u8]>,
+    line: usize,
+}
+
+impl<'a> RawLines<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        RawLines { rest: (!bytes.is_empty()).then_some(bytes), line: 0 }
+    }
+}
+
+impl<'a> Iterator for RawLines<'a> {
+    type Item = (usize, &'a [u8]);
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.rest?;
+        let (raw, next) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        self.rest = next;
+        self.line += 1;
+        Some((self.line, raw.strip_suffix(b"\r").unwrap_or(raw)))
+    }
+}
+
+/// The good sentence pairs of TSV bytes, in order, borrowed; a bad line is an error naming
+/// `origin:line` or skipped and counted in `skipped`, by `on_bad_line`.
+pub struct PairLines<'a> {
+    lines: RawLines<'a>,
+    origin: &'a str,
+    on_bad_line: OnBadLine,
+    limit: usize,
+    good: usize,
+    pub skipped: usize,
+}
+
+impl<'a> PairLines<'a> {
+    pub fn new(bytes: &'a [u8], origin: &'a str, on_bad_line: OnBadLine, limit: usize) -> Self {
+        PairLines { lines: RawLines::new(bytes), origin, on_bad_line, limit, good: 0, skipped: 0 }
+    }
+}
+
+impl<'a> Iterator for PairLines<'a> {
+    type Item = Result<(&'a str, &'a str), DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.limit > 0 && self.good >= self.limit {
+                return None;
+            }
+            let (no, raw) = self.lines.next()?;
+            match parse_line(raw) {
+                Ok(pair) => {
+                    self.good += 1;
+                    return Some(Ok(pair));
+                }
+                Err(why) => match self.on_bad_line {
+                    OnBadLine::Error => {
+                        self.lines.rest = None;
+                        return Some(Err(DataError::new(format!("{}:{no}", self.origin), why)));
+                    }
+                    OnBadLine::Skip => self.skipped += 1,
+                },
+            }
+        }
+    }
+}
+
+/// The lines of plain-text bytes, trailing spaces trimmed, empty lines kept; a non-UTF-8 line is
+/// an error naming `origin:line` or skipped and counted, by `on_bad_line`.
+pub struct TextLineIter<'a> {
+    lines: RawLines<'a>,
+    origin: &'a str,
+    on_bad_line: OnBadLine,
+    limit: usize,
+    good: usize,
+    pub skipped: usize,
+}
+
+impl<'a> TextLineIter<'a> {
+    pub fn new(bytes: &'a [u8], origin: &'a str, on_bad_line: OnBadLine, limit: usize) -> Self {
+        TextLineIter { lines: RawLines::new(bytes), origin, on_bad_line, limit, good: 0, skipped: 0 }
+    }
+}
+
+impl<'a> Iterator for TextLineIter<'a> {
+    type Item = Result<&'a str, DataError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.limit > 0 && self.good >= self.limit {
+                return None;
+            }
+            let (no, raw) = self.lines.next()?;
+            match std::str::from_utf8(raw) {
+                Ok(line) => {
+                    self.good += 1;
+                    return Some(Ok(line.trim_end()));
+                }
+                Err(e) => match self.on_bad_line {
+                    OnBadLine::Error => {
+                        self.lines.rest = None;
+                        return Some(Err(DataError::new(format!("{}:{no}", self.origin), format!("invalid UTF-8 at byte {}", e.valid_up_to()))));
+                    }
+                    OnBadLine::Skip => self.skipped += 1,
+                },
+            }
+        }
+    }
+}
+
+fn parse_line(raw: &[u8]) -> Result<(&str, &str), String> {
     let line = std::str::from_utf8(raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     let Some((source, target)) = line.split_once('\t') else {
         return Err("expected `source<TAB>target`, found no tab".into());
@@ -111,7 +240,7 @@ fn parse_line(raw: &[u8]) -> Result<Pair, String> {
     if target.is_empty() {
         return Err("empty target side".into());
     }
-    Ok(Pair { source: source.to_string(), target: target.to_string() })
+    Ok((source, target))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Data for kiln: corpora on disk → token ids → padded host batches.
 //!
 //! `corpus` reads and checks TSV and text files, `split` carves train/valid/test deterministically,
-//! `tokenizer` trains or loads a HF `tokenizers` model, `cache` keeps the result, `batching`
+//! `tokenizer` trains or loads a HF `tokenizers` model, `store` holds the token ids in one
+//! memory-mapped file and `cache` keys and keeps it, `batching`
 //! groups sentence pairs under a token budget, `text` cuts token streams into blocks for language
 //! models, `augment` resamples segmentations for training, `loader` builds batches on worker
 //! threads, and `prepare` ties them together for a recipe. Nothing here knows about tensors.
@@ -14,6 +15,7 @@ pub mod loader;
 pub mod memo;
 pub mod prepare;
 pub mod split;
+pub mod store;
 pub mod text;
 pub mod tokenizer;
 
@@ -51,8 +53,9 @@ impl fmt::Display for DataError {
 impl std::error::Error for DataError {}
 
 pub use augment::Regulariser;
-pub use batching::{plan_batches, HostBatch};
+pub use batching::{plan_batches, plan_batches_by, BatchPlan, HostBatch};
 pub use corpus::{read_parallel, Pair};
-pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, Stage, TokenizerSource};
+pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, Stage, StoreInfo, TokenizerSource};
+pub use store::{Ids, PairIds, PairSet, Tokens, Width};
 pub use text::{HostBlocks, TextStreams};
 pub use tokenizer::{SubwordTokenizer, BOS, EOS, PAD, UNK};

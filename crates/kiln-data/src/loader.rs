@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::batching::HostBatch;
-use crate::prepare::Example;
+use crate::batching::{BatchPlan, HostBatch};
+use crate::store::PairIds;
 
 /// Builds a batch on a worker thread.
 pub type Job<T> = Box<dyn FnOnce() -> T + Send>;
@@ -23,13 +23,14 @@ pub type Job<T> = Box<dyn FnOnce() -> T + Send>;
 /// What becomes of a padded batch of sentence pairs (tensors on the device, for the trainer).
 pub type Build<T> = dyn Fn(HostBatch) -> T + Send + Sync;
 
-/// Jobs for a plan of sentence-pair batches: each pads its batch of `examples` (which change per
-/// epoch under subword regularisation) and hands it to `build`.
-pub fn pair_jobs<T: 'static>(examples: &Arc<Vec<Example>>, plan: &[Vec<usize>], build: &Arc<Build<T>>) -> Vec<Job<T>> {
-    plan.iter()
-        .map(|indices| {
-            let (examples, indices, build) = (Arc::clone(examples), indices.clone(), Arc::clone(build));
-            Box::new(move || build(HostBatch::build(&examples, &indices))) as Job<T>
+/// Jobs for a plan of sentence-pair batches: each pads its batch of `examples` (the store's pairs,
+/// or an epoch's resampled ones under subword regularisation) and hands it to `build`. Jobs share
+/// the plan; a batch's indices are read when it is built.
+pub fn pair_jobs<T: 'static>(examples: &Arc<dyn PairIds>, plan: &Arc<BatchPlan>, build: &Arc<Build<T>>) -> Vec<Job<T>> {
+    (0..plan.len())
+        .map(|k| {
+            let (examples, plan, build) = (Arc::clone(examples), Arc::clone(plan), Arc::clone(build));
+            Box::new(move || build(HostBatch::build(&*examples, &plan.indices(k)))) as Job<T>
         })
         .collect()
 }
@@ -137,13 +138,19 @@ impl<T: Send + 'static> Drop for Loader<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prepare::Example;
 
-    fn examples(n: usize) -> Arc<Vec<Example>> {
-        Arc::new((0..n as u32).map(|i| Example { src: vec![10 + i % 7; 1 + (i as usize % 5)], tgt: vec![20 + i % 3; 1 + (i as usize % 4)] }).collect())
+    fn examples(n: usize) -> Arc<dyn PairIds> {
+        let ex: Vec<Example> = (0..n as u32).map(|i| Example { src: vec![10 + i % 7; 1 + (i as usize % 5)], tgt: vec![20 + i % 3; 1 + (i as usize % 4)] }).collect();
+        Arc::new(crate::PairSet::from_examples(&ex))
     }
 
     fn plan(n: usize) -> Vec<Vec<usize>> {
         (0..n).collect::<Vec<_>>().chunks(3).rev().map(|c| c.to_vec()).collect()
+    }
+
+    fn shared(batches: &[Vec<usize>]) -> Arc<BatchPlan> {
+        Arc::new(BatchPlan::from_batches(batches))
     }
 
     fn drain(loader: &mut Loader<HostBatch>) -> Vec<HostBatch> {
@@ -160,10 +167,10 @@ mod tests {
         for epoch in 0..2 {
             // Each pass may bring its own examples (resampled segmentations).
             let ex = if epoch == 0 { Arc::clone(&ex) } else { examples(101) };
-            one.start(pair_jobs(&ex, &batches, &build));
-            three.start(pair_jobs(&ex, &batches, &build));
+            one.start(pair_jobs(&ex, &shared(&batches), &build));
+            three.start(pair_jobs(&ex, &shared(&batches), &build));
             let (a, b) = (drain(&mut one), drain(&mut three));
-            assert_eq!(a[0], HostBatch::build(&ex, &batches[0]), "epoch {epoch}");
+            assert_eq!(a[0], HostBatch::build(&*ex, &batches[0]), "epoch {epoch}");
             assert_eq!(a.len(), batches.len(), "epoch {epoch}");
             assert_eq!(a, b, "epoch {epoch}");
             let expected: Vec<Vec<usize>> = a.iter().map(|b| b.indices.clone()).collect();
@@ -175,7 +182,7 @@ mod tests {
     fn dropping_a_loader_mid_pass_joins_its_workers() {
         let build: Arc<Build<HostBatch>> = Arc::new(|b| b);
         let mut l = Loader::new(2, 2);
-        l.start(pair_jobs(&examples(60), &plan(60), &build));
+        l.start(pair_jobs(&examples(60), &shared(&plan(60)), &build));
         assert!(l.next_batch().is_some());
         drop(l);
     }

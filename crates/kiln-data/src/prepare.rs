@@ -1,22 +1,32 @@
-//! From a recipe to token ids: read the corpus, split it, train or load the tokenizer, encode.
+//! From a recipe to a token store: read the corpus where it lies, split it, train or load the
+//! tokenizer, encode straight into the store, then map it.
+//!
+//! Preparation streams: the corpus is mapped (the kernel's file cache, not the heap) and read in
+//! passes — one to count and check lines, one to collect the held-out pairs and the tokenizer's
+//! sample, one to encode in chunks (each a parallel call into `tokenizers`) written to the store
+//! as they come. What is held in memory is bounded by the recipe, not by the corpus: the held-out
+//! sets, the tokenizer's sample (`tokenizer.train_sentences`, borrowed from the mapped corpus) and
+//! one chunk. The split is `split::held_out`'s, the permutation-free replay of the split kiln
+//! has always made, so existing recipes keep their exact data.
+//!
 //! Pairs: training pairs longer than `data.max_len` tokens on either side are dropped (and
 //! counted); validation and test pairs are kept whole as references but their ids are truncated.
 //! Text: each split becomes one token stream (`text`), cut into blocks by the trainer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_recipe::Recipe;
+use kiln_recipe::{CorpusFormat, Recipe};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
-use std::path::PathBuf;
-
-use crate::cache::{self, CachedData};
-use crate::corpus::{read_parallel, read_text, Pair};
+use crate::cache::{self, CacheKey};
+use crate::corpus::{read_parallel, read_text, MappedCorpus, Pair};
+use crate::split::held_out;
+use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Width};
 use crate::text::TextStreams;
-use kiln_recipe::CorpusFormat;
-use crate::split::split_indices;
 use crate::tokenizer::{SubwordTokenizer, EOS};
-use crate::DataError;
+use crate::{mix_seed, DataError};
 
 /// Token ids of one pair, without specials (batching adds `<s>` / `</s>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +35,8 @@ pub struct Example {
     pub tgt: Vec<u32>,
 }
 
-/// An evaluation split: ids plus the raw text for BLEU.
+/// An evaluation split: ids plus the raw text for BLEU. Held-out sets are bounded by the recipe
+/// (`data.valid_size`, or the dev file), so they are read out of the store into memory.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EvalSet {
     pub examples: Vec<Example>,
@@ -34,10 +45,11 @@ pub struct EvalSet {
 }
 
 /// Everything the trainer needs from the data side. A pairs corpus fills `train`, `valid` and
-/// `test`; a text corpus fills `text` and leaves those empty.
+/// `test`; a text corpus fills `text` and leaves those empty. Token ids are read from the store's
+/// mapped file.
 pub struct Prepared {
     pub tokenizer: SubwordTokenizer,
-    pub train: Vec<Example>,
+    pub train: PairSet,
     pub valid: EvalSet,
     pub test: EvalSet,
     pub text: Option<TextStreams>,
@@ -45,6 +57,17 @@ pub struct Prepared {
     pub dropped_long: usize,
     pub prepare_s: f64,
     pub cache: CacheReport,
+    pub store: StoreInfo,
+}
+
+/// The store's shape on disk, for reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreInfo {
+    pub width: Width,
+    /// Bytes of token ids, of offsets, and the ids' count.
+    pub id_bytes: u64,
+    pub offset_bytes: u64,
+    pub tokens: u64,
 }
 
 /// What the dataset cache did for this preparation.
@@ -68,84 +91,119 @@ pub enum TokenizerSource<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     TrainingTokenizer { sentences: usize },
-    /// Sentence pairs encoded so far, of all splits.
+    /// Sentence pairs (or lines) encoded so far, of all splits.
     Encoding { done: usize, total: usize },
 }
 
-/// Pairs encoded per call into `tokenizers` (which spreads a call over all cores).
-const ENCODE_CHUNK: usize = 4096;
+/// Pairs (or lines) encoded per call into `tokenizers` (which spreads a call over all cores).
+const ENCODE_CHUNK: usize = 8192;
 
-/// Prepares the data of a recipe, through the dataset cache in `cache_dir` when one is given.
+/// Prepares the data of a recipe, through the dataset cache in `cache_dir` when one is given
+/// (without one, the store is built in a private temporary directory and unlinked once mapped).
 /// `progress` hears about the slow stages (a cache hit has none).
 pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
     let started = Instant::now();
-    let Some(dir) = cache_dir else {
-        return prepare_uncached(recipe, tokenizer, progress);
-    };
     let (run_tokenizer, resuming) = match tokenizer {
         TokenizerSource::TrainAndSave(p) => (p, false),
         TokenizerSource::Load(p) => (p, true),
     };
-    let key = cache::key(recipe, resuming.then_some(run_tokenizer))?;
     let mut report = CacheReport::default();
-    match cache::load(dir, &key) {
-        Ok(Some(c)) => 'hit: {
-            let path = cache::entry_path(dir, &key);
-            let tokenizer = match SubwordTokenizer::from_json(&c.tokenizer_json, &path.display().to_string()) {
-                Ok(t) => t,
-                Err(why) => {
-                    report.note = Some(format!("dataset cache: {why}; rebuilding it"));
-                    break 'hit;
-                }
-            };
-            // Text corpora keep no pairs, so the length bound only matters for pairs.
-            if let Err(why) = c.check_meaning(tokenizer.vocab_size(), recipe.data.max_len) {
-                report.note = Some(format!("dataset cache: {}: {why}; rebuilding it", path.display()));
-                break 'hit;
-            }
-            if !resuming {
-                kiln_events::write_atomic(run_tokenizer, c.tokenizer_json.as_bytes())
-                    .map_err(|e| DataError::new(run_tokenizer.display().to_string(), format!("cannot write tokenizer: {e}")))?;
-            }
-            return Ok(Prepared {
-                tokenizer,
-                train: c.train,
-                valid: c.valid,
-                test: c.test,
-                text: c.text,
-                skipped_lines: c.skipped_lines,
-                dropped_long: c.dropped_long,
-                prepare_s: started.elapsed().as_secs_f64(),
-                cache: CacheReport { hit: true, path: Some(path), note: None },
-            });
-        }
-        Ok(None) => {}
-        Err(why) => report.note = Some(format!("dataset cache: {why}; rebuilding it")),
-    }
-    let mut prepared = prepare_uncached(recipe, tokenizer, progress)?;
-    let entry = CachedData {
-        tokenizer_json: prepared.tokenizer.to_json(),
-        train: prepared.train.clone(),
-        valid: prepared.valid.clone(),
-        test: prepared.test.clone(),
-        text: prepared.text.clone(),
-        skipped_lines: prepared.skipped_lines,
-        dropped_long: prepared.dropped_long,
+    let key = match cache_dir {
+        Some(_) => cache::key(recipe, resuming.then_some(run_tokenizer))?,
+        None => CacheKey(*blake3::hash(format!("{}:{:?}", std::process::id(), started).as_bytes()).as_bytes()),
     };
-    match cache::store(dir, &key, &entry) {
-        Ok(path) => report.path = Some(path),
-        // Not fatal: the run has its data; the next one prepares again.
-        Err(why) => report.note = Some(format!("dataset cache: {why}")),
+    if let Some(dir) = cache_dir {
+        match cache::load(dir, &key) {
+            Ok(Some(store)) => {
+                let path = cache::entry_path(dir, &key);
+                match from_store(&store, recipe) {
+                    Ok(mut prepared) => {
+                        if !resuming {
+                            kiln_events::write_atomic(run_tokenizer, store.meta.tokenizer_json.as_bytes())
+                                .map_err(|e| DataError::new(run_tokenizer.display().to_string(), format!("cannot write tokenizer: {e}")))?;
+                        }
+                        prepared.prepare_s = started.elapsed().as_secs_f64();
+                        prepared.cache = CacheReport { hit: true, path: Some(path), note: None };
+                        return Ok(prepared);
+                    }
+                    Err(why) => report.note = Some(format!("dataset cache: {}: {why}; rebuilding it", path.display())),
+                }
+            }
+            Ok(None) => {}
+            Err(why) => report.note = Some(format!("dataset cache: {why}; rebuilding it")),
+        }
+    }
+    // The store is built where it will live: the cache, or a temporary directory when there is
+    // no cache or it cannot be written (the run still has its data; the next one prepares again).
+    let mut temp = None;
+    let probe = |dir: &Path| -> Result<(), String> {
+        std::fs::create_dir_all(dir).and_then(|_| tempfile::tempfile_in(dir)).map(drop).map_err(|e| format!("{}: cannot write the cache directory: {e}", dir.display()))
+    };
+    let writable = cache_dir.and_then(|dir| match probe(dir) {
+        Ok(()) => Some(dir.to_path_buf()),
+        Err(why) => {
+            report.note = Some(format!("dataset cache: {why}"));
+            None
+        }
+    });
+    let dir = match writable {
+        Some(d) => d,
+        None => {
+            let t = tempfile::Builder::new().prefix("kiln-store-").tempdir().map_err(|e| DataError::new("loader.cache_dir", format!("cannot create a temporary directory for the token store: {e}")))?;
+            let d = t.path().to_path_buf();
+            temp = Some(t);
+            d
+        }
+    };
+    let path = cache::entry_path(&dir, &key);
+    let source = if resuming { TokenizerSource::Load(run_tokenizer) } else { TokenizerSource::TrainAndSave(run_tokenizer) };
+    let store = match recipe.data.format {
+        CorpusFormat::Pairs => build_pairs(recipe, source, &dir, &key, &path, progress)?,
+        CorpusFormat::Text => build_text(recipe, source, &dir, &key, &path, progress)?,
+    };
+    let mut prepared = from_store(&store, recipe).map_err(|why| DataError::new(path.display().to_string(), why))?;
+    // A temporary store is unlinked now; its mapping lives on until the run ends.
+    drop(temp);
+    if cache_dir.is_some() && report.note.is_none() {
+        report.path = Some(path);
     }
     prepared.cache = report;
     prepared.prepare_s = started.elapsed().as_secs_f64();
     Ok(prepared)
 }
 
-fn prepare_uncached(recipe: &Recipe, tokenizer: TokenizerSource<'_>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
-    match recipe.data.format {
-        CorpusFormat::Pairs => prepare_pairs(recipe, tokenizer, progress),
-        CorpusFormat::Text => prepare_text(recipe, tokenizer, progress),
+/// The run's view of a store: its meaning checked against the recipe.
+fn from_store(store: &Store, recipe: &Recipe) -> Result<Prepared, String> {
+    let tokenizer = SubwordTokenizer::from_json(&store.meta.tokenizer_json, "tokenizer").map_err(|e| e.message)?;
+    cache::check_meaning(store, tokenizer.vocab_size(), recipe.data.max_len)?;
+    let (id_bytes, offset_bytes) = store.sizes();
+    let info = StoreInfo { width: store.width(), id_bytes, offset_bytes, tokens: id_bytes / store.width().bytes() as u64 };
+    let base = |tokenizer, train, valid, test, text| Prepared {
+        tokenizer,
+        train,
+        valid,
+        test,
+        text,
+        skipped_lines: store.meta.skipped_lines as usize,
+        dropped_long: store.meta.dropped_long as usize,
+        prepare_s: 0.0,
+        cache: CacheReport::default(),
+        store: info,
+    };
+    match store.meta.kind.as_str() {
+        "text" => {
+            let text = TextStreams { train: store.tokens("train")?, valid: store.tokens("valid")?, test: store.tokens("test")? };
+            Ok(base(tokenizer, PairSet::default(), EvalSet::default(), EvalSet::default(), Some(text)))
+        }
+        _ => {
+            let eval_set = |name: &str| -> Result<EvalSet, String> {
+                let set = store.pairs(name)?;
+                let text = store.meta.held_out.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone()).unwrap_or_default();
+                Ok(EvalSet { examples: (0..set.len()).map(|i| set.example(i)).collect(), sources: text.sources, references: text.references })
+            };
+            let (valid, test) = (eval_set("valid")?, eval_set("test")?);
+            Ok(base(tokenizer, store.pairs("train")?, valid, test, None))
+        }
     }
 }
 
@@ -166,103 +224,70 @@ fn obtain_tokenizer(recipe: &Recipe, source: TokenizerSource<'_>, train_texts: &
     }
 }
 
-/// Encodes lines in chunks (each one parallel call into `tokenizers`), reporting progress.
-fn encode_lines(tokenizer: &SubwordTokenizer, lines: &[&str], mut done: impl FnMut(usize)) -> Result<Vec<Vec<u32>>, DataError> {
-    let mut out = Vec::with_capacity(lines.len());
-    for chunk in lines.chunks(ENCODE_CHUNK) {
-        out.extend(tokenizer.encode_batch(chunk)?);
-        done(chunk.len());
-    }
-    Ok(out)
+/// Whether the tokenizer is trained here (so a sample of the training text is needed).
+fn trains_tokenizer(recipe: &Recipe, source: &TokenizerSource<'_>) -> bool {
+    matches!(source, TokenizerSource::TrainAndSave(_)) && recipe.tokenizer.path.as_os_str().is_empty()
 }
 
-fn prepare_text(recipe: &Recipe, tokenizer: TokenizerSource<'_>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
-    let started = Instant::now();
-    let d = &recipe.data;
-    let main = read_text(&d.train, d.on_bad_line, d.limit)?;
-    let mut skipped = main.skipped;
-    let lines = main.lines;
-    // No shuffling: neighbouring lines are not independent, so held-out text is a contiguous tail.
-    let (train, valid, test): (Vec<String>, Vec<String>, Vec<String>) = if d.valid.as_os_str().is_empty() {
-        let held = d.valid_size + d.test_size;
-        if held >= lines.len() {
-            return Err(DataError::new("data.valid_size", format!("the corpus has {} lines, too few to hold out {held} (valid_size + test_size)", lines.len())));
-        }
-        let cut = lines.len() - held;
-        let mut lines = lines;
-        let test = lines.split_off(cut + d.valid_size);
-        let valid = lines.split_off(cut);
-        (lines, valid, test)
-    } else {
-        let valid = read_text(&d.valid, d.on_bad_line, d.limit)?;
-        skipped += valid.skipped;
-        let test = if d.test.as_os_str().is_empty() {
-            Vec::new()
-        } else {
-            let t = read_text(&d.test, d.on_bad_line, d.limit)?;
-            skipped += t.skipped;
-            t.lines
-        };
-        (lines, valid.lines, test)
-    };
-    let train_refs: Vec<&str> = train.iter().map(String::as_str).filter(|l| !l.trim().is_empty()).collect();
-    let tokenizer = obtain_tokenizer(recipe, tokenizer, &train_refs, progress)?;
-    let total = train.len() + valid.len() + test.len();
-    let done = std::cell::Cell::new(0usize);
-    let stream = |lines: &[String]| -> Result<Vec<u32>, DataError> {
-        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let ids = encode_lines(&tokenizer, &refs, |n| {
-            done.set(done.get() + n);
-            progress(Stage::Encoding { done: done.get(), total });
-        })?;
-        let mut out = Vec::with_capacity(ids.iter().map(|l| l.len() + 1).sum());
-        for line in ids {
-            out.extend(line);
-            out.push(EOS);
-        }
-        Ok(out)
-    };
-    let streams = TextStreams { train: stream(&train)?, valid: stream(&valid)?, test: stream(&test)? };
-    if streams.train.len() < d.block_size + 1 {
-        return Err(DataError::new(
-            "data.block_size",
-            format!("the training text has {} tokens, fewer than block_size + 1 = {}", streams.train.len(), d.block_size + 1),
-        ));
-    }
-    if streams.valid.len() < 2 {
-        return Err(DataError::new("data.valid_size", "the validation text has no tokens to predict"));
-    }
-    Ok(Prepared {
-        tokenizer,
-        train: Vec::new(),
-        valid: EvalSet::default(),
-        test: EvalSet::default(),
-        text: Some(streams),
-        skipped_lines: skipped,
-        dropped_long: 0,
-        prepare_s: started.elapsed().as_secs_f64(),
-        cache: CacheReport::default(),
-    })
+/// Selection sampling (Knuth's algorithm S): keeps `want` of `population` items met in order,
+/// each set of `want` equally likely, in one pass and O(1) state; keeps all when `want` ≥
+/// `population`. The kept items stay in file order.
+struct Sampler {
+    rng: StdRng,
+    want: usize,
+    left: usize,
 }
 
-fn prepare_pairs(recipe: &Recipe, tokenizer: TokenizerSource<'_>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
-    let started = Instant::now();
-    let d = &recipe.data;
-    let orient = |mut pairs: Vec<Pair>| {
-        if d.swap {
-            for p in &mut pairs {
-                std::mem::swap(&mut p.source, &mut p.target);
-            }
+impl Sampler {
+    fn new(want: usize, population: usize, seed: u64) -> Sampler {
+        Sampler { rng: StdRng::seed_from_u64(seed), want: want.min(population), left: population }
+    }
+    fn keep(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
         }
-        pairs
-    };
-    let main = read_parallel(&d.train, d.on_bad_line, d.limit)?;
-    let mut skipped = main.skipped;
-    let all = orient(main.pairs);
-    let (train_pairs, valid_pairs, test_pairs) = if d.valid.as_os_str().is_empty() {
-        let s = split_indices(all.len(), d.valid_size, d.test_size, d.split_seed);
-        let pick = |idx: &[usize]| idx.iter().map(|&i| all[i].clone()).collect::<Vec<_>>();
-        (pick(&s.train), pick(&s.valid), pick(&s.test))
+        let take = self.want > 0 && (self.want == self.left || self.rng.random_range(0..self.left) < self.want);
+        self.left -= 1;
+        if take {
+            self.want -= 1;
+        }
+        take
+    }
+}
+
+/// How many of `population` items (each `per_item` sentences) the tokenizer trains on.
+fn sample_size(recipe: &Recipe, population: usize, per_item: usize) -> usize {
+    match recipe.tokenizer.train_sentences {
+        0 => population,
+        n => (n / per_item).max(1).min(population),
+    }
+}
+
+fn write_err(path: &Path) -> impl Fn(String) -> DataError + '_ {
+    move |why| DataError::new(path.display().to_string(), why)
+}
+
+fn build_pairs(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &CacheKey, path: &Path, progress: &dyn Fn(Stage)) -> Result<Store, DataError> {
+    let d = &recipe.data;
+    let orient = |(s, t): (&str, &str)| -> (String, String) { if d.swap { (t.to_string(), s.to_string()) } else { (s.to_string(), t.to_string()) } };
+    let corpus = MappedCorpus::open(&d.train)?;
+    // Pass 1: count (and check) the good pairs.
+    let mut lines = corpus.pairs(d.on_bad_line, d.limit);
+    let mut n = 0usize;
+    for pair in lines.by_ref() {
+        pair?;
+        n += 1;
+    }
+    let mut skipped = lines.skipped;
+    if n == 0 {
+        return Err(DataError::new(&corpus.origin, "corpus has no sentence pairs"));
+    }
+    if n > u32::MAX as usize {
+        return Err(DataError::new(&corpus.origin, format!("{n} sentence pairs: kiln indexes at most {} per corpus", u32::MAX)));
+    }
+    // Held-out pairs: drawn from the corpus (a sorted list of line indices), or their own files.
+    let (held, mut valid_pairs, mut test_pairs) = if d.valid.as_os_str().is_empty() {
+        (Some(held_out(n, d.valid_size, d.test_size, d.split_seed)), Vec::new(), Vec::new())
     } else {
         let valid = read_parallel(&d.valid, d.on_bad_line, d.limit)?;
         skipped += valid.skipped;
@@ -273,59 +298,203 @@ fn prepare_pairs(recipe: &Recipe, tokenizer: TokenizerSource<'_>, progress: &dyn
             skipped += t.skipped;
             t.pairs
         };
-        (all, orient(valid.pairs), orient(test))
+        let own = |pairs: Vec<Pair>| pairs.into_iter().map(|p| orient((&p.source, &p.target))).collect::<Vec<_>>();
+        (None, own(valid.pairs), own(test))
     };
+    // Which split item `i` of the corpus belongs to: 0 train, 1 valid, 2 test.
+    let held_count = held.as_ref().map_or(0, |h| h.valid.len() + h.test.len());
+    let split_of = |cursor: &mut (usize, usize), i: usize| -> u8 {
+        let Some(h) = &held else { return 0 };
+        if h.valid.get(cursor.0) == Some(&i) {
+            cursor.0 += 1;
+            1
+        } else if h.test.get(cursor.1) == Some(&i) {
+            cursor.1 += 1;
+            2
+        } else {
+            0
+        }
+    };
+    let train_count = n - held_count;
+    let sampling = trains_tokenizer(recipe, &source);
+    let mut sample: Vec<&str> = Vec::new();
+    // Pass 2: the held-out pairs and the tokenizer's sample (borrowed from the mapped corpus).
+    if held.is_some() || sampling {
+        let mut sampler = Sampler::new(if sampling { sample_size(recipe, train_count, 2) } else { 0 }, train_count, mix_seed(d.split_seed, 5, 0));
+        let mut cursor = (0, 0);
+        for (i, pair) in corpus.pairs(d.on_bad_line, d.limit).enumerate() {
+            let (s, t) = pair?;
+            let (s, t) = if d.swap { (t, s) } else { (s, t) };
+            match split_of(&mut cursor, i) {
+                1 => valid_pairs.push((s.to_string(), t.to_string())),
+                2 => test_pairs.push((s.to_string(), t.to_string())),
+                _ if sampler.keep() => sample.extend([s, t]),
+                _ => {}
+            }
+        }
+    }
     if valid_pairs.is_empty() {
         return Err(DataError::new("data.valid_size", "corpus too small to hold out a validation set"));
     }
+    let tokenizer = obtain_tokenizer(recipe, source, &sample, progress)?;
+    drop(sample);
 
-    let texts: Vec<&str> = train_pairs.iter().flat_map(|p| [p.source.as_str(), p.target.as_str()]).collect();
-    let tokenizer = obtain_tokenizer(recipe, tokenizer, &texts, progress)?;
-    drop(texts);
-
-    let total = train_pairs.len() + valid_pairs.len() + test_pairs.len();
-    let done = std::cell::Cell::new(0usize);
-    // Batched: each chunk is one parallel call into `tokenizers`, then a progress report.
-    let encode = |pairs: &[Pair]| -> Result<Vec<Example>, DataError> {
-        let mut out = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(ENCODE_CHUNK) {
-            let src: Vec<&str> = chunk.iter().map(|p| p.source.as_str()).collect();
-            let tgt: Vec<&str> = chunk.iter().map(|p| p.target.as_str()).collect();
-            let (src, tgt) = (tokenizer.encode_batch(&src)?, tokenizer.encode_batch(&tgt)?);
-            out.extend(src.into_iter().zip(tgt).map(|(src, tgt)| Example { src, tgt }));
-            done.set(done.get() + chunk.len());
-            progress(Stage::Encoding { done: done.get(), total });
-        }
-        Ok(out)
-    };
+    let err = write_err(path);
+    let mut store = StoreWriter::new(dir, key, Width::for_vocab(tokenizer.vocab_size())).map_err(&err)?;
+    let total = n + if held.is_some() { 0 } else { valid_pairs.len() + test_pairs.len() };
+    let mut done = 0usize;
+    // Pass 3: encode the training pairs in chunks, straight into the store.
+    let (mut src_table, mut tgt_table) = (store.table("train.src").map_err(&err)?, store.table("train.tgt").map_err(&err)?);
     let max_len = d.max_len;
-    let encoded = encode(&train_pairs)?;
-    let before = encoded.len();
-    let train: Vec<Example> = encoded.into_iter().filter(|e| e.src.len() <= max_len && e.tgt.len() <= max_len).collect();
-    let dropped_long = before - train.len();
-    if train.is_empty() {
+    let (mut kept, mut dropped_long) = (0usize, 0usize);
+    let mut chunk: Vec<&str> = Vec::with_capacity(2 * ENCODE_CHUNK);
+    let mut cursor = (0, 0);
+    let mut flush = |chunk: &mut Vec<&str>, store: &mut StoreWriter| -> Result<(), DataError> {
+        let ids = tokenizer.encode_batch(chunk)?;
+        for pair in ids.chunks(2) {
+            if pair[0].len() <= max_len && pair[1].len() <= max_len {
+                store.push(&mut src_table, &pair[0]).map_err(&err)?;
+                store.push(&mut tgt_table, &pair[1]).map_err(&err)?;
+                kept += 1;
+            } else {
+                dropped_long += 1;
+            }
+        }
+        chunk.clear();
+        Ok(())
+    };
+    for (i, pair) in corpus.pairs(d.on_bad_line, d.limit).enumerate() {
+        let (s, t) = pair?;
+        done += 1;
+        if split_of(&mut cursor, i) != 0 {
+            continue;
+        }
+        chunk.extend(if d.swap { [t, s] } else { [s, t] });
+        if chunk.len() >= 2 * ENCODE_CHUNK {
+            flush(&mut chunk, &mut store)?;
+            progress(Stage::Encoding { done, total });
+        }
+    }
+    flush(&mut chunk, &mut store)?;
+    drop(flush);
+    if kept == 0 {
         return Err(DataError::new("data.max_len", format!("every training pair is longer than {max_len} tokens")));
     }
-    let eval_set = |pairs: Vec<Pair>| -> Result<EvalSet, DataError> {
-        let mut examples = encode(&pairs)?;
-        for e in &mut examples {
-            e.src.truncate(max_len);
-            e.tgt.truncate(max_len);
+    // The held-out sets: ids truncated to `max_len`, text kept whole for BLEU.
+    let mut held_text = Vec::new();
+    for (name, pairs) in [("valid", &valid_pairs), ("test", &test_pairs)] {
+        let (mut st, mut tt) = (store.table(&format!("{name}.src")).map_err(&err)?, store.table(&format!("{name}.tgt")).map_err(&err)?);
+        for part in pairs.chunks(ENCODE_CHUNK) {
+            let texts: Vec<&str> = part.iter().flat_map(|(s, t)| [s.as_str(), t.as_str()]).collect();
+            for ids in tokenizer.encode_batch(&texts)?.chunks(2) {
+                store.push(&mut st, &ids[0][..ids[0].len().min(max_len)]).map_err(&err)?;
+                store.push(&mut tt, &ids[1][..ids[1].len().min(max_len)]).map_err(&err)?;
+            }
+            if held.is_none() {
+                done += part.len();
+            }
         }
-        let (sources, references) = pairs.into_iter().map(|p| (p.source, p.target)).unzip();
-        Ok(EvalSet { examples, sources, references })
+        let (sources, references) = pairs.iter().cloned().unzip();
+        held_text.push((name.to_string(), HeldOutText { sources, references }));
+    }
+    progress(Stage::Encoding { done, total });
+    let meta = StoreMeta { kind: "pairs".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, dropped_long: dropped_long as u64, held_out: held_text, ..Default::default() };
+    store.finish(meta, key, path).map(|(_, s)| s).map_err(err)
+}
+
+fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &CacheKey, path: &Path, progress: &dyn Fn(Stage)) -> Result<Store, DataError> {
+    let d = &recipe.data;
+    let corpus = MappedCorpus::open(&d.train)?;
+    // Pass 1: count (and check) the lines.
+    let mut lines = corpus.lines(d.on_bad_line, d.limit);
+    let (mut n, mut any_text) = (0usize, false);
+    for line in lines.by_ref() {
+        any_text |= !line?.trim().is_empty();
+        n += 1;
+    }
+    let mut skipped = lines.skipped;
+    if !any_text {
+        return Err(DataError::new(&corpus.origin, "corpus has no text"));
+    }
+    // No shuffling: neighbouring lines are not independent, so held-out text is a contiguous tail.
+    let (cut, valid, test): (usize, Vec<String>, Vec<String>) = if d.valid.as_os_str().is_empty() {
+        let held = d.valid_size + d.test_size;
+        if held >= n {
+            return Err(DataError::new("data.valid_size", format!("the corpus has {n} lines, too few to hold out {held} (valid_size + test_size)")));
+        }
+        let cut = n - held;
+        let tail: Vec<String> = corpus.lines(d.on_bad_line, d.limit).skip(cut).map(|l| l.map(str::to_string)).collect::<Result<_, _>>()?;
+        let (valid, test) = tail.split_at(d.valid_size);
+        (cut, valid.to_vec(), test.to_vec())
+    } else {
+        let valid = read_text(&d.valid, d.on_bad_line, d.limit)?;
+        skipped += valid.skipped;
+        let test = if d.test.as_os_str().is_empty() {
+            Vec::new()
+        } else {
+            let t = read_text(&d.test, d.on_bad_line, d.limit)?;
+            skipped += t.skipped;
+            t.lines
+        };
+        (n, valid.lines, test)
     };
-    Ok(Prepared {
-        valid: eval_set(valid_pairs)?,
-        test: eval_set(test_pairs)?,
-        text: None,
-        tokenizer,
-        train,
-        skipped_lines: skipped,
-        dropped_long,
-        prepare_s: started.elapsed().as_secs_f64(),
-        cache: CacheReport::default(),
-    })
+    let train_lines = || corpus.lines(d.on_bad_line, d.limit).take(cut);
+    let mut sample: Vec<&str> = Vec::new();
+    if trains_tokenizer(recipe, &source) {
+        let population = train_lines().filter(|l| matches!(l, Ok(l) if !l.trim().is_empty())).count();
+        let mut sampler = Sampler::new(sample_size(recipe, population, 1), population, mix_seed(d.split_seed, 5, 0));
+        for line in train_lines() {
+            let line = line?;
+            if !line.trim().is_empty() && sampler.keep() {
+                sample.push(line);
+            }
+        }
+    }
+    let tokenizer = obtain_tokenizer(recipe, source, &sample, progress)?;
+    drop(sample);
+
+    let err = write_err(path);
+    let mut store = StoreWriter::new(dir, key, Width::for_vocab(tokenizer.vocab_size())).map_err(&err)?;
+    let total = cut + valid.len() + test.len();
+    let mut done = 0usize;
+    let mut lengths = [0usize; 3];
+    let mut write_stream = |name: &str, which: usize, lines: &mut dyn Iterator<Item = Result<&str, DataError>>, store: &mut StoreWriter| -> Result<(), DataError> {
+        let section = store.flat(name).map_err(&err)?;
+        let mut chunk: Vec<&str> = Vec::with_capacity(ENCODE_CHUNK);
+        let mut out: Vec<u32> = Vec::new();
+        let mut more = true;
+        while more {
+            chunk.clear();
+            for line in &mut *lines {
+                chunk.push(line?);
+                if chunk.len() == ENCODE_CHUNK {
+                    break;
+                }
+            }
+            more = chunk.len() == ENCODE_CHUNK;
+            out.clear();
+            for ids in tokenizer.encode_batch(&chunk)? {
+                out.extend(ids);
+                out.push(EOS);
+            }
+            lengths[which] += out.len();
+            store.append(section, &out).map_err(&err)?;
+            done += chunk.len();
+            progress(Stage::Encoding { done, total });
+        }
+        Ok(())
+    };
+    write_stream("train", 0, &mut train_lines(), &mut store)?;
+    write_stream("valid", 1, &mut valid.iter().map(|l| Ok(l.as_str())), &mut store)?;
+    write_stream("test", 2, &mut test.iter().map(|l| Ok(l.as_str())), &mut store)?;
+    if lengths[0] < d.block_size + 1 {
+        return Err(DataError::new("data.block_size", format!("the training text has {} tokens, fewer than block_size + 1 = {}", lengths[0], d.block_size + 1)));
+    }
+    if lengths[1] < 2 {
+        return Err(DataError::new("data.valid_size", "the validation text has no tokens to predict"));
+    }
+    let meta = StoreMeta { kind: "text".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, ..Default::default() };
+    store.finish(meta, key, path).map(|(_, s)| s).map_err(err)
 }
 
 #[cfg(test)]
@@ -354,14 +523,16 @@ mod tests {
         let cold = prepare(&r, TokenizerSource::TrainAndSave(&tok_path), Some(&r.loader.cache_dir), &|_| {}).unwrap();
         assert!(!cold.cache.hit);
         assert!(cold.train.is_empty() && cold.valid.examples.is_empty());
+        assert_eq!(cold.store.width, Width::U16, "500 ids fit 16 bits");
         let text = cold.text.clone().unwrap();
         let lines: Vec<String> = std::fs::read_to_string(&r.data.train).unwrap().lines().take(3000).map(|l| l.trim_end().to_string()).collect();
         // One `</s>` per line; held-out lines are the contiguous tail (test last).
-        let ends = |s: &[u32]| s.iter().filter(|&&t| t == EOS).count();
+        let ends = |s: &crate::Tokens| s.ids().iter().filter(|&t| t == EOS).count();
         assert_eq!((ends(&text.train), ends(&text.valid), ends(&text.test)), (2700, 200, 100));
-        let first_line = &text.valid[..text.valid.iter().position(|&t| t == EOS).unwrap()];
+        let (valid, test) = (text.valid.ids().to_vec(), text.test.ids().to_vec());
+        let first_line = &valid[..valid.iter().position(|&t| t == EOS).unwrap()];
         assert_eq!(cold.tokenizer.decode(first_line), lines[2700]);
-        let last: Vec<&[u32]> = text.test.split(|&t| t == EOS).collect();
+        let last: Vec<&[u32]> = test.split(|&t| t == EOS).collect();
         assert_eq!(cold.tokenizer.decode(last[last.len() - 2]), lines[2999]);
 
         let warm = prepare(&r, TokenizerSource::TrainAndSave(&tok_path), Some(&r.loader.cache_dir), &|_| {}).unwrap();

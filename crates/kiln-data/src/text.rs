@@ -11,14 +11,15 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::batching::BatchSettings;
+use crate::store::{Ids, Tokens};
 use crate::tokenizer::PAD;
 
-/// Token streams of a text corpus.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Token streams of a text corpus, read from the store where they lie.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TextStreams {
-    pub train: Vec<u32>,
-    pub valid: Vec<u32>,
-    pub test: Vec<u32>,
+    pub train: Tokens,
+    pub valid: Tokens,
+    pub test: Tokens,
 }
 
 /// Start offsets of one epoch's training blocks (full blocks only, in stream order).
@@ -69,16 +70,22 @@ pub struct HostBlocks {
 }
 
 impl HostBlocks {
-    pub fn build(stream: &[u32], starts: &[usize], block: usize) -> HostBlocks {
+    pub fn build(stream: Ids<'_>, starts: &[usize], block: usize) -> HostBlocks {
         let size = starts.len();
         let mut input = vec![PAD as i32; size * block];
         let mut labels = vec![PAD as i32; size * block];
         let mut tokens = 0;
         for (row, &s) in starts.iter().enumerate() {
             let n = block.min(stream.len().saturating_sub(s + 1));
-            for j in 0..n {
-                input[row * block + j] = stream[s + j] as i32;
-                labels[row * block + j] = stream[s + j + 1] as i32;
+            if n > 0 {
+                for (j, t) in stream.slice(s..s + n + 1).iter().enumerate() {
+                    if j < n {
+                        input[row * block + j] = t as i32;
+                    }
+                    if j > 0 {
+                        labels[row * block + j - 1] = t as i32;
+                    }
+                }
             }
             tokens += n;
         }
@@ -117,13 +124,13 @@ mod tests {
     #[test]
     fn blocks_hold_inputs_and_shifted_labels() {
         let stream: Vec<u32> = (10..30).collect();
-        let b = HostBlocks::build(&stream, &[0, 15], 5);
+        let b = HostBlocks::build(Ids::U32(&stream), &[0, 15], 5);
         assert_eq!(b.input, vec![10, 11, 12, 13, 14, 25, 26, 27, 28, 0]);
         assert_eq!(b.labels, vec![11, 12, 13, 14, 15, 26, 27, 28, 29, 0]);
         assert_eq!(b.tokens, 9);
         // Evaluation covers every next-token prediction exactly once.
         let starts = eval_blocks(stream.len(), 6);
-        let all = HostBlocks::build(&stream, &starts, 6);
+        let all = HostBlocks::build(Ids::U32(&stream), &starts, 6);
         assert_eq!(all.tokens, stream.len() - 1);
         assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: crate::batching::TokenBudget::fixed(64), max_sentences: 3, pool_batches: 0, multiple: 1 }), 3);
         assert_eq!(blocks_per_batch(5, BatchSettings { max_tokens: crate::batching::TokenBudget::fixed(64), max_sentences: 0, pool_batches: 0, multiple: 8 }), 8);

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use burn::backend::Flex;
-use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::batching::{BatchPlan, BatchSettings};
 use kiln_data::loader::Loader;
 use kiln_data::prepare::TokenizerSource;
 use kiln_data::HostBatch;
@@ -35,10 +35,10 @@ pub struct DataBench {
     pub resample_s: f64,
 }
 
-fn padding(batches: &[Vec<usize>], examples: &[kiln_data::Example]) -> f64 {
+fn padding(batches: &BatchPlan, examples: &kiln_data::PairSet) -> f64 {
     let (mut real, mut slots) = (0u64, 0u64);
-    for b in batches {
-        let h = HostBatch::build(examples, b);
+    for k in 0..batches.len() {
+        let h = HostBatch::build(examples, &batches.indices(k));
         real += h.real_tokens as u64;
         slots += h.slots as u64;
     }
@@ -62,8 +62,8 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
         return Err(anyhow!("{}: the second preparation missed the cache", cache.display()));
     }
 
-    let plan = epoch_batches(&warm.train, recipe, 0);
-    let examples = Arc::new(warm.train.clone());
+    let plan = Arc::new(epoch_batches(&warm.train, recipe, 0));
+    let examples: Arc<dyn kiln_data::PairIds> = Arc::new(warm.train.clone());
     let rate = |workers: usize| -> f64 {
         let device = Default::default();
         let build: Arc<dyn Fn(HostBatch) -> DeviceBatch<Flex> + Send + Sync> = Arc::new(move |b| DeviceBatch::new(b, &device));
@@ -80,9 +80,12 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
     let loader_1 = rate(1);
     let loader_2 = rate(2);
 
-    let lengths: Vec<(usize, usize)> = warm.train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
+    let lengths = |i: usize| {
+        let (s, t) = warm.train.lengths(i);
+        (s + 1, t + 1)
+    };
     let unbucketed_settings = BatchSettings { pool_batches: 0, ..crate::family::batch_settings(recipe, crate::family::Batches::Train) };
-    let unbucketed = plan_batches(&lengths, unbucketed_settings, Some(recipe.train.seed));
+    let unbucketed = kiln_data::plan_batches_by(warm.train.len(), lengths, unbucketed_settings, Some(recipe.train.seed));
 
     // The regulariser the recipe's tokenizer kind would use, at a usual strength.
     let mut reg_settings = recipe.tokenizer.clone();
@@ -456,6 +459,7 @@ pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -
     let sync = recipe.train.sync_interval;
     let warmup = warmup.div_ceil(sync) * sync;
     let total = (warmup + steps).min(plan.len() / per_step);
+    let plan = plan.to_vecs();
     let batches: Vec<Vec<serde_json::Value>> = plan
         .chunks(per_step)
         .take(total)

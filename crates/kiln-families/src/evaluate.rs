@@ -46,7 +46,7 @@ pub fn beam_translate<B: Backend>(model: &Seq2Seq<B>, sources: &[&[u32]], recipe
     sources
         .iter()
         .map(|src| {
-            let b = HostBatch::build(&[Example { src: src.to_vec(), tgt: Vec::new() }], &[0]);
+            let b = HostBatch::build(&[Example { src: src.to_vec(), tgt: Vec::new() }][..], &[0]);
             let settings = BeamSettings { max_len: max_len_for(recipe, src.len() + 1), ..beam };
             model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true)
         })

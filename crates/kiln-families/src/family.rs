@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor};
-use kiln_data::batching::{plan_batches, BatchSettings};
+use kiln_data::batching::{plan_batches_by, BatchSettings};
 use kiln_data::loader::{pair_jobs, Job};
 use kiln_data::text::{blocks_per_batch, eval_blocks, plan_blocks, train_blocks, HostBlocks};
-use kiln_data::{mix_seed, Example, HostBatch, Prepared, Regulariser, BOS, EOS, PAD};
+use kiln_data::{mix_seed, BatchPlan, HostBatch, Ids, PairIds, PairSet, Prepared, Regulariser, Tokens, BOS, EOS, PAD};
 use kiln_model::{label_smoothed_loss, DecoderLm, LmConfig, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
@@ -198,9 +198,10 @@ pub fn batch_settings(recipe: &Recipe, batches: Batches) -> BatchSettings {
 }
 
 /// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
-pub fn epoch_batches(train: &[Example], recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>> {
-    let lengths: Vec<(usize, usize)> = train.iter().map(|e| (e.src.len() + 1, e.tgt.len() + 1)).collect();
-    plan_batches(&lengths, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
+/// Lengths come from the data's index (a store's offsets), never from a copied list.
+pub fn epoch_batches(train: &dyn PairIds, recipe: &Recipe, epoch: usize) -> BatchPlan {
+    let lengths = |i: usize| (train.src_ids(i).len() + 1, train.tgt_ids(i).len() + 1);
+    plan_batches_by(train.pair_count(), lengths, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
 /// Batches of block starts of epoch `epoch` over a training stream of `len` tokens: the blocks
@@ -215,7 +216,7 @@ pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>
 /// segmentations of the training examples, drawn from (seed, epoch, example); without it every
 /// epoch shares the prepared ids.
 pub struct PairData {
-    examples: Arc<Vec<Example>>,
+    examples: Arc<PairSet>,
     regulariser: Option<Regulariser>,
     recipe: Recipe,
 }
@@ -235,9 +236,9 @@ impl PairData {
         Some(format!("subword regularisation: {how}, new segmentations every epoch (training only)"))
     }
 
-    fn epoch_examples(&self, epoch: usize) -> Arc<Vec<Example>> {
+    fn epoch_examples(&self, epoch: usize) -> Arc<dyn PairIds> {
         match &self.regulariser {
-            None => Arc::clone(&self.examples),
+            None => Arc::clone(&self.examples) as Arc<dyn PairIds>,
             Some(r) => Arc::new(r.epoch(&self.examples, mix_seed(self.recipe.train.seed, 3, epoch as u64), self.recipe.data.max_len)),
         }
     }
@@ -247,12 +248,12 @@ impl<B: Backend> TrainData<B> for PairData {
     type Batch = DeviceBatch<B>;
 
     fn batches(&self, epoch: usize) -> usize {
-        epoch_batches(&self.epoch_examples(epoch), &self.recipe, epoch).len()
+        epoch_batches(&*self.epoch_examples(epoch), &self.recipe, epoch).len()
     }
 
     fn epoch(&self, epoch: usize, device: &B::Device) -> Vec<Job<DeviceBatch<B>>> {
         let examples = self.epoch_examples(epoch);
-        let plan = epoch_batches(&examples, &self.recipe, epoch);
+        let plan = Arc::new(epoch_batches(&*examples, &self.recipe, epoch));
         // Loader workers pad batches and put their tensors on the device ahead of the loop.
         let device = device.clone();
         let build: Arc<kiln_data::loader::Build<DeviceBatch<B>>> = Arc::new(move |b| DeviceBatch::new(b, &device));
@@ -266,13 +267,13 @@ impl<B: Backend> TrainData<B> for PairData {
 
 /// A token stream cut into blocks, in batches of blocks.
 pub struct TextData {
-    stream: Arc<Vec<u32>>,
+    stream: Tokens,
     recipe: Recipe,
 }
 
 impl TextData {
     pub fn new(data: &Prepared, recipe: &Recipe) -> Self {
-        Self { stream: Arc::new(data.text.as_ref().map(|t| t.train.clone()).unwrap_or_default()), recipe: recipe.clone() }
+        Self { stream: data.text.as_ref().map(|t| t.train.clone()).unwrap_or_default(), recipe: recipe.clone() }
     }
 }
 
@@ -288,8 +289,8 @@ impl<B: Backend> TrainData<B> for TextData {
         epoch_blocks(self.stream.len(), &self.recipe, epoch)
             .into_iter()
             .map(|starts| {
-                let (stream, device) = (Arc::clone(&self.stream), device.clone());
-                Box::new(move || DeviceBatch::blocks(HostBlocks::build(&stream, &starts, block), &device)) as Job<DeviceBatch<B>>
+                let (stream, device) = (self.stream.clone(), device.clone());
+                Box::new(move || DeviceBatch::blocks(HostBlocks::build(stream.ids(), &starts, block), &device)) as Job<DeviceBatch<B>>
             })
             .collect()
     }
@@ -357,11 +358,11 @@ impl LmTask {
         Self { data, recipe }
     }
 
-    fn stream(&self, split: Split) -> &[u32] {
+    fn stream(&self, split: Split) -> Ids<'_> {
         match (&self.data.text, split) {
-            (Some(t), Split::Valid) => &t.valid,
-            (Some(t), Split::Test) => &t.test,
-            (None, _) => &[],
+            (Some(t), Split::Valid) => t.valid.ids(),
+            (Some(t), Split::Test) => t.test.ids(),
+            (None, _) => Ids::U32(&[]),
         }
     }
 }
@@ -393,7 +394,7 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
 
 /// Mean per-token NLL of a token stream, every next-token prediction counted once (consecutive
 /// blocks from position 0); one device read at the end.
-pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: &[u32], recipe: &Recipe, device: &B::Device) -> EvalFigures {
+pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: Ids<'_>, recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let block = recipe.data.block_size;
     let settings = batch_settings(recipe, Batches::Eval);
     let starts = eval_blocks(stream.len(), block);
@@ -419,6 +420,7 @@ mod tests {
     use super::*;
     use burn::backend::{Autodiff, Flex};
     use kiln_model::dropout::{mask_state, seed_step, set_mask_state};
+    use kiln_data::Example;
     use kiln_recipe::ModelSection;
 
     type B = Autodiff<Flex>;

@@ -244,7 +244,7 @@ impl<B: Backend> crate::registry::UseFamily for EvaluateCheckpoint<'_, B> {
 pub(crate) fn evaluate_lm_checkpoint<B: Backend>(run: &RunModel, data: &kiln_data::Prepared, split: Split, device: &B::Device, report: &mut EvalReport) -> Result<()> {
     let lm = run.language_model::<B>(device)?;
     let text = data.text.as_ref().ok_or_else(|| anyhow!("{}: no text corpus", run.run_dir.display()))?;
-    let stream = if split == Split::Valid { &text.valid } else { &text.test };
+    let stream = if split == Split::Valid { text.valid.ids() } else { text.test.ids() };
     if stream.len() < 2 {
         bail!("{}: the run's data has no {} split", run.run_dir.display(), report.split);
     }

@@ -399,21 +399,33 @@ fn node_agreement(recipe: &Recipe, data: &kiln_data::Prepared) -> [u8; 32] {
     let loader = &recipe.loader;
     h.update(format!("{:?}|{}|{}|{}", loader.max_tokens, loader.max_sentences, loader.bucket_pool, recipe.backend.devices.len().max(1)).as_bytes());
     h.update(data.tokenizer.to_json().as_bytes());
-    let mut ids = |xs: &[u32]| {
-        h.update(&(xs.len() as u64).to_le_bytes());
-        for x in xs {
-            h.update(&x.to_le_bytes());
+    // Each sequence as its length (u64) then its ids (u32), little-endian, buffered.
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let mut ids = |xs: kiln_data::Ids<'_>| {
+        buf.extend_from_slice(&(xs.len() as u64).to_le_bytes());
+        for x in xs.iter() {
+            buf.extend_from_slice(&x.to_le_bytes());
+            if buf.len() >= 1 << 16 {
+                h.update(&buf);
+                buf.clear();
+            }
         }
     };
-    for e in data.train.iter().chain(&data.valid.examples).chain(&data.test.examples) {
-        ids(&e.src);
-        ids(&e.tgt);
+    for i in 0..data.train.len() {
+        ids(data.train.src(i));
+        ids(data.train.tgt(i));
+    }
+    for e in data.valid.examples.iter().chain(&data.test.examples) {
+        ids(kiln_data::Ids::U32(&e.src));
+        ids(kiln_data::Ids::U32(&e.tgt));
     }
     if let Some(text) = &data.text {
-        ids(&text.train);
-        ids(&text.valid);
-        ids(&text.test);
+        ids(text.train.ids());
+        ids(text.valid.ids());
+        ids(text.test.ids());
     }
+    drop(ids);
+    h.update(&buf);
     *h.finalize().as_bytes()
 }
 

@@ -104,7 +104,7 @@ impl Family for LanguageModel {
         let probe_batch = |len: usize, n: usize, device: &B::Device| {
             let stream: Vec<u32> = (0..n * len + 1).map(|i| probe_token(vocab, i)).collect();
             let starts: Vec<usize> = (0..n).map(|k| k * len).collect();
-            DeviceBatch::<B>::blocks(HostBlocks::build(&stream, &starts, len), device)
+            DeviceBatch::<B>::blocks(HostBlocks::build(kiln_data::Ids::U32(&stream), &starts, len), device)
         };
         run.fit(|r| LmTask::new(Arc::clone(&data), r.clone()), model, &[recipe.data.block_size], &probe_batch, |r| Ok((TextData::new(&data, r), None)), sink)
     }

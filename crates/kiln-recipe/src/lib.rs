@@ -221,6 +221,9 @@ pub struct TokenizerSection {
     pub lowercase: bool,
     /// BPE only: merges must occur at least this often.
     pub min_frequency: u64,
+    /// Train the tokenizer on a seeded sample of at most this many sentences of the training
+    /// corpus (both sides of a pair count), as SentencePiece's `input_sentence_size`; 0 = all.
+    pub train_sentences: usize,
     /// Unigram only: subword regularisation; each training epoch samples a segmentation of every
     /// example with scores scaled by this inverse temperature (0 = off; 0.1–0.5 usual).
     pub sample_alpha: f64,
@@ -237,6 +240,7 @@ impl Default for TokenizerSection {
             path: PathBuf::new(),
             lowercase: false,
             min_frequency: 2,
+            train_sentences: 1_000_000,
             sample_alpha: 0.0,
             bpe_dropout: 0.0,
         }
