@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_nodes;
+mod bench_scale;
 mod experiments;
 use kiln_events::Control;
 use kiln_recipe::{Override, Recipe};
@@ -170,6 +171,17 @@ enum BenchWhat {
         /// Markdown file the figures are appended to.
         #[arg(long, default_value = "docs/bench/data.md")]
         out: PathBuf,
+        /// Corpus sizes in pairs (e.g. 1m,4m,20m): synthetic corpora made from the recipe's pairs,
+        /// each prepared cold and warm in a child process whose memory is sampled, then trained
+        /// for --steps steps.
+        #[arg(long, value_delimiter = ',', value_name = "PAIRS")]
+        scale: Vec<String>,
+        /// Training steps per --scale run.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Where --scale makes its corpora, caches and runs (default: a temporary directory).
+        #[arg(long)]
+        scratch: Option<PathBuf>,
     },
     /// Training across processes: the same steps in one process with N CPU replicas and in N
     /// processes joined over loopback (`--nodes`); the all-reduces' share of training time.
@@ -442,7 +454,10 @@ fn main() -> ExitCode {
         Command::Sweep { recipe, grid, parallel, dir, metric } => experiments::sweep(&recipe, &grid, parallel as usize, dir.as_deref(), &metric),
         Command::Average { run_dir, last, checkpoints, ema, name } => experiments::average(&run_dir, last, checkpoints, ema, name.as_deref()),
         Command::Export { run_dir, format: _, out, checkpoint, weights } => experiments::export(&run_dir, out.as_deref(), checkpoint.as_deref(), |dir, c| weights.open(dir, c)),
-        Command::Bench { what: BenchWhat::Data { recipe, set, out } } => bench_data(&recipe, &set, &out),
+        Command::Bench { what: BenchWhat::Data { recipe, set, out, scale, steps, scratch } } if !scale.is_empty() => {
+            scale.iter().map(|s| bench_scale::parse_size(s)).collect::<anyhow::Result<Vec<_>>>().and_then(|sizes| bench_scale::bench_scale(&recipe, &set, &sizes, steps, scratch, &out))
+        }
+        Command::Bench { what: BenchWhat::Data { recipe, set, out, .. } } => bench_data(&recipe, &set, &out),
         Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),
         Command::Bench { what: BenchWhat::Upload { device, width, depth, uploads, rows, len, rounds, out } } => bench_upload(&device, width, depth, uploads, [rows, len], rounds, &out),
         Command::Bench { what: BenchWhat::Sync { recipe, set, interval, steps, warmup, rounds, json, out } } => bench_sync(&recipe, &set, interval, steps, warmup, rounds, json.as_deref(), &out),
@@ -643,21 +658,12 @@ fn bench_data(recipe_path: &std::path::Path, set: &[String], out: &std::path::Pa
     let (machine, commit, date) = provenance(out);
     let section = figures.markdown(&recipe.name, &machine, &commit, &date);
     print!("{section}");
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut text = std::fs::read_to_string(out).unwrap_or_else(|_| {
-        "# Data pipeline benchmarks\n\nAppended by `cargo xtask bench data <recipe>`; each section is one run on one machine.\n\n".to_string()
-    });
-    text.push_str(&section);
-    std::fs::write(out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", out.display()))?;
-    eprintln!("appended to {}", out.display());
-    Ok(())
+    append_section(out, DATA_HEADER, &section)
 }
 
 /// The machine (CPU model, cores), the commit (`+dirty` with uncommitted changes) of the checkout
 /// the report `out` is written into (wherever the command runs from) and the UTC date.
-fn provenance(out: &std::path::Path) -> (String, String, String) {
+pub(crate) fn provenance(out: &std::path::Path) -> (String, String, String) {
     let repo = match out.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -841,7 +847,7 @@ fn bench_upload(device: &str, width: usize, depth: usize, uploads: usize, shape:
 }
 
 /// Appends a bench's Markdown section to `out`, starting the file with `header` where it is new.
-fn append_section(out: &std::path::Path, header: &str, section: &str) -> anyhow::Result<()> {
+pub(crate) fn append_section(out: &std::path::Path, header: &str, section: &str) -> anyhow::Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -851,6 +857,9 @@ fn append_section(out: &std::path::Path, header: &str, section: &str) -> anyhow:
     eprintln!("appended to {}", out.display());
     Ok(())
 }
+
+/// The head of a new `docs/bench/data.md`.
+const DATA_HEADER: &str = "# Data pipeline benchmarks\n\nAppended by `cargo xtask bench data <recipe>`; each section is one run on one machine.\n\n";
 
 /// The head of a new `docs/bench/sync.md`.
 const SYNC_HEADER: &str = "# Sync every N, measured (`kiln bench sync`)\n\nEach section: the same steps of one recipe with the training loss read back every step and every N steps, each read waited for at once (overlap off) or while the next window runs (overlap on). *Host wait* is the time the training thread spent waiting for reads. Figures are medians over alternated rounds.\n\n";

@@ -203,7 +203,7 @@ pub fn load(dir: &Path, key: &CacheKey) -> Result<Option<Store>, String> {
 }
 
 /// An entry's bytes, memory-mapped; `None` when there is no entry.
-pub(crate) fn map_entry(path: &Path) -> Result<Option<memmap2::Mmap>, String> {
+pub fn map_entry(path: &Path) -> Result<Option<memmap2::Mmap>, String> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
