@@ -51,10 +51,10 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Runs `kiln` with `args`, sampling its memory; the phase flips to training at the data line.
-fn measure(args: &[String]) -> Result<Measured> {
+/// Runs `binary` with `args`, sampling its memory; the phase flips to training at the data line.
+fn measure(binary: &Path, args: &[String]) -> Result<Measured> {
     let started = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let mut child = Command::new(binary).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
     let training = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
@@ -101,16 +101,17 @@ fn measure(args: &[String]) -> Result<Measured> {
     Ok(Measured { wall_s: started.elapsed().as_secs_f64(), prepare_s, hit, prepare_anon_mb: mb(&prep_peak), train_anon_mb: mb(&train_peak), hwm_mb: mb(&hwm) })
 }
 
-/// The store written for a size: its bytes, id width and tokens.
-fn store_shape(cache: &Path) -> Result<(u64, usize, u64)> {
+/// The store written for a size: its bytes, id width and tokens (`None` for another build's
+/// entries, which this one cannot read).
+fn store_shape(cache: &Path) -> Result<Option<(u64, usize, u64)>> {
     for entry in std::fs::read_dir(cache)?.flatten() {
         let path = entry.path();
         if path.extension().is_some_and(|x| x == kiln_data::cache::EXTENSION) {
             let map = kiln_data::cache::map_entry(&path).map_err(anyhow::Error::msg)?.ok_or_else(|| anyhow!("{}: vanished", path.display()))?;
-            let (_, store) = kiln_data::store::Store::open_map(map, None).map_err(anyhow::Error::msg)?;
+            let Ok((_, store)) = kiln_data::store::Store::open_map(map, None) else { return Ok(None) };
             let (ids, _) = store.sizes();
             let width = store.width().bytes();
-            return Ok((entry.metadata()?.len(), width, ids / width as u64));
+            return Ok(Some((entry.metadata()?.len(), width, ids / width as u64)));
         }
     }
     bail!("{}: no store was written", cache.display())
@@ -122,12 +123,16 @@ struct Row {
     corpus_mb: f64,
     cold: Measured,
     warm: Measured,
-    store_mb: f64,
-    width: usize,
-    tokens: u64,
+    /// Bytes, id width, tokens of the store.
+    store: Option<(u64, usize, u64)>,
 }
 
-pub fn bench_scale(recipe_path: &Path, sets: &[String], sizes: &[u64], steps: usize, scratch: Option<PathBuf>, out: &Path) -> Result<()> {
+/// `binary`: the kiln to measure (another build, for a before/after), else this one.
+pub fn bench_scale(recipe_path: &Path, sets: &[String], sizes: &[u64], steps: usize, scratch: Option<PathBuf>, binary: Option<PathBuf>, out: &Path) -> Result<()> {
+    let binary = match binary {
+        Some(b) => b,
+        None => std::env::current_exe()?,
+    };
     let overrides = sets.iter().map(|s| kiln_recipe::Override::parse(s)).collect::<Result<Vec<_>, _>>()?;
     let recipe = kiln_recipe::Recipe::load(recipe_path, &overrides)?;
     if recipe.data.format != kiln_recipe::CorpusFormat::Pairs {
@@ -142,7 +147,7 @@ pub fn bench_scale(recipe_path: &Path, sets: &[String], sizes: &[u64], steps: us
         }
     };
     std::fs::create_dir_all(&scratch)?;
-    let real = corpus::read_pairs(&[recipe.data.train.as_path()]).map_err(anyhow::Error::msg)?;
+    let real = corpus::read_pairs(&[recipe.data.train.main()]).map_err(anyhow::Error::msg)?;
     let mut rows = Vec::new();
     for &pairs in sizes {
         let corpus_path = scratch.join(format!("corpus-{pairs}.tsv"));
@@ -167,29 +172,30 @@ pub fn bench_scale(recipe_path: &Path, sets: &[String], sizes: &[u64], steps: us
         };
         let _ = std::fs::remove_dir_all(scratch.join(format!("run-{pairs}-cold")));
         let _ = std::fs::remove_dir_all(scratch.join(format!("run-{pairs}-warm")));
-        let cold = measure(&args("cold"))?;
+        let cold = measure(&binary, &args("cold"))?;
         eprintln!("  cold: prepared in {:.1} s, peak RssAnon {:.0} MB preparing, {:.0} MB training", cold.prepare_s, cold.prepare_anon_mb, cold.train_anon_mb);
-        let warm = measure(&args("warm"))?;
+        let warm = measure(&binary, &args("warm"))?;
         if cold.hit || !warm.hit {
             bail!("{}: expected a cold run then a cache hit", cache.display());
         }
         eprintln!("  warm: prepared in {:.2} s, peak RssAnon {:.0} MB preparing, {:.0} MB training", warm.prepare_s, warm.prepare_anon_mb, warm.train_anon_mb);
-        let (store_bytes, width, tokens) = store_shape(&cache)?;
-        rows.push(Row { pairs, corpus_mb: bytes as f64 / 1e6, cold, warm, store_mb: store_bytes as f64 / 1e6, width, tokens });
+        let store = store_shape(&cache)?;
+        rows.push(Row { pairs, corpus_mb: bytes as f64 / 1e6, cold, warm, store });
         // Corpora of 20 M pairs take gigabytes: only the last one is kept in a given scratch.
         let _ = std::fs::remove_file(&corpus_path);
         let _ = std::fs::remove_dir_all(&cache);
     }
     let (machine, commit, date) = crate::provenance(out);
     let mut section = format!(
-        "\n## Scale: {} — {date}\n\n{machine}, commit `{commit}`. `kiln bench data {} --scale …`: synthetic corpora recombined from the recipe's pairs (`benches/corpus.rs`, seed 1), {steps} training steps per run, a child process per run sampled every 20 ms. RssAnon = anonymous memory (heap); the mapped corpus and token store are file pages and do not count. VmHWM = peak of all resident memory, file pages included.\n\n\
+        "\n## Scale: {} — {date}\n\n{machine}, commit `{commit}`{}. `kiln bench data {} --scale …`: synthetic corpora recombined from the recipe's pairs (`benches/corpus.rs`, seed 1), {steps} training steps per run, a child process per run sampled every 20 ms. RssAnon = anonymous memory (heap); the mapped corpus and token store are file pages and do not count. VmHWM = peak of all resident memory, file pages included.\n\n\
 | pairs | corpus | cold prepare | pairs/s | RssAnon preparing | RssAnon training | VmHWM | warm prepare | RssAnon preparing | RssAnon training | store | bytes/token |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         recipe.name,
+        if binary == std::env::current_exe()? { String::new() } else { format!(", measuring `{}`", binary.display()) },
         recipe_path.display()
     );
     for r in &rows {
         section.push_str(&format!(
-            "| {} | {:.0} MB | {:.1} s | {} | {:.0} MB | {:.0} MB | {:.0} MB | {:.2} s | {:.0} MB | {:.0} MB | {:.0} MB ({} tokens, {}-bit ids) | {:.2} |\n",
+            "| {} | {:.0} MB | {:.1} s | {} | {:.0} MB | {:.0} MB | {:.0} MB | {:.2} s | {:.0} MB | {:.0} MB | {} |\n",
             kiln_views::progress::thousands(r.pairs as f64),
             r.corpus_mb,
             r.cold.prepare_s,
@@ -200,10 +206,10 @@ pub fn bench_scale(recipe_path: &Path, sets: &[String], sizes: &[u64], steps: us
             r.warm.prepare_s,
             r.warm.prepare_anon_mb,
             r.warm.train_anon_mb,
-            r.store_mb,
-            kiln_views::progress::thousands(r.tokens as f64),
-            r.width * 8,
-            r.store_mb * 1e6 / r.tokens.max(1) as f64,
+            match r.store {
+                Some((bytes, width, tokens)) => format!("{:.0} MB ({} tokens, {}-bit ids) | {:.2}", bytes as f64 / 1e6, kiln_views::progress::thousands(tokens as f64), width * 8, bytes as f64 / tokens.max(1) as f64),
+                None => "another build's entry | —".into(),
+            },
         ));
     }
     let walls: Vec<String> = rows.iter().map(|r| format!("{}: {:.0} s cold, {:.0} s warm", kiln_views::progress::thousands(r.pairs as f64), r.cold.wall_s, r.warm.wall_s)).collect();

@@ -182,6 +182,9 @@ enum BenchWhat {
         /// Where --scale makes its corpora, caches and runs (default: a temporary directory).
         #[arg(long)]
         scratch: Option<PathBuf>,
+        /// The kiln binary --scale measures (another build, for a before/after; default: this one).
+        #[arg(long)]
+        binary: Option<PathBuf>,
     },
     /// Training across processes: the same steps in one process with N CPU replicas and in N
     /// processes joined over loopback (`--nodes`); the all-reduces' share of training time.
@@ -454,8 +457,8 @@ fn main() -> ExitCode {
         Command::Sweep { recipe, grid, parallel, dir, metric } => experiments::sweep(&recipe, &grid, parallel as usize, dir.as_deref(), &metric),
         Command::Average { run_dir, last, checkpoints, ema, name } => experiments::average(&run_dir, last, checkpoints, ema, name.as_deref()),
         Command::Export { run_dir, format: _, out, checkpoint, weights } => experiments::export(&run_dir, out.as_deref(), checkpoint.as_deref(), |dir, c| weights.open(dir, c)),
-        Command::Bench { what: BenchWhat::Data { recipe, set, out, scale, steps, scratch } } if !scale.is_empty() => {
-            scale.iter().map(|s| bench_scale::parse_size(s)).collect::<anyhow::Result<Vec<_>>>().and_then(|sizes| bench_scale::bench_scale(&recipe, &set, &sizes, steps, scratch, &out))
+        Command::Bench { what: BenchWhat::Data { recipe, set, out, scale, steps, scratch, binary } } if !scale.is_empty() => {
+            scale.iter().map(|s| bench_scale::parse_size(s)).collect::<anyhow::Result<Vec<_>>>().and_then(|sizes| bench_scale::bench_scale(&recipe, &set, &sizes, steps, scratch, binary, &out))
         }
         Command::Bench { what: BenchWhat::Data { recipe, set, out, .. } } => bench_data(&recipe, &set, &out),
         Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),

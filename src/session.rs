@@ -60,7 +60,7 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
             result
         }
         None => {
-            let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout())).with(files);
+            let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()).live(std::io::stdout().is_terminal())).with(files);
             train(&mut sink)
         }
     };
@@ -89,7 +89,7 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
 /// SIGTERM a stop request.
 pub fn run_without_files(control: &Control, train: impl FnOnce(&mut (dyn EventSink + Send)) -> Result<Summary>) -> Result<Summary> {
     install_stop_signals(control);
-    let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()));
+    let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()).live(std::io::stdout().is_terminal()));
     train(&mut sink)
 }
 

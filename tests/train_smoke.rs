@@ -333,6 +333,68 @@ fn resume_continues_to_the_same_end() {
     assert_user_error(&o, &["model.d_model", "cannot change"]);
 }
 
+/// Three corpora mixed by weight (the Ding pairs, the Gospels at 0.5, Psalms and Proverbs at 2):
+/// each epoch draws each corpus its count, each corpus gets its own cache entry that a
+/// reweighting reuses, and a run stopped mid-epoch resumes to the unbroken run's very end.
+#[test]
+fn several_corpora_mix_by_weight_cache_apart_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let asset = |name: &str| root().join("assets").join(name).display().to_string();
+    let mix = |gospels: f64| {
+        format!(
+            "data.train=[{{ path = {:?} }}, {{ path = {:?}, weight = {gospels}, swap = true }}, {{ path = {:?}, weight = 2.0, swap = true }}]",
+            asset("de-en.ding.tsv"),
+            asset("en-de.bible.gospels.tsv"),
+            asset("en-de.bible.wisdom.tsv")
+        )
+    };
+    let cache_set = format!("loader.cache_dir={:?}", cache.display().to_string());
+    let half = mix(0.5);
+    let sets = [half.as_str(), "data.limit=300", "train.epochs=2", "eval.bleu=false", cache_set.as_str()];
+    let whole = dir.path().join("whole");
+    let o = train(&whole, &sets);
+    // Each corpus's pairs per epoch against its size (pairs past max_len dropped): once, half, twice.
+    let drawn = |out: &str| -> Vec<(String, f64, f64)> {
+        let line = out.lines().find(|l| l.contains("3 corpora mixed by weight, pairs per epoch: ")).unwrap_or_else(|| panic!("no mix note: {out}"));
+        line.split("pairs per epoch: ").nth(1).unwrap().split(", ").map(|part| {
+            let w: Vec<&str> = part.split(' ').collect();
+            (w[0].to_string(), w[1].parse().unwrap(), w[3].parse().unwrap())
+        }).collect()
+    };
+    let d = drawn(&stdout(&o));
+    assert_eq!(d.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(), ["de-en.ding.tsv", "en-de.bible.gospels.tsv", "en-de.bible.wisdom.tsv"]);
+    assert_eq!(d[0].1, d[0].2);
+    assert_eq!(d[1].1, (d[1].2 * 0.5).round());
+    assert_eq!(d[2].1, d[2].2 * 2.0);
+    assert!(d.iter().all(|x| x.2 > 50.0), "{d:?}");
+    let entries = || std::fs::read_dir(&cache).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "kds")).count();
+    assert_eq!(entries(), 3, "one entry per corpus");
+    let a = read_json(&whole.join("summary.json"));
+    assert!(f(&a["valid_loss"]).is_finite());
+
+    // Stopped mid-epoch, resumed: the same draws, batches and masks follow.
+    let mid = dir.path().join("mid");
+    train(&mid, &[&sets[..], &["train.max_steps=7"]].concat());
+    let o = kiln(&["train", "--resume", &mid.display().to_string(), "--set", "train.max_steps=0", "--no-tui"]);
+    assert!(o.status.success(), "resume failed: {}", stderr(&o));
+    let m = read_json(&mid.join("summary.json"));
+    assert_eq!((&m["steps"], &m["train_loss"], &m["valid_loss"]), (&a["steps"], &a["train_loss"], &a["valid_loss"]), "mid-epoch resume of a mixture must be exact");
+
+    // Reweighted: every corpus comes from the cache, nothing is encoded again; other draws. (The
+    // resume keyed the main corpus on its own tokenizer.json, an entry of its own; the further
+    // corpora's entries, keyed on the tokenizer's content, served it.)
+    assert_eq!(entries(), 4);
+    let once = mix(1.0);
+    let again = dir.path().join("reweighted");
+    let o = train(&again, &[once.as_str(), "data.limit=300", "train.epochs=1", "eval.bleu=false", cache_set.as_str()]);
+    assert!(!stdout(&o).contains("tokenizing"), "{}", stdout(&o));
+    let d = drawn(&stdout(&o));
+    assert_eq!(d[1].1, d[1].2, "the Gospels once per epoch now");
+    assert_eq!(entries(), 4);
+    assert_eq!(read_json(&again.join("summary.json"))["data"]["cache_hit"], true);
+}
+
 #[test]
 fn gradient_accumulation_halves_the_optimizer_steps_and_still_learns() {
     let dir = tempfile::tempdir().unwrap();

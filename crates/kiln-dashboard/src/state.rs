@@ -77,6 +77,7 @@ impl DashboardState {
                 self.windows.push(w.clone());
             }
             Event::EpochEnd { .. } => {}
+            Event::Progress(p) => self.note(format!("{} {}/{} {} ({:.0}%)", p.what, p.done, p.total, p.unit, 100.0 * p.done as f64 / p.total.max(1) as f64)),
             Event::Validation(v) => self.valids.push(v.clone()),
             Event::Checkpoint { step, path, .. } => self.last_checkpoint = Some((*step, path.clone())),
             Event::Rollback { step } => {

@@ -144,7 +144,8 @@ pub fn plan_batches_by(n: usize, lengths: impl Fn(usize) -> (usize, usize), sett
     let mut chunk_start = 0;
     for chunk in order.chunks_mut(pool) {
         if sort {
-            chunk.sort_by_key(|&i| {
+            // Each key computed once (stable, as `sort_by_key`): lengths come from the data's index.
+            chunk.sort_by_cached_key(|&i| {
                 let (s, t) = lengths(i as usize);
                 (s.max(t), t, s)
             });

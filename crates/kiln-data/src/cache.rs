@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use kiln_recipe::Recipe;
+use kiln_recipe::{Recipe, TrainFile, TrainFiles};
 
 use crate::store::{Ids, Store};
 use crate::DataError;
@@ -32,6 +32,9 @@ pub const EXTENSION: &str = "kds";
 /// Sizes of a store's splits, for `cache verify`.
 pub fn describe(store: &Store) -> String {
     let count = |name: &str| store.meta.held_out.iter().find(|(n, _)| n == name).map_or(0, |(_, t)| t.sources.len());
+    if store.meta.kind == "corpus" {
+        return format!("{} training pairs of a further corpus", store.pairs("train").map_or(0, |p| p.len()));
+    }
     if store.meta.kind == "text" {
         let len = |name: &str| store.tokens(name).map_or(0, |t| t.len());
         format!("{} train, {} valid, {} test tokens of text", len("train"), len("valid"), len("test"))
@@ -74,6 +77,15 @@ pub fn check_meaning(store: &Store, vocab_size: usize, max_len: usize) -> Result
         "text" => {
             for name in ["train", "valid", "test"] {
                 out_of_vocab(&format!("the {name} text"), store.tokens(name)?.ids())?;
+            }
+        }
+        "corpus" => {
+            let set = store.pairs("train")?;
+            out_of_vocab("the corpus", set.src.tokens().ids())?;
+            out_of_vocab("the corpus", set.tgt.tokens().ids())?;
+            if let Some(i) = (0..set.len()).find(|&i| set.src.len_of(i) > max_len || set.tgt.len_of(i) > max_len) {
+                let (s, t) = set.lengths(i);
+                return Err(format!("pair {} has {s} / {t} tokens, past data.max_len = {max_len}", i + 1));
             }
         }
         other => return Err(format!("unknown corpus kind {other:?}")),
@@ -119,7 +131,12 @@ pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, D
     h.update(env!("KILN_TOKENIZERS_VERSION").as_bytes());
     // Settings, without the paths (their content is hashed below, so moving a file still hits).
     let mut data = recipe.data.clone();
-    data.train = PathBuf::new();
+    // The main corpus alone: other corpora have entries of their own, and mixing them (weights,
+    // temperature) changes no stored id.
+    let main = recipe.data.train.files().first().cloned().unwrap_or_else(|| TrainFile::new(""));
+    data.swap = recipe.data.swap_of(&main);
+    data.train = TrainFiles::default();
+    data.temperature = 0.0;
     data.valid = PathBuf::new();
     data.test = PathBuf::new();
     let mut tok = recipe.tokenizer.clone();
@@ -129,11 +146,28 @@ pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, D
     tok.bpe_dropout = 0.0;
     h.update(toml::to_string(&data).expect("serialises").as_bytes());
     h.update(toml::to_string(&tok).expect("serialises").as_bytes());
-    hash_file(&mut h, "train", &recipe.data.train)?;
+    hash_file(&mut h, "train", &main.path)?;
     hash_file(&mut h, "valid", &recipe.data.valid)?;
     hash_file(&mut h, "test", &recipe.data.test)?;
     let tokenizer_path = tokenizer_file.map(Path::to_path_buf).unwrap_or_else(|| recipe.tokenizer.path.clone());
     hash_file(&mut h, "tokenizer", &tokenizer_path)?;
+    Ok(CacheKey(*h.finalize().as_bytes()))
+}
+
+/// The key of a further training corpus's entry: its content, the settings that change its ids,
+/// and the tokenizer that encodes it (the main corpus's), so adding or reweighting corpora reuses
+/// every other entry.
+pub fn corpus_key(recipe: &Recipe, file: &TrainFile, tokenizer_json: &str) -> Result<CacheKey, DataError> {
+    let mut h = blake3::Hasher::new();
+    h.update(MAGIC);
+    h.update(&FORMAT_VERSION.to_le_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(env!("KILN_DATA_CODE_HASH").as_bytes());
+    h.update(env!("KILN_TOKENIZERS_VERSION").as_bytes());
+    let d = &recipe.data;
+    h.update(format!("training corpus|{:?}|{:?}|{}|{}|{}", d.format, d.on_bad_line, d.max_len, d.limit, d.swap_of(file)).as_bytes());
+    h.update(blake3::hash(tokenizer_json.as_bytes()).as_bytes());
+    hash_file(&mut h, "train", &file.path)?;
     Ok(CacheKey(*h.finalize().as_bytes()))
 }
 
@@ -292,7 +326,7 @@ mod tests {
 
     fn recipe_for(corpus: &Path) -> Recipe {
         let mut r = Recipe::default();
-        r.data.train = corpus.to_path_buf();
+        r.data.train = corpus.into();
         r
     }
 

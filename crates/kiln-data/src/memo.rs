@@ -95,7 +95,7 @@ where
     let path = entry_path(dir, &key);
     let mut note = None;
     match read(&path, &key) {
-        Ok(Some(value)) => return Ok((value, CacheReport { hit: true, path: Some(path), note: None })),
+        Ok(Some(value)) => return Ok((value, CacheReport { hit: true, path: Some(path), ..Default::default() })),
         Ok(None) => {}
         Err(why) => note = Some(format!("{why}; rebuilt")),
     }
@@ -108,7 +108,7 @@ where
             None
         }
     };
-    Ok((value, CacheReport { hit: false, path, note }))
+    Ok((value, CacheReport { hit: false, path, note, ..Default::default() }))
 }
 
 fn read<T: DeserializeOwned>(path: &Path, key: &CacheKey) -> Result<Option<T>, String> {

@@ -16,11 +16,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_recipe::{CorpusFormat, Recipe};
+use kiln_recipe::{CorpusFormat, Recipe, TrainFile};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cache::{self, CacheKey};
+use crate::mix::MixCorpus;
 use crate::corpus::{read_parallel, read_text, MappedCorpus, Pair};
 use crate::split::held_out;
 use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Width};
@@ -53,6 +54,8 @@ pub struct Prepared {
     pub valid: EvalSet,
     pub test: EvalSet,
     pub text: Option<TextStreams>,
+    /// Further training corpora (`data.train` after the first), in recipe order.
+    pub mix: Vec<MixCorpus>,
     pub skipped_lines: usize,
     pub dropped_long: usize,
     pub prepare_s: f64,
@@ -79,6 +82,8 @@ pub struct CacheReport {
     pub path: Option<PathBuf>,
     /// A one-line notice: an unusable entry that was rebuilt, or an entry that could not be written.
     pub note: Option<String>,
+    /// Further training corpora that came from the cache.
+    pub corpora_hit: usize,
 }
 
 /// Where the tokenizer comes from: trained (then saved to `save_to`) or loaded.
@@ -91,8 +96,9 @@ pub enum TokenizerSource<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     TrainingTokenizer { sentences: usize },
-    /// Sentence pairs (or lines) encoded so far, of all splits.
-    Encoding { done: usize, total: usize },
+    /// Sentence pairs (or lines) of training corpus `corpus` (0: the main one, with its held-out
+    /// splits) encoded so far.
+    Encoding { corpus: usize, done: usize, total: usize },
 }
 
 /// Pairs (or lines) encoded per call into `tokenizers` (which spreads a call over all cores).
@@ -100,8 +106,138 @@ const ENCODE_CHUNK: usize = 8192;
 
 /// Prepares the data of a recipe, through the dataset cache in `cache_dir` when one is given
 /// (without one, the store is built in a private temporary directory and unlinked once mapped).
-/// `progress` hears about the slow stages (a cache hit has none).
+/// The main corpus first (held-out sets, tokenizer), then each further training corpus into a
+/// store of its own, encoded with the main corpus's tokenizer. `progress` hears about the slow
+/// stages (a cache hit has none).
 pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
+    let started = Instant::now();
+    let mut prepared = prepare_main(recipe, tokenizer, cache_dir, progress)?;
+    for (i, file) in recipe.data.train.extra().iter().enumerate() {
+        let (corpus, hit, note) = prepare_corpus(recipe, i + 1, file, &prepared.tokenizer, cache_dir, progress)?;
+        prepared.cache.corpora_hit += usize::from(hit);
+        if let Some(note) = note {
+            prepared.cache.note = Some(match prepared.cache.note.take() {
+                Some(first) => format!("{first}; {note}"),
+                None => note,
+            });
+        }
+        prepared.mix.push(corpus);
+    }
+    prepared.prepare_s = started.elapsed().as_secs_f64();
+    Ok(prepared)
+}
+
+/// Where a store is built: the cache, or a temporary directory (returned, to be dropped once the
+/// store is mapped) when there is no cache or it cannot be written — the run still has its data;
+/// the next one prepares again.
+fn build_dir(cache_dir: Option<&Path>, note: &mut Option<String>) -> Result<(PathBuf, Option<tempfile::TempDir>), DataError> {
+    let probe = |dir: &Path| -> Result<(), String> {
+        std::fs::create_dir_all(dir).and_then(|_| tempfile::tempfile_in(dir)).map(drop).map_err(|e| format!("{}: cannot write the cache directory: {e}", dir.display()))
+    };
+    if let Some(dir) = cache_dir {
+        match probe(dir) {
+            Ok(()) => return Ok((dir.to_path_buf(), None)),
+            Err(why) => *note = Some(format!("dataset cache: {why}")),
+        }
+    }
+    let t = tempfile::Builder::new().prefix("kiln-store-").tempdir().map_err(|e| DataError::new("loader.cache_dir", format!("cannot create a temporary directory for the token store: {e}")))?;
+    Ok((t.path().to_path_buf(), Some(t)))
+}
+
+/// A key for a store that is never looked up (no cache).
+fn private_key(what: &str) -> CacheKey {
+    CacheKey(*blake3::hash(format!("{what}:{}:{:?}", std::process::id(), std::time::SystemTime::now()).as_bytes()).as_bytes())
+}
+
+/// A further training corpus: from the cache, or encoded into a store of its own. Returns the
+/// corpus, whether it came from the cache, and a note about an unusable entry.
+fn prepare_corpus(recipe: &Recipe, index: usize, file: &TrainFile, tokenizer: &SubwordTokenizer, cache_dir: Option<&Path>, progress: &dyn Fn(Stage)) -> Result<(MixCorpus, bool, Option<String>), DataError> {
+    let origin = file.path.display().to_string();
+    let vocab = tokenizer.vocab_size();
+    let from = |store: &Store| -> Result<MixCorpus, String> {
+        if store.meta.kind != "corpus" {
+            return Err(format!("holds a {} entry, not a further corpus", store.meta.kind));
+        }
+        cache::check_meaning(store, vocab, recipe.data.max_len)?;
+        Ok(MixCorpus { origin: origin.clone(), pairs: store.pairs("train")?, dropped_long: store.meta.dropped_long as usize, skipped_lines: store.meta.skipped_lines as usize })
+    };
+    let key = match cache_dir {
+        Some(_) => cache::corpus_key(recipe, file, &tokenizer.to_json())?,
+        None => private_key(&origin),
+    };
+    let mut note = None;
+    if let Some(dir) = cache_dir {
+        let path = cache::entry_path(dir, &key);
+        match cache::load(dir, &key) {
+            Ok(Some(store)) => match from(&store) {
+                Ok(corpus) => return Ok((corpus, true, None)),
+                Err(why) => note = Some(format!("dataset cache: {}: {why}; rebuilding it", path.display())),
+            },
+            Ok(None) => {}
+            Err(why) => note = Some(format!("dataset cache: {why}; rebuilding it")),
+        }
+    }
+    let (dir, temp) = build_dir(cache_dir, &mut note)?;
+    let path = cache::entry_path(&dir, &key);
+    let store = build_corpus(recipe, index, file, tokenizer, &dir, &key, &path, progress)?;
+    let corpus = from(&store).map_err(|why| DataError::new(path.display().to_string(), why))?;
+    drop(temp);
+    Ok((corpus, false, note))
+}
+
+/// Encodes every pair of a further training corpus into a store (no held-out sets; pairs past
+/// `data.max_len` dropped and counted).
+#[allow(clippy::too_many_arguments)]
+fn build_corpus(recipe: &Recipe, index: usize, file: &TrainFile, tokenizer: &SubwordTokenizer, dir: &Path, key: &CacheKey, path: &Path, progress: &dyn Fn(Stage)) -> Result<Store, DataError> {
+    let d = &recipe.data;
+    let swap = d.swap_of(file);
+    let corpus = MappedCorpus::open(&file.path)?;
+    let mut lines = corpus.pairs(d.on_bad_line, d.limit);
+    let mut total = 0usize;
+    for pair in lines.by_ref() {
+        pair?;
+        total += 1;
+    }
+    let skipped = lines.skipped;
+    if total == 0 {
+        return Err(DataError::new(&corpus.origin, "corpus has no sentence pairs"));
+    }
+    let err = write_err(path);
+    let mut store = StoreWriter::new(dir, key, Width::for_vocab(tokenizer.vocab_size())).map_err(&err)?;
+    let (mut src_table, mut tgt_table) = (store.table("train.src").map_err(&err)?, store.table("train.tgt").map_err(&err)?);
+    let (mut kept, mut dropped_long, mut done) = (0usize, 0usize, 0usize);
+    let mut chunk: Vec<&str> = Vec::with_capacity(2 * ENCODE_CHUNK);
+    let mut pairs = corpus.pairs(d.on_bad_line, d.limit).peekable();
+    while pairs.peek().is_some() {
+        chunk.clear();
+        for pair in pairs.by_ref() {
+            let (s, t) = pair?;
+            chunk.extend(if swap { [t, s] } else { [s, t] });
+            if chunk.len() >= 2 * ENCODE_CHUNK {
+                break;
+            }
+        }
+        for ids in tokenizer.encode_batch(&chunk)?.chunks(2) {
+            if ids[0].len() <= d.max_len && ids[1].len() <= d.max_len {
+                store.push(&mut src_table, &ids[0]).map_err(&err)?;
+                store.push(&mut tgt_table, &ids[1]).map_err(&err)?;
+                kept += 1;
+            } else {
+                dropped_long += 1;
+            }
+        }
+        done += chunk.len() / 2;
+        progress(Stage::Encoding { corpus: index, done, total });
+    }
+    if kept == 0 {
+        return Err(DataError::new(&corpus.origin, format!("every pair is longer than data.max_len = {} tokens", d.max_len)));
+    }
+    let meta = StoreMeta { kind: "corpus".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, dropped_long: dropped_long as u64, ..Default::default() };
+    store.finish(meta, key, path).map(|(_, s)| s).map_err(err)
+}
+
+/// The main corpus: held-out sets, tokenizer, training pairs.
+fn prepare_main(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Option<&Path>, progress: &dyn Fn(Stage)) -> Result<Prepared, DataError> {
     let started = Instant::now();
     let (run_tokenizer, resuming) = match tokenizer {
         TokenizerSource::TrainAndSave(p) => (p, false),
@@ -110,7 +246,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
     let mut report = CacheReport::default();
     let key = match cache_dir {
         Some(_) => cache::key(recipe, resuming.then_some(run_tokenizer))?,
-        None => CacheKey(*blake3::hash(format!("{}:{:?}", std::process::id(), started).as_bytes()).as_bytes()),
+        None => private_key("main"),
     };
     if let Some(dir) = cache_dir {
         match cache::load(dir, &key) {
@@ -123,7 +259,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
                                 .map_err(|e| DataError::new(run_tokenizer.display().to_string(), format!("cannot write tokenizer: {e}")))?;
                         }
                         prepared.prepare_s = started.elapsed().as_secs_f64();
-                        prepared.cache = CacheReport { hit: true, path: Some(path), note: None };
+                        prepared.cache = CacheReport { hit: true, path: Some(path), note: None, corpora_hit: 0 };
                         return Ok(prepared);
                     }
                     Err(why) => report.note = Some(format!("dataset cache: {}: {why}; rebuilding it", path.display())),
@@ -133,28 +269,7 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
             Err(why) => report.note = Some(format!("dataset cache: {why}; rebuilding it")),
         }
     }
-    // The store is built where it will live: the cache, or a temporary directory when there is
-    // no cache or it cannot be written (the run still has its data; the next one prepares again).
-    let mut temp = None;
-    let probe = |dir: &Path| -> Result<(), String> {
-        std::fs::create_dir_all(dir).and_then(|_| tempfile::tempfile_in(dir)).map(drop).map_err(|e| format!("{}: cannot write the cache directory: {e}", dir.display()))
-    };
-    let writable = cache_dir.and_then(|dir| match probe(dir) {
-        Ok(()) => Some(dir.to_path_buf()),
-        Err(why) => {
-            report.note = Some(format!("dataset cache: {why}"));
-            None
-        }
-    });
-    let dir = match writable {
-        Some(d) => d,
-        None => {
-            let t = tempfile::Builder::new().prefix("kiln-store-").tempdir().map_err(|e| DataError::new("loader.cache_dir", format!("cannot create a temporary directory for the token store: {e}")))?;
-            let d = t.path().to_path_buf();
-            temp = Some(t);
-            d
-        }
-    };
+    let (dir, temp) = build_dir(cache_dir, &mut report.note)?;
     let path = cache::entry_path(&dir, &key);
     let source = if resuming { TokenizerSource::Load(run_tokenizer) } else { TokenizerSource::TrainAndSave(run_tokenizer) };
     let store = match recipe.data.format {
@@ -162,11 +277,11 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
         CorpusFormat::Text => build_text(recipe, source, &dir, &key, &path, progress)?,
     };
     let mut prepared = from_store(&store, recipe).map_err(|why| DataError::new(path.display().to_string(), why))?;
-    // A temporary store is unlinked now; its mapping lives on until the run ends.
-    drop(temp);
-    if cache_dir.is_some() && report.note.is_none() {
+    if temp.is_none() {
         report.path = Some(path);
     }
+    // A temporary store is unlinked now; its mapping lives on until the run ends.
+    drop(temp);
     prepared.cache = report;
     prepared.prepare_s = started.elapsed().as_secs_f64();
     Ok(prepared)
@@ -184,6 +299,7 @@ fn from_store(store: &Store, recipe: &Recipe) -> Result<Prepared, String> {
         valid,
         test,
         text,
+        mix: Vec::new(),
         skipped_lines: store.meta.skipped_lines as usize,
         dropped_long: store.meta.dropped_long as usize,
         prepare_s: 0.0,
@@ -269,8 +385,11 @@ fn write_err(path: &Path) -> impl Fn(String) -> DataError + '_ {
 
 fn build_pairs(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &CacheKey, path: &Path, progress: &dyn Fn(Stage)) -> Result<Store, DataError> {
     let d = &recipe.data;
-    let orient = |(s, t): (&str, &str)| -> (String, String) { if d.swap { (t.to_string(), s.to_string()) } else { (s.to_string(), t.to_string()) } };
-    let corpus = MappedCorpus::open(&d.train)?;
+    // The main corpus's orientation (its own `swap`, else `data.swap`) holds for the held-out files.
+    let main = d.train.files().first().ok_or_else(|| DataError::new("data.train", "no corpus"))?;
+    let swap = d.swap_of(main);
+    let orient = |(s, t): (&str, &str)| -> (String, String) { if swap { (t.to_string(), s.to_string()) } else { (s.to_string(), t.to_string()) } };
+    let corpus = MappedCorpus::open(&main.path)?;
     // Pass 1: count (and check) the good pairs.
     let mut lines = corpus.pairs(d.on_bad_line, d.limit);
     let mut n = 0usize;
@@ -324,7 +443,7 @@ fn build_pairs(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &C
         let mut cursor = (0, 0);
         for (i, pair) in corpus.pairs(d.on_bad_line, d.limit).enumerate() {
             let (s, t) = pair?;
-            let (s, t) = if d.swap { (t, s) } else { (s, t) };
+            let (s, t) = if swap { (t, s) } else { (s, t) };
             match split_of(&mut cursor, i) {
                 1 => valid_pairs.push((s.to_string(), t.to_string())),
                 2 => test_pairs.push((s.to_string(), t.to_string())),
@@ -369,10 +488,10 @@ fn build_pairs(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &C
         if split_of(&mut cursor, i) != 0 {
             continue;
         }
-        chunk.extend(if d.swap { [t, s] } else { [s, t] });
+        chunk.extend(if swap { [t, s] } else { [s, t] });
         if chunk.len() >= 2 * ENCODE_CHUNK {
             flush(&mut chunk, &mut store)?;
-            progress(Stage::Encoding { done, total });
+            progress(Stage::Encoding { corpus: 0, done, total });
         }
     }
     flush(&mut chunk, &mut store)?;
@@ -397,14 +516,14 @@ fn build_pairs(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &C
         let (sources, references) = pairs.iter().cloned().unzip();
         held_text.push((name.to_string(), HeldOutText { sources, references }));
     }
-    progress(Stage::Encoding { done, total });
+    progress(Stage::Encoding { corpus: 0, done, total });
     let meta = StoreMeta { kind: "pairs".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, dropped_long: dropped_long as u64, held_out: held_text, ..Default::default() };
     store.finish(meta, key, path).map(|(_, s)| s).map_err(err)
 }
 
 fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &CacheKey, path: &Path, progress: &dyn Fn(Stage)) -> Result<Store, DataError> {
     let d = &recipe.data;
-    let corpus = MappedCorpus::open(&d.train)?;
+    let corpus = MappedCorpus::open(d.train.main())?;
     // Pass 1: count (and check) the lines.
     let mut lines = corpus.lines(d.on_bad_line, d.limit);
     let (mut n, mut any_text) = (0usize, false);
@@ -480,7 +599,7 @@ fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &Ca
             lengths[which] += out.len();
             store.append(section, &out).map_err(&err)?;
             done += chunk.len();
-            progress(Stage::Encoding { done, total });
+            progress(Stage::Encoding { corpus: 0, done, total });
         }
         Ok(())
     };
@@ -505,7 +624,7 @@ mod tests {
     fn shakespeare_recipe(dir: &Path) -> Recipe {
         let mut r = Recipe::default();
         r.data.format = CorpusFormat::Text;
-        r.data.train = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/shakespeare.txt")).to_path_buf();
+        r.data.train = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/shakespeare.txt")).into();
         r.data.limit = 3000;
         r.data.valid_size = 200;
         r.data.test_size = 100;
@@ -525,7 +644,7 @@ mod tests {
         assert!(cold.train.is_empty() && cold.valid.examples.is_empty());
         assert_eq!(cold.store.width, Width::U16, "500 ids fit 16 bits");
         let text = cold.text.clone().unwrap();
-        let lines: Vec<String> = std::fs::read_to_string(&r.data.train).unwrap().lines().take(3000).map(|l| l.trim_end().to_string()).collect();
+        let lines: Vec<String> = std::fs::read_to_string(r.data.train.main()).unwrap().lines().take(3000).map(|l| l.trim_end().to_string()).collect();
         // One `</s>` per line; held-out lines are the contiguous tail (test last).
         let ends = |s: &crate::Tokens| s.ids().iter().filter(|&t| t == EOS).count();
         assert_eq!((ends(&text.train), ends(&text.valid), ends(&text.test)), (2700, 200, 100));

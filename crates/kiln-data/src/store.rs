@@ -301,17 +301,40 @@ pub trait PairIds: Send + Sync {
     fn pair_count(&self) -> usize;
     fn src_ids(&self, i: usize) -> Ids<'_>;
     fn tgt_ids(&self, i: usize) -> Ids<'_>;
+    /// (source, target) lengths of pair `i`, without specials.
+    fn pair_lengths(&self, i: usize) -> (usize, usize) {
+        (self.src_ids(i).len(), self.tgt_ids(i).len())
+    }
 }
 
 impl PairIds for PairSet {
     fn pair_count(&self) -> usize {
         self.len()
     }
+    /// From the offsets alone: planning an epoch reads no ids.
+    fn pair_lengths(&self, i: usize) -> (usize, usize) {
+        self.lengths(i)
+    }
     fn src_ids(&self, i: usize) -> Ids<'_> {
         self.src(i)
     }
     fn tgt_ids(&self, i: usize) -> Ids<'_> {
         self.tgt(i)
+    }
+}
+
+impl<T: PairIds + ?Sized> PairIds for Arc<T> {
+    fn pair_count(&self) -> usize {
+        (**self).pair_count()
+    }
+    fn pair_lengths(&self, i: usize) -> (usize, usize) {
+        (**self).pair_lengths(i)
+    }
+    fn src_ids(&self, i: usize) -> Ids<'_> {
+        (**self).src_ids(i)
+    }
+    fn tgt_ids(&self, i: usize) -> Ids<'_> {
+        (**self).tgt_ids(i)
     }
 }
 

@@ -314,6 +314,18 @@ impl DataReport {
     }
 }
 
+/// How far a slow step before training is (reading and tokenizing a corpus): a live bar on a
+/// terminal, a line now and then elsewhere, nothing in the run's log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// What is being done, e.g. "tokenizing de-en.tsv".
+    pub what: String,
+    pub done: u64,
+    pub total: u64,
+    /// The unit counted, e.g. "pairs".
+    pub unit: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     RunStarted(RunInfo),
@@ -321,6 +333,8 @@ pub enum Event {
     Data(DataReport),
     /// Free-form information for humans (data sizes, skipped lines, resume point…).
     Note(String),
+    /// Progress of a slow step before training.
+    Progress(Progress),
     Window(WindowRow),
     EpochEnd { epoch: usize, step: usize, train_loss: f64 },
     Validation(ValidRow),

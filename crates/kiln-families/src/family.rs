@@ -10,7 +10,7 @@ use burn::tensor::{Int, Tensor};
 use kiln_data::batching::{plan_batches_by, BatchSettings};
 use kiln_data::loader::{pair_jobs, Job};
 use kiln_data::text::{blocks_per_batch, eval_blocks, plan_blocks, train_blocks, HostBlocks};
-use kiln_data::{mix_seed, BatchPlan, HostBatch, Ids, PairIds, PairSet, Prepared, Regulariser, Tokens, BOS, EOS, PAD};
+use kiln_data::{epoch_counts, mix_seed, BatchPlan, MixedEpoch, HostBatch, Ids, PairIds, PairSet, Prepared, Regulariser, Tokens, BOS, EOS, PAD};
 use kiln_model::{label_smoothed_loss, DecoderLm, LmConfig, Seq2Seq, Seq2SeqConfig};
 use kiln_recipe::Recipe;
 
@@ -200,7 +200,10 @@ pub fn batch_settings(recipe: &Recipe, batches: Batches) -> BatchSettings {
 /// Batches of epoch `epoch` (0-based): a pure function of the data, the recipe and the epoch.
 /// Lengths come from the data's index (a store's offsets), never from a copied list.
 pub fn epoch_batches(train: &dyn PairIds, recipe: &Recipe, epoch: usize) -> BatchPlan {
-    let lengths = |i: usize| (train.src_ids(i).len() + 1, train.tgt_ids(i).len() + 1);
+    let lengths = |i: usize| {
+        let (s, t) = train.pair_lengths(i);
+        (s + 1, t + 1)
+    };
     plan_batches_by(train.pair_count(), lengths, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
@@ -212,11 +215,28 @@ pub fn epoch_blocks(len: usize, recipe: &Recipe, epoch: usize) -> Vec<Vec<usize>
     plan_blocks(starts, block, batch_settings(recipe, Batches::Train), Some(mix_seed(recipe.train.seed, 1, epoch as u64)))
 }
 
+/// Pairs of each training corpus (main first), and what every epoch draws from each.
+fn mix_counts(data: &Prepared, recipe: &Recipe) -> (Vec<usize>, Vec<usize>) {
+    let sizes: Vec<usize> = std::iter::once(data.train.len()).chain(data.mix.iter().map(|c| c.pairs.len())).collect();
+    let weights: Vec<f64> = recipe.data.train.files().iter().map(|f| f.weight).collect();
+    let counts = epoch_counts(&sizes, &weights, recipe.data.temperature);
+    (sizes, counts)
+}
+
+/// Training pairs an epoch draws: the main corpus's, or what the mixture draws from every corpus.
+pub fn epoch_pairs(data: &Prepared, recipe: &Recipe) -> usize {
+    if recipe.data.train.is_mix() { mix_counts(data, recipe).1.iter().sum() } else { data.train.len() }
+}
+
 /// Sentence pairs in token-budget batches. Subword regularisation gives every epoch its own
 /// segmentations of the training examples, drawn from (seed, epoch, example); without it every
-/// epoch shares the prepared ids.
+/// epoch shares the prepared ids. Several corpora (`data.train` with weights or
+/// `data.temperature`) are drawn into each epoch by `kiln_data::mix`.
 pub struct PairData {
     examples: Arc<PairSet>,
+    /// Further corpora, and the counts each epoch draws from every corpus (main first); `None`
+    /// for one corpus at weight 1, which trains on its pairs as they are.
+    mix: Option<(Vec<Arc<PairSet>>, Vec<usize>)>,
     regulariser: Option<Regulariser>,
     recipe: Recipe,
 }
@@ -225,7 +245,32 @@ impl PairData {
     /// `recipe` as the run uses it (its `loader.max_tokens` probed already where it was "auto").
     pub fn new(data: &Prepared, recipe: &Recipe) -> Result<Self, kiln_data::DataError> {
         let regulariser = Regulariser::new(&data.tokenizer, &recipe.tokenizer)?;
-        Ok(Self { examples: Arc::new(data.train.clone()), regulariser, recipe: recipe.clone() })
+        let mix = if recipe.data.train.is_mix() {
+            let sets: Vec<Arc<PairSet>> = data.mix.iter().map(|c| Arc::new(c.pairs.clone())).collect();
+            let (sizes, counts) = mix_counts(data, recipe);
+            if sizes.iter().sum::<usize>() > u32::MAX as usize || counts.iter().sum::<usize>() > u32::MAX as usize {
+                return Err(kiln_data::DataError::new("data.train", format!("{} pairs in all corpora, {} per epoch: kiln indexes at most {} pairs", sizes.iter().sum::<usize>(), counts.iter().sum::<usize>(), u32::MAX)));
+            }
+            Some((sets, counts))
+        } else {
+            None
+        };
+        Ok(Self { examples: Arc::new(data.train.clone()), mix, regulariser, recipe: recipe.clone() })
+    }
+
+    /// A line for the log when corpora are mixed: what each epoch draws from each.
+    pub fn mix_note(&self, data: &Prepared) -> Option<String> {
+        let (_, counts) = self.mix.as_ref()?;
+        let files = self.recipe.data.train.files();
+        let sizes = std::iter::once(data.train.len()).chain(data.mix.iter().map(|c| c.pairs.len()));
+        let parts: Vec<String> = files
+            .iter()
+            .zip(sizes)
+            .zip(counts)
+            .map(|((f, n), c)| format!("{} {c} of {n}", f.path.file_name().map_or_else(|| f.path.display().to_string(), |x| x.to_string_lossy().into_owned())))
+            .collect();
+        let how = if self.recipe.data.temperature > 0.0 { format!("temperature {}", self.recipe.data.temperature) } else { "by weight".into() };
+        Some(format!("{} corpora mixed {how}, pairs per epoch: {}", counts.len(), parts.join(", ")))
     }
 
     /// A line for the log when every epoch draws new segmentations.
@@ -237,9 +282,20 @@ impl PairData {
     }
 
     fn epoch_examples(&self, epoch: usize) -> Arc<dyn PairIds> {
-        match &self.regulariser {
-            None => Arc::clone(&self.examples) as Arc<dyn PairIds>,
-            Some(r) => Arc::new(r.epoch(&self.examples, mix_seed(self.recipe.train.seed, 3, epoch as u64), self.recipe.data.max_len)),
+        let seed = mix_seed(self.recipe.train.seed, 3, epoch as u64);
+        // Corpus 0 is the main one, resampled as it always was; the others with seeds of their own.
+        let resampled = |set: &Arc<PairSet>, corpus: u64| -> Arc<dyn PairIds> {
+            match &self.regulariser {
+                None => Arc::clone(set) as Arc<dyn PairIds>,
+                Some(r) => Arc::new(r.epoch(set, if corpus == 0 { seed } else { mix_seed(seed, 7, corpus) }, self.recipe.data.max_len)),
+            }
+        };
+        match &self.mix {
+            None => resampled(&self.examples, 0),
+            Some((others, counts)) => {
+                let sets: Vec<Arc<dyn PairIds>> = std::iter::once(&self.examples).chain(others).enumerate().map(|(i, s)| resampled(s, i as u64)).collect();
+                Arc::new(MixedEpoch::draw(sets, counts, self.recipe.train.seed, epoch).expect("the corpora's sizes were checked when the data was made"))
+            }
         }
     }
 }
@@ -261,7 +317,7 @@ impl<B: Backend> TrainData<B> for PairData {
     }
 
     fn examples(&self) -> usize {
-        self.examples.len()
+        self.mix.as_ref().map_or(self.examples.len(), |(_, counts)| counts.iter().sum())
     }
 }
 
@@ -339,7 +395,7 @@ impl<B: AutodiffBackend> Task<B> for TranslationTask {
 
     fn info(&self) -> TaskInfo {
         let d = &self.data;
-        TaskInfo { vocab_size: d.tokenizer.vocab_size(), train_examples: d.train.len(), valid_examples: d.valid.examples.len(), test_label: format!("{} pairs", d.test.examples.len()) }
+        TaskInfo { vocab_size: d.tokenizer.vocab_size(), train_examples: epoch_pairs(d, &self.recipe), valid_examples: d.valid.examples.len(), test_label: format!("{} pairs", d.test.examples.len()) }
     }
 
     fn architecture(&self) -> Option<Architecture> {

@@ -205,22 +205,19 @@ fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Ar
     let tokenizer_path = run_dir.join("tokenizer.json");
     let source = if launch.resume.is_some() { TokenizerSource::Load(&tokenizer_path) } else { TokenizerSource::TrainAndSave(&tokenizer_path) };
     let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
-    // Progress of slow preparations, as notes: at most one line every two seconds, after the first.
-    let started = std::time::Instant::now();
-    let last = std::cell::Cell::new(0.0f64);
+    // Progress of slow preparations: the views decide how often to show it.
     let sink = std::cell::RefCell::new(sink);
+    let unit = if recipe.data.format == kiln_recipe::CorpusFormat::Text { "lines" } else { "pairs" };
     let progress = |stage: kiln_data::Stage| {
-        let t = started.elapsed().as_secs_f64();
-        let line = match stage {
-            kiln_data::Stage::TrainingTokenizer { sentences } => format!("training the tokenizer on {sentences} sentences…"),
-            kiln_data::Stage::Encoding { done, total } if t - last.get() >= 2.0 || (done == total && t > 1.0) => {
-                format!("tokenizing {done}/{total} {} ({:.0}%)", if recipe.data.format == kiln_recipe::CorpusFormat::Text { "lines" } else { "pairs" }, 100.0 * done as f64 / total.max(1) as f64)
+        let event = match stage {
+            kiln_data::Stage::TrainingTokenizer { sentences } => Event::Note(format!("training the tokenizer on {sentences} sentences…")),
+            kiln_data::Stage::Encoding { corpus, done, total } => {
+                let file = recipe.data.train.files().get(corpus).map(|f| f.path.file_name().map_or_else(|| f.path.display().to_string(), |n| n.to_string_lossy().into_owned())).unwrap_or_default();
+                Event::Progress(kiln_events::Progress { what: format!("tokenizing {file}"), done: done as u64, total: total as u64, unit: unit.into() })
             }
-            kiln_data::Stage::Encoding { .. } => return,
         };
-        last.set(t);
         // A failing log sink surfaces at the next note the trainer sends.
-        let _ = sink.borrow_mut().emit(&Event::Note(line));
+        let _ = sink.borrow_mut().emit(&event);
     };
     let data = kiln_data::prepare(recipe, source, cache_dir, &progress).map_err(|e| anyhow!("{e}"))?;
     let sink = sink.into_inner();
@@ -230,11 +227,15 @@ fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Ar
     let report = kiln_events::DataReport {
         sizes: match &data.text {
             Some(t) => format!("{} train, {} valid, {} test tokens of text", t.train.len(), t.valid.len(), t.test.len()),
-            None => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
+            None if data.mix.is_empty() => format!("{} train, {} valid, {} test pairs", data.train.len(), data.valid.examples.len(), data.test.examples.len()),
+            None => {
+                let more: usize = data.mix.iter().map(|c| c.pairs.len()).sum();
+                format!("{} train (+ {more} in {} more corpora), {} valid, {} test pairs", data.train.len(), data.mix.len(), data.valid.examples.len(), data.test.examples.len())
+            }
         },
         vocab_size: data.tokenizer.vocab_size(),
-        dropped_long: data.dropped_long,
-        skipped_lines: data.skipped_lines,
+        dropped_long: data.dropped_long + data.mix.iter().map(|c| c.dropped_long).sum::<usize>(),
+        skipped_lines: data.skipped_lines + data.mix.iter().map(|c| c.skipped_lines).sum::<usize>(),
         cache: match (&data.cache.path, data.cache.hit) {
             (Some(_), true) => kiln_events::CacheUse::Hit,
             (Some(_), false) => kiln_events::CacheUse::Miss,
@@ -396,6 +397,9 @@ fn node_agreement(recipe: &Recipe, data: &kiln_data::Prepared) -> [u8; 32] {
             h.update(format!("[{section}]{t}").as_bytes());
         }
     }
+    // The corpora's paths are left out above, not how they are mixed.
+    let mixing: Vec<(f64, Option<bool>)> = recipe.data.train.files().iter().map(|f| (f.weight, f.swap)).collect();
+    h.update(format!("{mixing:?}").as_bytes());
     let loader = &recipe.loader;
     h.update(format!("{:?}|{}|{}|{}", loader.max_tokens, loader.max_sentences, loader.bucket_pool, recipe.backend.devices.len().max(1)).as_bytes());
     h.update(data.tokenizer.to_json().as_bytes());
@@ -411,9 +415,11 @@ fn node_agreement(recipe: &Recipe, data: &kiln_data::Prepared) -> [u8; 32] {
             }
         }
     };
-    for i in 0..data.train.len() {
-        ids(data.train.src(i));
-        ids(data.train.tgt(i));
+    for set in std::iter::once(&data.train).chain(data.mix.iter().map(|c| &c.pairs)) {
+        for i in 0..set.len() {
+            ids(set.src(i));
+            ids(set.tgt(i));
+        }
     }
     for e in data.valid.examples.iter().chain(&data.test.examples) {
         ids(kiln_data::Ids::U32(&e.src));

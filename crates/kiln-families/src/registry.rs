@@ -75,8 +75,8 @@ impl Family for Translation {
         };
         let data_for = |r: &kiln_recipe::Recipe| {
             let pairs = PairData::new(&data, r).map_err(|e| anyhow!("{e}"))?;
-            let note = pairs.regularisation_note();
-            Ok((pairs, note))
+            let notes: Vec<String> = [pairs.mix_note(&data), pairs.regularisation_note()].into_iter().flatten().collect();
+            Ok((pairs, (!notes.is_empty()).then(|| notes.join("; "))))
         };
         run.fit(|r| TranslationTask::new(Arc::clone(&data), r.clone()), model, &lengths, &probe_batch, data_for, sink)
     }

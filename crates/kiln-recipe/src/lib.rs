@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod corpora;
+pub use corpora::{TrainFile, TrainFiles};
+
 pub mod device;
 pub use device::{DeviceSpec, WgpuAdapter, DEVICE_FORMS};
 
@@ -168,8 +171,12 @@ pub struct DataSection {
     /// `pairs` (TSV) or `text` (plain text for language models).
     pub format: CorpusFormat,
     /// The corpus: TSV of `source<TAB>target` lines, or plain text; split into train/valid/test
-    /// unless `valid` is set.
-    pub train: PathBuf,
+    /// unless `valid` is set. Sentence pairs may name several corpora mixed by weight
+    /// ([`corpora`]); the first is the main one.
+    pub train: TrainFiles,
+    /// Several corpora: > 0 samples each epoch's pairs ∝ corpus size^(1/temperature) instead of
+    /// by the weights (0 = by the weights).
+    pub temperature: f64,
     /// Explicit validation file; empty = carve `valid_size` pairs out of `train`.
     pub valid: PathBuf,
     /// Explicit test file; empty = carve `test_size` pairs out of `train` (when `valid` is empty).
@@ -190,11 +197,19 @@ pub struct DataSection {
     pub block_size: usize,
 }
 
+impl DataSection {
+    /// Whether `file`'s columns are swapped (its own `swap`, else `data.swap`).
+    pub fn swap_of(&self, file: &TrainFile) -> bool {
+        file.swap.unwrap_or(self.swap)
+    }
+}
+
 impl Default for DataSection {
     fn default() -> Self {
         Self {
             format: CorpusFormat::Pairs,
-            train: PathBuf::new(),
+            train: TrainFiles::default(),
+            temperature: 0.0,
             valid: PathBuf::new(),
             test: PathBuf::new(),
             valid_size: 500,
@@ -666,8 +681,23 @@ impl Recipe {
             plain_name(&self.name).map_err(|why| ("name".to_string(), why))?;
         }
         let d = &self.data;
-        if d.train.as_os_str().is_empty() {
+        if d.train.is_empty() {
             return Err(("data.train".into(), "expected a path to a TSV corpus, got nothing".into()));
+        }
+        for (i, f) in d.train.files().iter().enumerate() {
+            if f.path.as_os_str().is_empty() {
+                return Err(("data.train".into(), format!("corpus {} has no path", i + 1)));
+            }
+            if !(f.weight.is_finite() && f.weight > 0.0) {
+                return Err(("data.train".into(), format!("{}: expected a weight > 0, got {}", f.path.display(), f.weight)));
+            }
+            if d.temperature > 0.0 && f.weight != 1.0 {
+                return Err(("data.temperature".into(), format!("set either data.temperature or weights in data.train, not both ({} has weight {})", f.path.display(), f.weight)));
+            }
+        }
+        in_range("data.temperature", d.temperature, 0.0, f64::INFINITY, false, true)?;
+        if d.train.is_mix() && d.format == CorpusFormat::Text {
+            return Err(("data.train".into(), "several corpora or weights are for sentence pairs; a text corpus is one file".into()));
         }
         positive("data.max_len", d.max_len)?;
         if d.valid.as_os_str().is_empty() {
@@ -857,7 +887,9 @@ impl Recipe {
                 *p = std::path::absolute(&joined).unwrap_or(joined);
             }
         };
-        abs(&mut self.data.train);
+        for f in self.data.train.files_mut() {
+            abs(&mut f.path);
+        }
         abs(&mut self.data.valid);
         abs(&mut self.data.test);
         abs(&mut self.tokenizer.path);

@@ -1,19 +1,61 @@
 //! One plain line per sync window, in the style of YOLOv5's and fairseq's logs:
 //! `epoch 3/10 | step 420/1400 | loss 4.812 | 12,345 tok/s | lr 4.2e-04 | sync 0.3 ms (avg 0.2, 42 syncs)`.
+//!
+//! Progress before training (tokenizing a corpus) is a bar redrawn in place on a terminal; into
+//! a file or a pipe it is a line at every further tenth, or after ten quiet seconds, so a corpus
+//! of any size logs about a dozen lines.
 
 use std::io::Write;
+use std::time::{Duration, Instant};
 
-use kiln_events::{Event, EventSink};
+use kiln_events::{Event, EventSink, Progress};
 
 pub struct ProgressLine<W: Write> {
     out: W,
     epochs: usize,
     total_steps: usize,
+    /// Redraw progress in place (a terminal) instead of printing lines.
+    live: bool,
+    /// A bar is drawn and its line not yet ended.
+    bar_open: bool,
+    /// The last progress line printed: its step, its fraction done, when.
+    last_progress: Option<(String, f64, Instant)>,
 }
 
 impl<W: Write> ProgressLine<W> {
     pub fn new(out: W) -> Self {
-        Self { out, epochs: 0, total_steps: 0 }
+        Self { out, epochs: 0, total_steps: 0, live: false, bar_open: false, last_progress: None }
+    }
+
+    /// Progress as a bar redrawn in place (`out` is a terminal).
+    pub fn live(mut self, live: bool) -> Self {
+        self.live = live;
+        self
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        let fraction = p.done as f64 / p.total.max(1) as f64;
+        let finished = p.done >= p.total;
+        let figures = format!("{}/{} {} ({:.0}%)", thousands(p.done as f64), thousands(p.total as f64), p.unit, 100.0 * fraction);
+        if self.live {
+            let filled = (fraction.clamp(0.0, 1.0) * 30.0).round() as usize;
+            let _ = write!(self.out, "\r\x1b[2Kkiln | {} [{}{}] {figures}", p.what, "#".repeat(filled), "-".repeat(30 - filled));
+            self.bar_open = !finished;
+            if finished {
+                let _ = writeln!(self.out);
+            }
+            let _ = self.out.flush();
+            return;
+        }
+        let due = match &self.last_progress {
+            Some((what, last, at)) if *what == p.what => finished || fraction - last >= 0.1 || at.elapsed() >= Duration::from_secs(10),
+            _ => true,
+        };
+        if due {
+            self.last_progress = Some((p.what.clone(), fraction, Instant::now()));
+            let _ = writeln!(self.out, "kiln | {} {figures}", p.what);
+            let _ = self.out.flush();
+        }
     }
 }
 
@@ -32,7 +74,15 @@ pub fn thousands(x: f64) -> String {
 
 impl<W: Write + Send> EventSink for ProgressLine<W> {
     fn emit(&mut self, event: &Event) -> Result<(), String> {
+        if let Event::Progress(p) = event {
+            self.progress(p);
+            return Ok(());
+        }
+        if std::mem::take(&mut self.bar_open) {
+            let _ = writeln!(self.out);
+        }
         let line = match event {
+            Event::Progress(_) => unreachable!("handled above"),
             Event::RunStarted(info) => {
                 self.epochs = info.epochs;
                 self.total_steps = info.total_steps;
@@ -136,6 +186,39 @@ fn extras(w: &kiln_events::WindowRow) -> String {
 mod tests {
     use super::*;
     use kiln_events::{SyncStats, WindowRow};
+
+    fn progress(done: u64, total: u64) -> Event {
+        Event::Progress(Progress { what: "tokenizing c.tsv".into(), done, total, unit: "pairs".into() })
+    }
+
+    /// Into a file: a line per further tenth (and the last), whatever the number of updates;
+    /// on a terminal: one bar redrawn in place, its line ended when done or when a line follows.
+    #[test]
+    fn progress_is_a_line_per_tenth_or_a_bar_in_place() {
+        let mut buf = Vec::new();
+        {
+            let mut p = ProgressLine::new(&mut buf);
+            for done in (0..=1000).step_by(7).chain([1000]) {
+                p.emit(&progress(done, 1000)).unwrap();
+            }
+        }
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 11, "{text}");
+        assert_eq!(lines[0], "kiln | tokenizing c.tsv 0/1,000 pairs (0%)");
+        assert_eq!(*lines.last().unwrap(), "kiln | tokenizing c.tsv 1,000/1,000 pairs (100%)");
+        let mut buf = Vec::new();
+        {
+            let mut p = ProgressLine::new(&mut buf).live(true);
+            p.emit(&progress(250, 1000)).unwrap();
+            p.emit(&Event::Note("a note".into())).unwrap();
+            p.emit(&progress(1000, 1000)).unwrap();
+        }
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text.matches('\r').count(), 2, "{text:?}");
+        assert!(text.starts_with("\r\x1b[2Kkiln | tokenizing c.tsv [########----------------------] 250/1,000 pairs (25%)\nkiln | a note\n"), "{text:?}");
+        assert!(text.ends_with("(100%)\n"), "{text:?}");
+    }
 
     #[test]
     fn window_line_carries_the_figures() {

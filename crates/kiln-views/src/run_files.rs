@@ -101,7 +101,8 @@ impl EventSink for RunFiles {
                 *self = Self::open(&self.dir)?;
                 self.line("rollback", &serde_json::json!({ "step": step }))
             }
-            Event::EpochEnd { .. } => Ok(()),
+            // Progress is for people watching; the log keeps the data report that follows it.
+            Event::EpochEnd { .. } | Event::Progress(_) => Ok(()),
         }
     }
 }
