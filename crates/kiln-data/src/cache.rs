@@ -120,15 +120,21 @@ fn hash_file(h: &mut blake3::Hasher, role: &str, path: &Path) -> Result<(), Data
     Ok(())
 }
 
-/// The key of a recipe's prepared data. `tokenizer_file` overrides `tokenizer.path` (a resumed run
-/// keys on its own `tokenizer.json`).
-pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, DataError> {
+/// A hasher primed with what every key shares: the format and the code that makes tokens.
+fn code_hasher() -> blake3::Hasher {
     let mut h = blake3::Hasher::new();
     h.update(MAGIC);
     h.update(&FORMAT_VERSION.to_le_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(env!("KILN_DATA_CODE_HASH").as_bytes());
     h.update(env!("KILN_TOKENIZERS_VERSION").as_bytes());
+    h
+}
+
+/// The key of a recipe's prepared data. `tokenizer_file` overrides `tokenizer.path` (a resumed run
+/// keys on its own `tokenizer.json`).
+pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, DataError> {
+    let mut h = code_hasher();
     // Settings, without the paths (their content is hashed below, so moving a file still hits).
     let mut data = recipe.data.clone();
     // The main corpus alone: other corpora have entries of their own, and mixing them (weights,
@@ -158,12 +164,7 @@ pub fn key(recipe: &Recipe, tokenizer_file: Option<&Path>) -> Result<CacheKey, D
 /// and the tokenizer that encodes it (the main corpus's), so adding or reweighting corpora reuses
 /// every other entry.
 pub fn corpus_key(recipe: &Recipe, file: &TrainFile, tokenizer_json: &str) -> Result<CacheKey, DataError> {
-    let mut h = blake3::Hasher::new();
-    h.update(MAGIC);
-    h.update(&FORMAT_VERSION.to_le_bytes());
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
-    h.update(env!("KILN_DATA_CODE_HASH").as_bytes());
-    h.update(env!("KILN_TOKENIZERS_VERSION").as_bytes());
+    let mut h = code_hasher();
     let d = &recipe.data;
     h.update(format!("training corpus|{:?}|{:?}|{}|{}|{}", d.format, d.on_bad_line, d.max_len, d.limit, d.swap_of(file)).as_bytes());
     h.update(blake3::hash(tokenizer_json.as_bytes()).as_bytes());

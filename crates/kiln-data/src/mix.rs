@@ -10,9 +10,7 @@
 //! corpora laid end to end (four bytes per drawn pair); the pairs themselves stay in their
 //! stores, read where they lie. Batching shuffles and buckets it as any pair set.
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
+use crate::split::Sampler;
 use crate::store::{Ids, PairIds, PairSet};
 use crate::{mix_seed, DataError};
 
@@ -58,19 +56,9 @@ impl<S: PairIds> MixedEpoch<S> {
             for _ in 0..count / n {
                 order.extend((0..n as u32).map(|j| base + j));
             }
-            // The rest: selection sampling (Knuth's S), seeded per epoch and corpus.
-            let (mut want, mut left) = (count % n, n);
-            let mut rng = StdRng::seed_from_u64(mix_seed(seed, 6, mix_seed(epoch as u64, i as u64, 0)));
-            for j in 0..n as u32 {
-                if want == 0 {
-                    break;
-                }
-                if rng.random_range(0..left) < want {
-                    order.push(base + j);
-                    want -= 1;
-                }
-                left -= 1;
-            }
+            // The rest: a selection sample, seeded per epoch and corpus.
+            let mut rest = Sampler::new(count % n, n, mix_seed(seed, 6, mix_seed(epoch as u64, i as u64, 0)));
+            order.extend((0..n as u32).filter(|_| rest.keep()).map(|j| base + j));
         }
         Ok(MixedEpoch { sets, starts, order })
     }

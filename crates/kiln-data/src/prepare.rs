@@ -17,13 +17,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kiln_recipe::{CorpusFormat, Recipe, TrainFile};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use crate::cache::{self, CacheKey};
 use crate::mix::MixCorpus;
 use crate::corpus::{read_parallel, read_text, MappedCorpus, Pair};
-use crate::split::held_out;
+use crate::split::{held_out, Sampler};
 use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Width};
 use crate::text::TextStreams;
 use crate::tokenizer::{SubwordTokenizer, EOS};
@@ -343,32 +341,6 @@ fn obtain_tokenizer(recipe: &Recipe, source: TokenizerSource<'_>, train_texts: &
 /// Whether the tokenizer is trained here (so a sample of the training text is needed).
 fn trains_tokenizer(recipe: &Recipe, source: &TokenizerSource<'_>) -> bool {
     matches!(source, TokenizerSource::TrainAndSave(_)) && recipe.tokenizer.path.as_os_str().is_empty()
-}
-
-/// Selection sampling (Knuth's algorithm S): keeps `want` of `population` items met in order,
-/// each set of `want` equally likely, in one pass and O(1) state; keeps all when `want` ≥
-/// `population`. The kept items stay in file order.
-struct Sampler {
-    rng: StdRng,
-    want: usize,
-    left: usize,
-}
-
-impl Sampler {
-    fn new(want: usize, population: usize, seed: u64) -> Sampler {
-        Sampler { rng: StdRng::seed_from_u64(seed), want: want.min(population), left: population }
-    }
-    fn keep(&mut self) -> bool {
-        if self.left == 0 {
-            return false;
-        }
-        let take = self.want > 0 && (self.want == self.left || self.rng.random_range(0..self.left) < self.want);
-        self.left -= 1;
-        if take {
-            self.want -= 1;
-        }
-        take
-    }
 }
 
 /// How many of `population` items (each `per_item` sentences) the tokenizer trains on.

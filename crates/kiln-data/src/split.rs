@@ -5,7 +5,8 @@
 //! shuffle (rand 0.9's forward Fisher–Yates, `IncreasingUniform`) keeping only the first
 //! `valid + test` positions, so a corpus of any size costs O(valid + test) memory and the split
 //! is the one [`split_indices`] gives (a test compares them). `IncreasingUniform` is private to
-//! rand, so its few lines are repeated here (rand is MIT/Apache-2.0).
+//! rand, so its few lines are repeated here (rand is MIT/Apache-2.0). [`Sampler`] draws a
+//! seeded sample of a stream in one pass (the tokenizer's sentences, a mixture's partial corpus).
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -66,6 +67,32 @@ pub fn held_out(n: usize, valid: usize, test: usize, seed: u64) -> HeldOut {
     t.sort_unstable();
     v.sort_unstable();
     HeldOut { valid: v, test: t }
+}
+
+/// Selection sampling (Knuth's algorithm S): keeps `want` of `population` items met in order,
+/// each set of `want` equally likely, in one pass and O(1) state; keeps all when `want` ≥
+/// `population`. The kept items stay in file order.
+pub(crate) struct Sampler {
+    rng: StdRng,
+    want: usize,
+    left: usize,
+}
+
+impl Sampler {
+    pub(crate) fn new(want: usize, population: usize, seed: u64) -> Sampler {
+        Sampler { rng: StdRng::seed_from_u64(seed), want: want.min(population), left: population }
+    }
+    pub(crate) fn keep(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        let take = self.want > 0 && (self.want == self.left || self.rng.random_range(0..self.left) < self.want);
+        self.left -= 1;
+        if take {
+            self.want -= 1;
+        }
+        take
+    }
 }
 
 /// A number in `[0, n]`, `n` growing by one per call, several drawn from one random `u32`:
