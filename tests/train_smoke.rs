@@ -395,6 +395,44 @@ fn several_corpora_mix_by_weight_cache_apart_and_resume_exactly() {
     assert_eq!(read_json(&again.join("summary.json"))["data"]["cache_hit"], true);
 }
 
+/// Named validation sets: each validated every time under its name (metrics.jsonl, the progress
+/// line, summary.json, `kiln compare`), with chrF next to BLEU; `train.best_set` makes the best
+/// checkpoint follow one of them; an unknown name is refused naming the key.
+#[test]
+fn named_dev_sets_are_validated_under_their_names_and_can_pick_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let bible = root().join("assets/en-de.bible.wisdom.tsv");
+    // 40 verses, German→English as the smoke recipe translates.
+    let dev = dir.path().join("wisdom-40.tsv");
+    let lines: Vec<String> = std::fs::read_to_string(&bible).unwrap().lines().take(40).map(|l| {
+        let (en, de) = l.split_once('\t').unwrap();
+        format!("{de}\t{en}")
+    }).collect();
+    std::fs::write(&dev, lines.join("\n") + "\n").unwrap();
+    let sets = format!("eval.sets=[{{ name = \"wisdom\", path = {:?} }}]", dev.display().to_string());
+    let run = dir.path().join("run");
+    let o = train(&run, &[sets.as_str(), "train.best_set=wisdom", "eval.bleu_sentences=10"]);
+    let out = stdout(&o);
+    assert!(out.contains("valid wisdom | epoch 1 |") && out.contains("valid wisdom | epoch 2 |"), "{out}");
+    let rows = read_jsonl(&run.join("metrics.jsonl"));
+    let named: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "valid" && r["set"] == "wisdom").collect();
+    let main: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "valid" && r["set"].is_null()).collect();
+    assert_eq!((named.len(), main.len()), (2, 2), "one row per set and validation");
+    assert!(named.iter().all(|r| f(&r["loss"]).is_finite() && r["bleu"].is_number() && r["metrics"]["chrf"].is_number()), "{named:?}");
+    assert_ne!(named[1]["loss"], main[1]["loss"], "another set, other figures");
+    let s = read_json(&run.join("summary.json"));
+    assert_eq!(s["dev"]["wisdom"]["loss"], named[1]["loss"]);
+    assert_eq!(s["valid_loss"], main[1]["loss"], "valid_loss stays the main set's");
+    // The best checkpoint is the one with the lower loss on the named set.
+    let best = named.iter().map(|r| f(&r["loss"])).fold(f64::INFINITY, f64::min);
+    assert_eq!(f(&s["best"]["value"]), best, "{s}");
+    let o = kiln(&["compare", &run.display().to_string(), &run.display().to_string()]);
+    assert!(stdout(&o).contains("best wisdom loss"), "{}", stdout(&o));
+    // A name that is not a set is refused, naming the key.
+    let o = kiln(&["train", &smoke(), "--set", "train.best_set=news", "--run-dir", &dir.path().join("bad").display().to_string(), "--no-tui"]);
+    assert_user_error(&o, &["train.best_set", "news"]);
+}
+
 #[test]
 fn gradient_accumulation_halves_the_optimizer_steps_and_still_learns() {
     let dir = tempfile::tempdir().unwrap();

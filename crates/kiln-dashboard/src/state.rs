@@ -78,6 +78,11 @@ impl DashboardState {
             }
             Event::EpochEnd { .. } => {}
             Event::Progress(p) => self.note(format!("{} {}/{} {} ({:.0}%)", p.what, p.done, p.total, p.unit, 100.0 * p.done as f64 / p.total.max(1) as f64)),
+            // The chart follows the main validation set; a named set's figures are a note.
+            Event::Validation(v) if v.set.is_some() => {
+                let name = v.set.as_deref().unwrap_or_default();
+                self.note(format!("valid {name} | step {} | loss {:.4} | bleu {}", v.step, v.loss, v.bleu.map(|b| format!("{b:.2}")).unwrap_or_else(|| "-".into())))
+            }
             Event::Validation(v) => self.valids.push(v.clone()),
             Event::Checkpoint { step, path, .. } => self.last_checkpoint = Some((*step, path.clone())),
             Event::Rollback { step } => {

@@ -56,7 +56,7 @@ impl std::error::Error for DataError {}
 pub use augment::Regulariser;
 pub use batching::{plan_batches, plan_batches_by, BatchPlan, HostBatch};
 pub use corpus::{read_parallel, Pair};
-pub use prepare::{prepare, CacheReport, EvalSet, Example, Prepared, Stage, StoreInfo, TokenizerSource};
+pub use prepare::{prepare, CacheReport, DevData, EvalSet, Example, Prepared, Stage, StoreInfo, TokenizerSource};
 pub use store::{Ids, PairIds, PairSet, Tokens, Width};
 pub use mix::{epoch_counts, MixCorpus, MixedEpoch};
 pub use text::{HostBlocks, TextStreams};

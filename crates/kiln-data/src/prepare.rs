@@ -16,13 +16,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use kiln_recipe::{CorpusFormat, Recipe, TrainFile};
+use kiln_recipe::{CorpusFormat, DevSet, Recipe, TrainFile};
 
 use crate::cache::{self, CacheKey};
 use crate::mix::MixCorpus;
 use crate::corpus::{read_parallel, read_text, MappedCorpus, Pair};
 use crate::split::{held_out, Sampler};
-use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Width};
+use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Tokens, Width};
 use crate::text::TextStreams;
 use crate::tokenizer::{SubwordTokenizer, EOS};
 use crate::{mix_seed, DataError};
@@ -54,11 +54,22 @@ pub struct Prepared {
     pub text: Option<TextStreams>,
     /// Further training corpora (`data.train` after the first), in recipe order.
     pub mix: Vec<MixCorpus>,
+    /// Named validation sets (`eval.sets`), in recipe order.
+    pub dev: Vec<DevData>,
     pub skipped_lines: usize,
     pub dropped_long: usize,
     pub prepare_s: f64,
     pub cache: CacheReport,
     pub store: StoreInfo,
+}
+
+/// A named validation set, encoded with the run's tokenizer: pairs (ids truncated to
+/// `data.max_len`, text kept for BLEU) or a text stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DevData {
+    pub name: String,
+    pub pairs: EvalSet,
+    pub text: Option<Tokens>,
 }
 
 /// The store's shape on disk, for reports.
@@ -121,8 +132,43 @@ pub fn prepare(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Optio
         }
         prepared.mix.push(corpus);
     }
+    // Named validation sets are a few thousand lines: encoded every run, in one call each.
+    for set in &recipe.eval.sets {
+        prepared.dev.push(encode_dev(recipe, set, &prepared.tokenizer)?);
+    }
     prepared.prepare_s = started.elapsed().as_secs_f64();
     Ok(prepared)
+}
+
+/// Reads and encodes a named validation set in the corpus's format.
+fn encode_dev(recipe: &Recipe, set: &DevSet, tokenizer: &SubwordTokenizer) -> Result<DevData, DataError> {
+    let d = &recipe.data;
+    match d.format {
+        CorpusFormat::Text => {
+            let lines = read_text(&set.path, d.on_bad_line, 0)?.lines;
+            let mut stream = Vec::new();
+            for ids in tokenizer.encode_batch(&lines.iter().map(String::as_str).collect::<Vec<_>>())? {
+                stream.extend(ids);
+                stream.push(EOS);
+            }
+            if stream.len() < 2 {
+                return Err(DataError::new(set.path.display().to_string(), "the validation text has no tokens to predict"));
+            }
+            Ok(DevData { name: set.name.clone(), pairs: EvalSet::default(), text: Some(Tokens::from_ids(&stream)) })
+        }
+        CorpusFormat::Pairs => {
+            let swap = set.swap.unwrap_or_else(|| d.train.files().first().is_some_and(|f| d.swap_of(f)));
+            let pairs = read_parallel(&set.path, d.on_bad_line, 0)?.pairs;
+            let (sources, references): (Vec<String>, Vec<String>) = pairs.into_iter().map(|p| if swap { (p.target, p.source) } else { (p.source, p.target) }).unzip();
+            let texts: Vec<&str> = sources.iter().zip(&references).flat_map(|(s, t)| [s.as_str(), t.as_str()]).collect();
+            let examples = tokenizer
+                .encode_batch(&texts)?
+                .chunks(2)
+                .map(|ids| Example { src: ids[0][..ids[0].len().min(d.max_len)].to_vec(), tgt: ids[1][..ids[1].len().min(d.max_len)].to_vec() })
+                .collect();
+            Ok(DevData { name: set.name.clone(), pairs: EvalSet { examples, sources, references }, text: None })
+        }
+    }
 }
 
 /// Where a store is built: the cache, or a temporary directory (returned, to be dropped once the
@@ -298,6 +344,7 @@ fn from_store(store: &Store, recipe: &Recipe) -> Result<Prepared, String> {
         test,
         text,
         mix: Vec::new(),
+        dev: Vec::new(),
         skipped_lines: store.meta.skipped_lines as usize,
         dropped_long: store.meta.dropped_long as usize,
         prepare_s: 0.0,

@@ -125,6 +125,9 @@ pub struct ValidRow {
     /// The task's own validation metrics, by name (absent when it has none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// The named validation set (`eval.sets`) these figures are of; absent for the main one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set: Option<String>,
 }
 
 /// Final figures (`summary.json`).
@@ -167,6 +170,9 @@ pub struct Summary {
     /// (`train.ema_decay`).
     #[serde(default)]
     pub ema: bool,
+    /// Figures of each named validation set (`eval.sets`) at the last validation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dev: BTreeMap<String, EvalFigures>,
 }
 
 /// The best checkpoint of a run by its `train.best_metric`.

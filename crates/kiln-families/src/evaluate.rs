@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use kiln_data::batching::plan_batches;
 use kiln_data::{EvalSet, Example, HostBatch, SubwordTokenizer, PAD};
-use kiln_metrics::BleuStats;
+use kiln_metrics::{BleuStats, ChrfStats};
 use kiln_model::seq2seq::BeamSettings;
 use kiln_model::{label_smoothed_loss, Seq2Seq};
 use kiln_recipe::Recipe;
@@ -74,13 +74,15 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
     };
     let bleu = if recipe.eval.bleu && !set.examples.is_empty() {
         let n = if recipe.eval.bleu_sentences == 0 { set.examples.len() } else { recipe.eval.bleu_sentences.min(set.examples.len()) };
-        let mut stats = BleuStats::default();
+        let (mut stats, mut chrf) = (BleuStats::default(), ChrfStats::default());
         if recipe.eval.beam > 1 {
             let sources: Vec<&[u32]> = set.examples[..n].iter().map(|e| e.src.as_slice()).collect();
             for (hyp, reference) in beam_translate(model, &sources, recipe, beam_settings(recipe), device).iter().zip(&set.references) {
-                stats.add(&tokenizer.decode(hyp), reference);
+                let text = tokenizer.decode(hyp);
+                stats.add(&text, reference);
+                chrf.add(&text, reference);
             }
-            return EvalFigures { loss, ppl: loss.exp(), bleu: Some(stats.score()), metrics: Default::default() };
+            return EvalFigures { loss, ppl: loss.exp(), bleu: Some(stats.score()), metrics: [("chrf".to_string(), chrf.score())].into() };
         }
         for batch in eval_batches(set, recipe, n) {
             let b = HostBatch::build(&set.examples, &batch);
@@ -91,12 +93,16 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
             let flat: Vec<i64> = out.into_data().iter::<i64>().collect();
             for (row, &i) in batch.iter().enumerate() {
                 let hyp: Vec<u32> = flat[row * cols..(row + 1) * cols].iter().map(|&t| t as u32).collect();
-                stats.add(&tokenizer.decode(&hyp), &set.references[i]);
+                let text = tokenizer.decode(&hyp);
+                stats.add(&text, &set.references[i]);
+                chrf.add(&text, &set.references[i]);
             }
         }
-        Some(stats.score())
+        Some((stats.score(), chrf.score()))
     } else {
         None
     };
-    EvalFigures { loss, ppl: loss.exp(), bleu, metrics: Default::default() }
+    // chrF (character 6-grams, β 2) next to BLEU: kinder to short sentences and small models.
+    let metrics = bleu.map(|(_, chrf)| [("chrf".to_string(), chrf)].into()).unwrap_or_default();
+    EvalFigures { loss, ppl: loss.exp(), bleu: bleu.map(|(b, _)| b), metrics }
 }

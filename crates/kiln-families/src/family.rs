@@ -393,6 +393,15 @@ impl<B: AutodiffBackend> Task<B> for TranslationTask {
         }
     }
 
+    fn named_sets(&self) -> Vec<String> {
+        self.data.dev.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn evaluate_named(&self, model: &Seq2Seq<B::InnerBackend>, name: &str, device: &B::Device) -> Option<EvalFigures> {
+        let set = self.data.dev.iter().find(|s| s.name == name)?;
+        Some(evaluate(model, &set.pairs, &self.data.tokenizer, &self.recipe, device))
+    }
+
     fn info(&self) -> TaskInfo {
         let d = &self.data;
         TaskInfo { vocab_size: d.tokenizer.vocab_size(), train_examples: epoch_pairs(d, &self.recipe), valid_examples: d.valid.examples.len(), test_label: format!("{} pairs", d.test.examples.len()) }
@@ -435,6 +444,15 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
     fn evaluate(&self, model: &DecoderLm<B::InnerBackend>, split: Split, device: &B::Device) -> Option<EvalFigures> {
         let stream = self.stream(split);
         (stream.len() > 1).then(|| evaluate_lm(model, stream, &self.recipe, device))
+    }
+
+    fn named_sets(&self) -> Vec<String> {
+        self.data.dev.iter().map(|s| s.name.clone()).collect()
+    }
+
+    fn evaluate_named(&self, model: &DecoderLm<B::InnerBackend>, name: &str, device: &B::Device) -> Option<EvalFigures> {
+        let stream = self.data.dev.iter().find(|s| s.name == name)?.text.as_ref()?;
+        Some(evaluate_lm(model, stream.ids(), &self.recipe, device))
     }
 
     fn info(&self) -> TaskInfo {

@@ -464,6 +464,9 @@ pub struct TrainSection {
     pub patience: usize,
     /// What "best" means for `checkpoints/best` and for `patience`.
     pub best_metric: BestMetric,
+    /// The validation set `best_metric` is read on: "" (or "valid") the main one, else the name
+    /// of one of `eval.sets`.
+    pub best_set: String,
 }
 
 impl Default for TrainSection {
@@ -495,6 +498,7 @@ impl Default for TrainSection {
             ema_decay: 0.0,
             patience: 0,
             best_metric: BestMetric::ValidLoss,
+            best_set: String::new(),
         }
     }
 }
@@ -542,11 +546,25 @@ pub struct EvalSection {
     pub beam: usize,
     /// GNMT length penalty α of those beam decodes.
     pub len_penalty: f64,
+    /// Named validation sets, each validated every time after the main one (`[[eval.sets]]`).
+    pub sets: Vec<DevSet>,
+}
+
+/// A named validation set: a file in the corpus's format (pairs in the main corpus's
+/// orientation, or text), validated with its own figures under its name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevSet {
+    pub name: String,
+    pub path: PathBuf,
+    /// Column 2 → column 1 for this file (default: the main corpus's orientation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap: Option<bool>,
 }
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10, beam: 1, len_penalty: 1.0 }
+        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10, beam: 1, len_penalty: 1.0, sets: Vec::new() }
     }
 }
 
@@ -868,6 +886,19 @@ impl Recipe {
             }
         }
         in_range("train.ema_decay", tr.ema_decay, 0.0, 1.0, false, true)?;
+        for (i, set) in self.eval.sets.iter().enumerate() {
+            plain_name(&set.name).map_err(|why| ("eval.sets".to_string(), format!("set {}: name: {why}", i + 1)))?;
+            if set.name == "valid" || set.name == "test" || self.eval.sets[..i].iter().any(|s| s.name == set.name) {
+                return Err(("eval.sets".into(), format!("set {}: the name {:?} is taken (\"valid\", \"test\" and every set's own)", i + 1, set.name)));
+            }
+            if set.path.as_os_str().is_empty() {
+                return Err(("eval.sets".into(), format!("set {:?} has no path", set.name)));
+            }
+        }
+        if !(tr.best_set.is_empty() || tr.best_set == "valid" || self.eval.sets.iter().any(|s| s.name == tr.best_set)) {
+            let names: Vec<String> = std::iter::once("valid".to_string()).chain(self.eval.sets.iter().map(|s| s.name.clone())).collect();
+            return Err(("train.best_set".into(), format!("expected one of {}, got {:?}", names.join(", "), tr.best_set)));
+        }
         if tr.best_metric == BestMetric::Bleu && !(self.eval.bleu && self.model.family == ModelFamily::Transformer) {
             return Err(("train.best_metric".into(), "\"bleu\" needs a translation model (model.family = \"transformer\") with eval.bleu = true".into()));
         }
@@ -893,6 +924,9 @@ impl Recipe {
         abs(&mut self.data.valid);
         abs(&mut self.data.test);
         abs(&mut self.tokenizer.path);
+        for set in &mut self.eval.sets {
+            abs(&mut set.path);
+        }
         // The cache belongs to where kiln runs, like `runs/`, not to the recipe's folder.
         let cache = &mut self.loader.cache_dir;
         if !cache.as_os_str().is_empty() && cache.is_relative() {
@@ -935,7 +969,7 @@ pub fn plain_name(name: &str) -> Result<(), String> {
 /// `train.accumulate` and `backend.devices`). Everything else shapes the model, the data or the
 /// tokens, and must be the run's own.
 pub const RESUMABLE_SECTIONS: [&str; 3] = ["train", "eval", "backend"];
-pub const FIXED_ON_RESUME: [&str; 4] = ["train.seed", "train.accumulate", "train.best_metric", "backend.devices"];
+pub const FIXED_ON_RESUME: [&str; 5] = ["train.seed", "train.accumulate", "train.best_metric", "train.best_set", "backend.devices"];
 
 /// Keys that may change when resuming a run (see [`RESUMABLE_SECTIONS`]).
 pub fn resumable_override(key: &str) -> bool {
@@ -1101,7 +1135,8 @@ mod tests {
             assert!(e.to_string().contains(needle), "{v}: {e}");
         }
         assert!(!resumable_override("backend.devices"), "a step's batch count hangs on it, like train.accumulate");
-        assert_eq!(resume_rule(), "only train.*, eval.* and backend.* keys, except train.seed, train.accumulate, train.best_metric and backend.devices");
+        assert!(!resumable_override("train.best_set"), "the best so far was measured on that set");
+        assert_eq!(resume_rule(), "only train.*, eval.* and backend.* keys, except train.seed, train.accumulate, train.best_metric, train.best_set and backend.devices");
     }
 
     #[test]
@@ -1140,6 +1175,27 @@ mod tests {
         assert!(e.message.contains("[0, 1)"), "{e}");
         let text = "[data]\ntrain = \"c.tsv\"\n[model]\nd_model = 100\nn_heads = 3\n";
         assert_eq!(Recipe::parse(text, "r.toml", &[]).unwrap_err().key, "model.n_heads");
+    }
+
+    /// Named validation sets and several training corpora: refused with the key at fault.
+    #[test]
+    fn dev_sets_and_corpora_are_checked() {
+        let base = "[data]\ntrain = \"c.tsv\"\n";
+        let err = |extra: &str| Recipe::parse(&format!("{base}{extra}"), "r.toml", &[]).err().map(|e| (e.key, e.message));
+        assert_eq!(err("[[eval.sets]]\nname = \"news\"\npath = \"n.tsv\"\n[train]\nbest_set = \"news\"\n"), None);
+        let (key, why) = err("[[eval.sets]]\nname = \"a\"\npath = \"a.tsv\"\n[[eval.sets]]\nname = \"a\"\npath = \"b.tsv\"\n").unwrap();
+        assert_eq!(key, "eval.sets");
+        assert!(why.contains("taken"), "{why}");
+        assert_eq!(err("[[eval.sets]]\nname = \"valid\"\npath = \"a.tsv\"\n").unwrap().0, "eval.sets");
+        assert_eq!(err("[[eval.sets]]\nname = \"a/b\"\npath = \"a.tsv\"\n").unwrap().0, "eval.sets");
+        let (key, why) = err("[train]\nbest_set = \"news\"\n").unwrap();
+        assert_eq!((key.as_str(), why.as_str()), ("train.best_set", "expected one of valid, got \"news\""));
+        let mixed = "[data]\ntrain = [\"a.tsv\", { path = \"b.tsv\", weight = 0.0 }]\n";
+        assert_eq!(Recipe::parse(mixed, "r.toml", &[]).unwrap_err().key, "data.train");
+        let both = "[data]\ntrain = [\"a.tsv\", { path = \"b.tsv\", weight = 2.0 }]\ntemperature = 2.0\n";
+        assert_eq!(Recipe::parse(both, "r.toml", &[]).unwrap_err().key, "data.temperature");
+        let text = "[data]\nformat = \"text\"\ntrain = [\"a.txt\", \"b.txt\"]\n[model]\nfamily = \"lm\"\n";
+        assert_eq!(Recipe::parse(text, "r.toml", &[]).unwrap_err().key, "data.train");
     }
 
     #[test]

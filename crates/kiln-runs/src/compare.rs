@@ -82,18 +82,26 @@ pub fn report(runs: &[RunRecord]) -> Result<String, String> {
     }
     out.push_str("\nfigures\n");
     let figure = |name: &str, f: &dyn Fn(&RunRecord) -> String| std::iter::once(name.to_string()).chain(runs.iter().map(f)).collect::<Vec<_>>();
-    let rows = vec![
+    let mut rows = vec![
         header(""),
         figure("status", &|r| r.status.name().into()),
         figure("steps", &|r| r.steps.to_string()),
         figure("best valid loss", &|r| opt(r.best_valid_loss, 4)),
         figure("best valid BLEU", &|r| opt(r.best_bleu, 2)),
+    ];
+    // Named validation sets, by name, in every run that has them.
+    let sets: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.best_dev.keys()).collect();
+    for name in sets {
+        rows.push(figure(&format!("best {name} loss"), &|r| opt(r.best_dev.get(name).and_then(|d| d.0), 4)));
+        rows.push(figure(&format!("best {name} BLEU"), &|r| opt(r.best_dev.get(name).and_then(|d| d.1), 2)));
+    }
+    rows.extend([
         figure("test loss", &|r| opt(r.summary.as_ref().and_then(|s| s.test.as_ref()).map(|t| t.loss), 4)),
         figure("test BLEU", &|r| opt(r.test_bleu, 2)),
         figure("tokens/s", &|r| r.tokens_per_s.map(|t| format!("{t:.0}")).unwrap_or_else(|| "-".into())),
         figure("wall", &|r| r.wall_s.map(duration).unwrap_or_else(|| "-".into())),
         figure("commit", &|r| if r.commit.is_empty() { "-".into() } else { r.commit.clone() }),
-    ];
+    ]);
     out.push_str(&indent(&align(&rows)));
     let epochs = runs.iter().flat_map(|r| r.valid.iter().map(|v| v.epoch)).max().unwrap_or(0);
     if epochs > 0 {

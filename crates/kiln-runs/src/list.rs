@@ -42,6 +42,8 @@ pub struct RunRecord {
     /// Lowest validation loss and highest validation BLEU of any validation.
     pub best_valid_loss: Option<f64>,
     pub best_bleu: Option<f64>,
+    /// The same, per named validation set (`eval.sets`).
+    pub best_dev: std::collections::BTreeMap<String, (Option<f64>, Option<f64>)>,
     /// BLEU of the final model on the test split (`summary.json`).
     pub test_bleu: Option<f64>,
     pub tokens_per_s: Option<f64>,
@@ -123,6 +125,7 @@ impl RunRecord {
             total_steps: 0,
             best_valid_loss: None,
             best_bleu: None,
+            best_dev: Default::default(),
             test_bleu: summary.as_ref().and_then(|s| s.test.as_ref()).and_then(|t| t.bleu),
             tokens_per_s: summary.as_ref().map(|s| s.tokens_per_s),
             wall_s: summary.as_ref().map(|s| s.wall_s),
@@ -143,6 +146,15 @@ impl RunRecord {
                 Event::Window(w) => {
                     record.steps = record.steps.max(w.step);
                     record.windows.push(w);
+                }
+                Event::Validation(v) if v.set.is_some() => {
+                    let (loss, bleu) = record.best_dev.entry(v.set.clone().unwrap_or_default()).or_default();
+                    if v.loss.is_finite() {
+                        *loss = Some(loss.map_or(v.loss, |b: f64| b.min(v.loss)));
+                    }
+                    if let Some(b) = v.bleu.filter(|b| b.is_finite()) {
+                        *bleu = Some(bleu.map_or(b, |x: f64| x.max(b)));
+                    }
                 }
                 Event::Validation(v) => {
                     if v.loss.is_finite() {

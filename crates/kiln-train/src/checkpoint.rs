@@ -40,6 +40,9 @@ pub struct TrainState {
     /// Seconds of training before this checkpoint (summed over resumed runs).
     pub wall_s: f64,
     pub last_valid: Option<ValidRow>,
+    /// The named validation sets' rows of the last validation (`eval.sets`).
+    #[serde(default)]
+    pub last_dev: Vec<ValidRow>,
     /// The run reached its end (all epochs or `max_steps`).
     pub finished: bool,
     /// The architecture the weights belong to: checked before loading them anywhere.
@@ -122,6 +125,7 @@ impl Default for TrainState {
             sync: SyncStats::default(),
             wall_s: 0.0,
             last_valid: None,
+            last_dev: Vec::new(),
             finished: false,
             architecture: None,
             files: Default::default(),
@@ -142,6 +146,15 @@ impl Default for TrainState {
 }
 
 impl TrainState {
+    /// The last validation's row of the set `best_set` names ("" or "valid": the main one).
+    pub fn chosen_valid(&self, best_set: &str) -> Option<&ValidRow> {
+        if best_set.is_empty() || best_set == "valid" {
+            self.last_valid.as_ref()
+        } else {
+            self.last_dev.iter().find(|r| r.set.as_deref() == Some(best_set))
+        }
+    }
+
     /// The state's digest: BLAKE3 of its canonical JSON (keys sorted, `integrity` left out).
     pub fn digest(&self) -> String {
         let mut state = self.clone();

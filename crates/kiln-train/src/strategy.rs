@@ -286,7 +286,7 @@ impl EventRenderer {
         let Some(epoch) = self.valid_epoch.take() else { return };
         let mut metrics = std::mem::take(&mut self.valid);
         let loss = metrics.remove("Loss").unwrap_or(f64::NAN);
-        self.emit(kiln_events::Event::Validation(kiln_events::ValidRow { epoch, step: self.step, loss, ppl: loss.exp(), bleu: None, metrics }));
+        self.emit(kiln_events::Event::Validation(kiln_events::ValidRow { epoch, step: self.step, loss, ppl: loss.exp(), bleu: None, metrics, set: None }));
     }
 }
 
@@ -388,6 +388,7 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
             early_stopped: false,
             best: None,
             ema: false,
+            dev: Default::default(),
         };
         self.emit(kiln_events::Event::Finished(summary));
         Ok(())

@@ -119,6 +119,16 @@ pub trait Task<B: AutodiffBackend>: Send + Sync + 'static {
     /// Figures on a held-out split, without dropout; `None` where the task has no such split.
     fn evaluate(&self, model: &ValidModel<B, Self>, split: Split, device: &B::Device) -> Option<EvalFigures>;
 
+    /// Names of further validation sets, each validated after the main one every time.
+    fn named_sets(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Figures on the named validation set `name`, without dropout.
+    fn evaluate_named(&self, _model: &ValidModel<B, Self>, _name: &str, _device: &B::Device) -> Option<EvalFigures> {
+        None
+    }
+
     fn info(&self) -> TaskInfo {
         TaskInfo::default()
     }

@@ -36,7 +36,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, NamedMpkFileRec
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use kiln_data::loader::Loader;
-use kiln_events::{Control, DataFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
+use kiln_events::{Control, DataFigures, EvalFigures, Event, EventSink, RunInfo, Summary, ValidRow, WindowRow};
 use kiln_recipe::{OnNan, Precision, TrainSection};
 
 use crate::checkpoint::{self, TrainState, STATE_FORMAT};
@@ -1074,21 +1074,29 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         if self.faults.pause_in_eval_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(self.faults.pause_in_eval_ms));
         }
-        let Some(valid) = self.task.evaluate(&self.learner.eval_model(), Split::Valid, &self.device) else {
+        let model = self.learner.eval_model();
+        let Some(valid) = self.task.evaluate(&model, Split::Valid, &self.device) else {
             return Ok(());
         };
-        let row = ValidRow { epoch: epoch + 1, step: self.state.step, loss: valid.loss, ppl: valid.ppl, bleu: valid.bleu, metrics: valid.metrics };
-        // Early stopping's count: a validation without a figure (a non-finite loss) is no better.
+        let step = self.state.step;
+        let row_of = |f: EvalFigures, set: Option<String>| ValidRow { epoch: epoch + 1, step, loss: f.loss, ppl: f.ppl, bleu: f.bleu, metrics: f.metrics, set };
+        let row = row_of(valid, None);
+        let named: Vec<ValidRow> = self.task.named_sets().into_iter().filter_map(|name| self.task.evaluate_named(&model, &name, &self.device).map(|f| row_of(f, Some(name)))).collect();
+        self.state.last_valid = Some(row.clone());
+        self.state.last_dev = named.clone();
+        // Early stopping's count, on the set `train.best_set` names: a validation without a
+        // figure (a non-finite loss) is no better.
         let metric = self.tr.best_metric;
-        match metric.of(row.loss, row.bleu) {
+        let chosen = self.state.chosen_valid(&self.tr.best_set).cloned().unwrap_or_else(|| row.clone());
+        match metric.of(chosen.loss, chosen.bleu) {
             Some(v) if self.state.best_value.is_none_or(|best| metric.better(v, best)) => {
                 self.state.best_value = Some(v);
                 self.state.stale_validations = 0;
             }
             _ => self.state.stale_validations += 1,
         }
-        self.state.last_valid = Some(row.clone());
-        self.emit(Event::Validation(row))
+        self.emit(Event::Validation(row))?;
+        named.into_iter().try_for_each(|r| self.emit(Event::Validation(r)))
     }
 
     /// Saves `checkpoints/step-N`, records it as the best when the validation just measured
@@ -1106,7 +1114,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let state = &mut self.state;
         let name = format!("step-{:07}", state.step);
         let metric = self.tr.best_metric;
-        if let Some(value) = state.last_valid.as_ref().filter(|v| v.step == state.step).and_then(|v| metric.of(v.loss, v.bleu)) {
+        if let Some(value) = state.chosen_valid(&self.tr.best_set).filter(|v| v.step == state.step).and_then(|v| metric.of(v.loss, v.bleu)) {
             if state.best.as_ref().is_none_or(|(_, best)| metric.better(value, *best)) {
                 state.best = Some((name.clone(), value));
             }
@@ -1175,6 +1183,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             skipped_steps: self.state.skipped_steps,
             rollbacks: self.state.rollbacks,
             metrics: last_valid.map(|v| v.metrics).unwrap_or_default(),
+            dev: self.state.last_dev.iter().map(|r| (r.set.clone().unwrap_or_default(), EvalFigures { loss: r.loss, ppl: r.ppl, bleu: r.bleu, metrics: r.metrics.clone() })).collect(),
             early_stopped: self.out_of_patience(),
             best: self.state.best.as_ref().map(|(name, value)| kiln_events::BestCheckpoint {
                 checkpoint: name.clone(),

@@ -122,7 +122,8 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 format!("epoch {epoch}/{} done | step {step} | train loss {train_loss:.4}", self.epochs)
             }
             Event::Validation(v) => format!(
-                "valid | epoch {} | step {} | loss {:.4} | ppl {:.2} | bleu {}{}",
+                "valid{} | epoch {} | step {} | loss {:.4} | ppl {:.2} | bleu {}{}",
+                v.set.as_ref().map(|s| format!(" {s}")).unwrap_or_default(),
                 v.epoch,
                 v.step,
                 v.loss,

@@ -19,6 +19,10 @@ pub fn summary_table(s: &Summary, run_dir: &str) -> String {
     for (name, value) in &s.metrics {
         rows.push((format!("valid {name}"), format!("{value:.4}")));
     }
+    for (set, f) in &s.dev {
+        let metrics: String = f.metrics.iter().map(|(k, v)| format!(" / {k} {v:.2}")).collect();
+        rows.push((format!("{set} loss / BLEU"), format!("{:.4} / {}{metrics}", f.loss, opt(f.bleu, 2))));
+    }
     if s.skipped_steps > 0 || s.rollbacks > 0 {
         rows.push(("non-finite losses".into(), format!("{} steps skipped, {} rollbacks", s.skipped_steps, s.rollbacks)));
     }
@@ -67,6 +71,7 @@ mod tests {
             early_stopped: false,
             best: None,
             ema: false,
+            dev: Default::default(),
         };
         let t = summary_table(&s, "runs/q");
         assert!(t.contains("1108 / 4") && t.contains("1,030 target tok/s") && t.contains("112 (avg 0.00 ms") && t.contains("padding 4.1 %"), "{t}");
