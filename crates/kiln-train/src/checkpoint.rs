@@ -40,8 +40,9 @@ pub struct TrainState {
     /// Seconds of training before this checkpoint (summed over resumed runs).
     pub wall_s: f64,
     pub last_valid: Option<ValidRow>,
-    /// The named validation sets' rows of the last validation (`eval.sets`).
-    #[serde(default)]
+    /// The named validation sets' rows of the last validation (`eval.sets`). Left out when
+    /// empty, so the digest of a state written before named sets existed still holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub last_dev: Vec<ValidRow>,
     /// The run reached its end (all epochs or `max_steps`).
     pub finished: bool,
