@@ -28,6 +28,8 @@ pub fn write_charts(run_dir: &Path, title: &str) -> Result<Vec<PathBuf>, String>
     let (events, _) = metrics_log::read_all(&run_dir.join("metrics.jsonl"))?;
     let mut train = Vec::new();
     let mut valid = Vec::new();
+    // Named validation sets (`eval.sets`): a series each.
+    let mut named: std::collections::BTreeMap<String, Vec<(f64, f64)>> = Default::default();
     let mut speed = Vec::new();
     for e in &events {
         match e {
@@ -35,7 +37,10 @@ pub fn write_charts(run_dir: &Path, title: &str) -> Result<Vec<PathBuf>, String>
                 train.push((w.step as f64, w.loss));
                 speed.push((w.step as f64, w.tokens_per_s));
             }
-            Event::Validation(v) if v.loss.is_finite() => valid.push((v.step as f64, v.loss)),
+            Event::Validation(v) if v.loss.is_finite() => match &v.set {
+                Some(set) => named.entry(set.clone()).or_default().push((v.step as f64, v.loss)),
+                None => valid.push((v.step as f64, v.loss)),
+            },
             _ => {}
         }
     }
@@ -44,7 +49,10 @@ pub fn write_charts(run_dir: &Path, title: &str) -> Result<Vec<PathBuf>, String>
     }
     register_font();
     let loss = run_dir.join("loss.png");
-    draw(&loss, &format!("{title}: loss"), "loss (nats/token)", &[("train (label-smoothed, per sync window)", &train, &BLUE), ("valid (NLL)", &valid, &RED)])?;
+    let labels: Vec<String> = named.keys().map(|n| format!("valid {n} (NLL)")).collect();
+    let mut series: Vec<Series<'_>> = vec![("train (label-smoothed, per sync window)", &train, &BLUE), ("valid (NLL)", &valid, &RED)];
+    series.extend(labels.iter().zip(named.values()).zip(PALETTE.iter().skip(2).cycle()).map(|((l, v), c)| (l.as_str(), v.as_slice(), c)));
+    draw(&loss, &format!("{title}: loss"), "loss (nats/token)", &series)?;
     let throughput = run_dir.join("throughput.png");
     draw(&throughput, &format!("{title}: throughput"), "target tokens/s", &[("train", &speed, &GREEN)])?;
     Ok(vec![loss, throughput])
