@@ -164,8 +164,19 @@ fn stop_and_resume_on_wgpu_reaches_the_unbroken_end() {
     let (sa, sb) = (read_json(&whole.join("summary.json")), read_json(&split.join("summary.json")));
     let (va, vb) = (f(&sa["valid_loss"]), f(&sb["valid_loss"]));
     assert!((va - vb).abs() <= 1e-5 * va, "valid loss {va} vs {vb}");
-    // The language model samples on the run's device.
-    let o = kiln(&["generate", &split.display().to_string(), "--prompt", "To be", "--max-tokens", "8", "--seed", "3"]);
+    // The language model samples on the run's device. Run outside the checkout: CubeCL 0.10 keeps
+    // its autotune choices in the checkout's `target/autotune`, keyed on shape buckets, and replays
+    // a choice tuned on another model's shapes (the translation tests' vocabulary of 400) on this
+    // one's 300, where that kernel cannot launch (`vecmat_unit_perpendicular`: "n must be a
+    // multiple of plane size 8") and panics; a cache of its own tunes for its own shapes (README,
+    // Devices: known issue).
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["generate", &split.display().to_string(), "--prompt", "To be", "--max-tokens", "8", "--seed", "3"])
+        .current_dir(elsewhere.path())
+        .env("XDG_CACHE_HOME", elsewhere.path())
+        .output()
+        .unwrap();
     assert!(o.status.success() && stdout(&o).starts_with("To be"), "generate on wgpu: {}{}", stdout(&o), stderr(&o));
 }
 
