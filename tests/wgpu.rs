@@ -78,6 +78,7 @@ fn a_seed_means_the_same_model_on_flex_and_wgpu_and_both_learn() {
     }
     assert!(a.iter().all(|r| r["device_mb"].is_null()), "no device memory on Flex");
     assert!(b.iter().all(|r| f(&r["device_mb"]) > 0.0 && f(&r["device_reserved_mb"]) >= f(&r["device_mb"])), "CubeCL memory on wgpu: {:?}", b);
+    assert!(gpu.join("autotune").is_dir() && !cpu.join("autotune").exists(), "CubeCL's kernel choices are kept with the wgpu run");
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["translate", &gpu.display().to_string(), "--beam", "2"])
@@ -164,19 +165,11 @@ fn stop_and_resume_on_wgpu_reaches_the_unbroken_end() {
     let (sa, sb) = (read_json(&whole.join("summary.json")), read_json(&split.join("summary.json")));
     let (va, vb) = (f(&sa["valid_loss"]), f(&sb["valid_loss"]));
     assert!((va - vb).abs() <= 1e-5 * va, "valid loss {va} vs {vb}");
-    // The language model samples on the run's device. Run outside the checkout: CubeCL 0.10 keeps
-    // its autotune choices in the checkout's `target/autotune`, keyed on shape buckets, and replays
-    // a choice tuned on another model's shapes (the translation tests' vocabulary of 400) on this
-    // one's 300, where that kernel cannot launch (`vecmat_unit_perpendicular`: "n must be a
-    // multiple of plane size 8") and panics; a cache of its own tunes for its own shapes (README,
-    // Devices: known issue).
-    let elsewhere = tempfile::tempdir().unwrap();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["generate", &split.display().to_string(), "--prompt", "To be", "--max-tokens", "8", "--seed", "3"])
-        .current_dir(elsewhere.path())
-        .env("XDG_CACHE_HOME", elsewhere.path())
-        .output()
-        .unwrap();
+    // The language model samples on the run's device, in the checkout where the translation
+    // tests tune their kernels too: the run's own kernel choices (`<run>/autotune`) are replayed,
+    // never a choice tuned on another model's shapes (README, Devices: kernel choices).
+    assert!(split.join("autotune").is_dir(), "the run keeps its kernel choices");
+    let o = kiln(&["generate", &split.display().to_string(), "--prompt", "To be", "--max-tokens", "8", "--seed", "3"]);
     assert!(o.status.success() && stdout(&o).starts_with("To be"), "generate on wgpu: {}{}", stdout(&o), stderr(&o));
 }
 

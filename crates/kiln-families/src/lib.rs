@@ -78,6 +78,7 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
         #[cfg(feature = "wgpu")]
         DeviceChoice::Wgpu(adapter) => {
             type B = burn::backend::Autodiff<burn::backend::Wgpu>;
+            kiln_train::device::keep_kernel_choices_in(&launch.run_dir);
             let opened = kiln_train::wgpu_device::open(adapter, 0, device_spec).map_err(|m| anyhow!(m))?;
             wgpu_precision_check(recipe, &opened.info)?;
             let memory = match recipe.loader.max_tokens {
@@ -93,6 +94,7 @@ pub fn launch(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Summ
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(index) => {
             type B = burn::backend::Autodiff<burn::backend::Cuda>;
+            kiln_train::device::keep_kernel_choices_in(&launch.run_dir);
             let device = burn::backend::cuda::CudaDevice::new(index);
             // The meter asks nvidia-smi for the GPU's size: only when a budget is to be probed.
             let memory = match recipe.loader.max_tokens {
@@ -139,6 +141,7 @@ fn launch_data_parallel(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> R
                 DeviceChoice::Cuda(i) => *i,
                 _ => unreachable!("the recipe check keeps devices of one kind"),
             };
+            kiln_train::device::keep_kernel_choices_in(&launch.run_dir);
             let devices: Vec<_> = choices.iter().map(|c| burn::backend::cuda::CudaDevice::new(index(c))).collect();
             let name = format!("{} (data parallel)", specs.join(", "));
             let memory = match recipe.loader.max_tokens {
@@ -492,6 +495,7 @@ macro_rules! on_backend {
             DeviceChoice::Cpu => infer::$f::<burn::backend::Flex>($($arg,)* &Default::default()),
             #[cfg(feature = "wgpu")]
             DeviceChoice::Wgpu(adapter) => {
+                kiln_train::device::keep_kernel_choices_in(&$run.run_dir);
                 let opened = kiln_train::wgpu_device::open(adapter, 0, &$run.recipe.backend.device).map_err(|m| anyhow!(m))?;
                 wgpu_precision_check(&$run.recipe, &opened.info)?;
                 infer::$f::<burn::backend::Wgpu>($($arg,)* &opened.device)
@@ -499,7 +503,10 @@ macro_rules! on_backend {
             #[cfg(not(feature = "wgpu"))]
             DeviceChoice::Wgpu(_) => unreachable!("resolve_device refuses wgpu in builds without it"),
             #[cfg(feature = "cuda")]
-            DeviceChoice::Cuda(index) => infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index)),
+            DeviceChoice::Cuda(index) => {
+                kiln_train::device::keep_kernel_choices_in(&$run.run_dir);
+                infer::$f::<burn::backend::Cuda>($($arg,)* &burn::backend::cuda::CudaDevice::new(index))
+            }
             #[cfg(not(feature = "cuda"))]
             DeviceChoice::Cuda(_) => unreachable!("resolve_device refuses CUDA in CPU-only builds"),
         }

@@ -10,6 +10,31 @@ use anyhow::{bail, Result};
 pub use kiln_recipe::WgpuAdapter;
 use kiln_recipe::DeviceSpec;
 
+/// Keeps CubeCL's autotune choices (which kernel runs each operation, measured on first use) in
+/// `dir`, a run directory, for the rest of the process; to be called before the device is first
+/// used. CubeCL 0.10 keeps them in one cache per checkout or user (`target/autotune`, else
+/// `~/.cache/cubecl`), keyed on buckets of shapes, and replays a choice on any shape of its
+/// bucket without checking it launches there: a kernel tuned on one model reached another's
+/// shapes and panicked on its device thread (a vector–matrix kernel needing `n` a multiple of 8,
+/// tuned at vocabulary 400, replayed at 300; in CI, two models trained at once). Choices kept
+/// with the run belong to one model, and a resumed run or `kiln translate` replays the kernels its
+/// training chose. `false`: CubeCL had read its configuration already in this process (a second
+/// run in one process, a library user's device), which is kept. A `cubecl.toml`'s other settings
+/// and the `CUBECL_*` variables still apply.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn keep_kernel_choices_in(dir: &std::path::Path) -> bool {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    let mut config = CubeClRuntimeConfig::storage().lock();
+    if config.is_some() {
+        return false;
+    }
+    let mut chosen = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    chosen.autotune.cache = CacheConfig::File(dir.to_path_buf());
+    *config = Some(std::sync::Arc::new(chosen));
+    true
+}
+
 /// Where the recipe's `backend.device` resolves to in this build on this machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceChoice {

@@ -960,6 +960,10 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         let PendingWindow { window: mut done, read, start, epoch, lr } = closed;
         let read = read.wait();
         done.closed.get_or_insert_with(Instant::now);
+        if let Some(why) = &read.failed {
+            let (first, last) = (done.first_step + 1, done.first_step + done.steps);
+            return Err(anyhow!("the device failed while training steps {first}–{last}: reading their loss back gave {why}"));
+        }
         if read.first_nonfinite().is_none() {
             let scaling = (read.overflows(), read.loss_scale);
             self.record_window(done, read.loss_sum, &read.metric_sums, read.ms, epoch, lr, scaling)?;

@@ -131,7 +131,7 @@ impl<B: Backend> SyncWindow<B> {
                     Some(r) if r.jobs.send((all.clone(), reply)).is_ok() => InFlight::Reading(answer),
                     _ => {
                         let t0 = Instant::now();
-                        let data = all.try_into_data().ok();
+                        let data = read_to_host(all);
                         InFlight::Done { data, ms: t0.elapsed().as_secs_f64() * 1e3 }
                     }
                 }
@@ -145,18 +145,18 @@ impl<B: Backend> SyncWindow<B> {
 /// window's steps while a window's data is in flight. One thread for the run: on CUDA each host
 /// thread gets its own stream, and a thread per read would make a stream per read.
 pub(crate) struct WindowReader<B: Backend> {
-    jobs: Sender<(Tensor<B, 1>, Sender<Option<TensorData>>)>,
+    jobs: Sender<(Tensor<B, 1>, Sender<Result<TensorData, String>>)>,
 }
 
 impl<B: Backend> WindowReader<B> {
     pub fn new() -> Self {
-        let (jobs, queue) = channel::<(Tensor<B, 1>, Sender<Option<TensorData>>)>();
+        let (jobs, queue) = channel::<(Tensor<B, 1>, Sender<Result<TensorData, String>>)>();
         std::thread::Builder::new()
             .name("kiln-window-reader".into())
             .spawn(move || {
                 // Ends when the loop drops the reader (the channel closes).
                 for (tensor, reply) in queue {
-                    let _ = reply.send(tensor.try_into_data().ok());
+                    let _ = reply.send(read_to_host(tensor));
                 }
             })
             .expect("cannot start the window reader thread");
@@ -164,11 +164,24 @@ impl<B: Backend> WindowReader<B> {
     }
 }
 
+/// The tensor's data on the host, or what the device's runtime failed with: an error, or a panic
+/// (Burn's fusion client unwraps a failed call of its device thread, `burn-fusion` 0.21
+/// `client.rs`), so that a failed read is reported as one, not taken for a non-finite loss.
+fn read_to_host<B: Backend>(tensor: Tensor<B, 1>) -> Result<TensorData, String> {
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tensor.try_into_data()));
+    let why = match read {
+        Ok(Ok(data)) => return Ok(data),
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "a panic".into()),
+    };
+    Err(why.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
 /// A window's read, started: in flight on the reader thread, or done at once on the loop thread.
 enum InFlight {
     Empty,
-    Done { data: Option<TensorData>, ms: f64 },
-    Reading(Receiver<Option<TensorData>>),
+    Done { data: Result<TensorData, String>, ms: f64 },
+    Reading(Receiver<Result<TensorData, String>>),
 }
 
 /// A closed window whose read has started.
@@ -187,21 +200,24 @@ impl ClosedWindow {
     /// The window's data: waits for it when it is still in flight (that wait is the sync time).
     pub fn wait(self) -> WindowRead {
         let (data, ms) = match self.read {
-            InFlight::Empty => return WindowRead { loss_sum: self.host_sum, metric_sums: self.host_metrics, steps: Vec::new(), ms: 0.0, loss_scale: None },
+            InFlight::Empty => return WindowRead { loss_sum: self.host_sum, metric_sums: self.host_metrics, steps: Vec::new(), ms: 0.0, loss_scale: None, failed: None },
             InFlight::Done { data, ms } => (data, ms),
             InFlight::Reading(reply) => {
                 let t0 = Instant::now();
-                let data = reply.recv().ok().flatten();
+                let data = reply.recv().unwrap_or_else(|_| Err("the window reader thread ended".into()));
                 (data, t0.elapsed().as_secs_f64() * 1e3)
             }
         };
-        let values: Vec<f64> = data.map(|d| d.iter::<f64>().collect()).unwrap_or_default();
+        let (values, failed): (Vec<f64>, _) = match data {
+            Ok(d) => (d.iter::<f64>().collect(), None),
+            Err(why) => (Vec::new(), Some(why)),
+        };
         let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
         let steps = (0..self.steps).map(|k| (self.first_step + k + 1, value(1 + 2 * k), value(2 + 2 * k))).collect();
         let after_steps = 1 + 2 * self.steps;
         let metric_sums = (0..self.metrics).map(|m| value(after_steps + m)).collect();
         let loss_scale = self.scaled.then(|| value(after_steps + self.metrics));
-        WindowRead { loss_sum: value(0), metric_sums, steps, ms, loss_scale }
+        WindowRead { loss_sum: value(0), metric_sums, steps, ms, loss_scale, failed }
     }
 }
 
@@ -215,6 +231,9 @@ pub(crate) struct WindowRead {
     pub ms: f64,
     /// f16: the loss scale after the window.
     pub loss_scale: Option<f64>,
+    /// The device could not give the window's data back (its runtime failed): no figure of the
+    /// window is known, which is not a non-finite loss.
+    pub failed: Option<String>,
 }
 
 impl WindowRead {
@@ -268,5 +287,24 @@ mod tests {
         }
         let read = w.close(None, None).wait();
         assert_eq!((read.loss_sum, read.first_nonfinite(), read.loss_scale), (4.0, None, None));
+    }
+
+    /// A read the device could not answer is a failure with the runtime's words, not a window of
+    /// NaN losses (which `train.on_nan` would take for a diverged model).
+    #[test]
+    fn a_failed_read_is_a_failure_not_a_nonfinite_loss() {
+        let closed = ClosedWindow { read: InFlight::Done { data: Err("task panicked on device runner thread".into()), ms: 1.0 }, host_sum: 0.0, host_metrics: Vec::new(), first_step: 10, steps: 2, metrics: 0, scaled: false };
+        let read = closed.wait();
+        assert_eq!(read.failed.as_deref(), Some("task panicked on device runner thread"));
+        // A reader thread that died answers the same way.
+        let (reply, answer) = channel::<Result<TensorData, String>>();
+        drop(reply);
+        let closed = ClosedWindow { read: InFlight::Reading(answer), host_sum: 0.0, host_metrics: Vec::new(), first_step: 10, steps: 2, metrics: 0, scaled: false };
+        assert!(closed.wait().failed.is_some());
+        let read = SyncWindow::<Flex>::new().close(None, None).wait();
+        assert_eq!(read.failed, None);
+        let mut w = SyncWindow::<Flex>::new();
+        w.add(scalar(1.0), scalar(1.0), Vec::new());
+        assert_eq!(w.close(None, None).wait().failed, None);
     }
 }
