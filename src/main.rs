@@ -278,6 +278,9 @@ enum BenchWhat {
         /// Skip the PyTorch reference.
         #[arg(long)]
         no_peer: bool,
+        /// Run the PyTorch reference eagerly only, not also under `torch.compile`.
+        #[arg(long)]
+        no_compile: bool,
         /// Alternate kiln and PyTorch this many times and report the round with the median
         /// ratio (the machine's load moves both; adjacent runs share it).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
@@ -464,8 +467,8 @@ fn main() -> ExitCode {
         Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),
         Command::Bench { what: BenchWhat::Upload { device, width, depth, uploads, rows, len, rounds, out } } => bench_upload(&device, width, depth, uploads, [rows, len], rounds, &out),
         Command::Bench { what: BenchWhat::Sync { recipe, set, interval, steps, warmup, rounds, json, out } } => bench_sync(&recipe, &set, interval, steps, warmup, rounds, json.as_deref(), &out),
-        Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, rounds } } => {
-            bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, rounds })
+        Command::Bench { what: BenchWhat::Train { recipe, set, steps, warmup, json, out, note, no_peer, no_compile, rounds } } => {
+            bench_train(&recipe, &set, BenchTrainArgs { steps, warmup, json, out, note, no_peer, no_compile, rounds })
         }
     };
     match result {
@@ -617,8 +620,9 @@ fn eval(run_dir: &std::path::Path, split: &str, decode: &DecodeArgs) -> anyhow::
     let split = if split == "valid" { kiln_families::Split::Valid } else { kiln_families::Split::Test };
     let r = kiln_families::evaluate(&run, split, beam)?;
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+    let per_char = r.loss_per_char.map(|x| format!(" | loss/char {x:.4}")).unwrap_or_default();
     println!(
-        "{} | {} | step {} | {} weights | {} {} | loss {:.4} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
+        "{} | {} | step {} | {} weights | {} {} | loss {:.4}{per_char} | ppl {:.2} | BLEU {} | chrF {} | beam {} (α {})",
         run_dir.display(),
         r.split,
         r.step,
@@ -693,6 +697,7 @@ struct BenchTrainArgs {
     out: PathBuf,
     note: String,
     no_peer: bool,
+    no_compile: bool,
     rounds: u32,
 }
 
@@ -711,7 +716,7 @@ fn peer_python() -> Option<String> {
 
 /// The PyTorch reference on the batches kiln's bench round just trained on; `None` where it
 /// cannot run them (said why).
-fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_families::bench::TrainBench) -> anyhow::Result<Option<serde_json::Value>> {
+fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_families::bench::TrainBench, compile: bool) -> anyhow::Result<Option<serde_json::Value>> {
     let spec = match kiln_families::bench::peer_spec(recipe, dir, kiln.steps, kiln.warmup_steps) {
         Ok(spec) => spec,
         Err(why) => {
@@ -721,11 +726,24 @@ fn run_peer(py: &str, recipe: &Recipe, dir: &std::path::Path, kiln: &kiln_famili
     };
     let spec_path = dir.join("peer.json");
     std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-    eprintln!("bench train: the same batches through PyTorch ({py})…");
+    let mode = if compile { "torch.compile" } else { "eager" };
+    eprintln!("bench train: the same batches through PyTorch, {mode} ({py})…");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/peer_train.py");
-    let o = std::process::Command::new(py).arg(&script).arg(&spec_path).output()?;
+    let mut command = std::process::Command::new(py);
+    command.arg(&script).arg(&spec_path);
+    if compile {
+        command.arg("--compile");
+    }
+    let o = command.output()?;
     if !o.status.success() {
-        anyhow::bail!("{}: failed: {}", script.display(), String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""));
+        let why = String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("").to_string();
+        if compile {
+            // torch.compile needs a working C++ toolchain for its CPU kernels: a machine without
+            // one still gets the eager comparison.
+            eprintln!("bench train: PyTorch under torch.compile failed, skipped: {why}");
+            return Ok(None);
+        }
+        anyhow::bail!("{}: failed: {why}", script.display());
     }
     Ok(Some(serde_json::from_slice(&o.stdout).map_err(|e| anyhow::anyhow!("{}: unreadable output: {e}", script.display()))?))
 }
@@ -738,6 +756,8 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
     if !args.no_peer && python.is_none() {
         eprintln!("bench train: no python3 with torch found (KILN_PEER_PYTHON, benches/peer/.venv); PyTorch reference skipped, see benches/peer/README.md");
     }
+    eprintln!("bench train: probing this machine's peak matrix-product rate…");
+    let peak = kiln_families::bench::machine_peak();
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let dir = scratch.path().join(format!("round-{round}"));
@@ -746,25 +766,57 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
         eprintln!("bench train: {} — {} warm-up + {} measured steps{of}…", recipe_path.display(), args.warmup, args.steps);
         let kiln = kiln_families::bench::bench_train(&recipe, args.steps, args.warmup, &dir)?;
         let peer = match &python {
-            Some(py) => run_peer(py, &recipe, &dir, &kiln)?,
+            Some(py) => run_peer(py, &recipe, &dir, &kiln, false)?,
             None => None,
         };
-        let ratio = peer.as_ref().and_then(|p| p["tokens_per_s"].as_f64()).map(|p| kiln.tokens_per_s / p.max(1e-9));
-        rounds.push((kiln, peer, ratio));
+        let compiled = match &python {
+            Some(py) if peer.is_some() && !args.no_compile => run_peer(py, &recipe, &dir, &kiln, true)?,
+            _ => None,
+        };
+        let over = |p: &Option<serde_json::Value>| p.as_ref().and_then(|p| p["tokens_per_s"].as_f64()).map(|p| kiln.tokens_per_s / p.max(1e-9));
+        let (ratio, ratio_compile) = (over(&peer), over(&compiled));
+        rounds.push((kiln, peer, compiled, ratio, ratio_compile));
     }
     // The round with the median ratio (or median kiln figure without a peer) is the one reported.
     let mut order: Vec<usize> = (0..rounds.len()).collect();
     order.sort_by(|&a, &b| {
-        let key = |i: usize| rounds[i].2.unwrap_or(rounds[i].0.tokens_per_s);
+        let key = |i: usize| rounds[i].3.unwrap_or(rounds[i].0.tokens_per_s);
         key(a).total_cmp(&key(b))
     });
     let all: Vec<serde_json::Value> = rounds
         .iter()
-        .map(|(k, p, r)| serde_json::json!({ "kiln_tokens_per_s": k.tokens_per_s, "peer_tokens_per_s": p.as_ref().map(|p| p["tokens_per_s"].clone()), "ratio": r }))
+        .map(|(k, p, c, r, rc)| {
+            serde_json::json!({
+                "kiln_tokens_per_s": k.tokens_per_s,
+                "peer_tokens_per_s": p.as_ref().map(|p| p["tokens_per_s"].clone()),
+                "compile_tokens_per_s": c.as_ref().map(|c| c["tokens_per_s"].clone()),
+                "ratio": r,
+                "ratio_compile": rc,
+            })
+        })
         .collect();
-    let (kiln, peer, ratio) = rounds.swap_remove(order[order.len() / 2]);
+    let median = |xs: Vec<f64>| -> Option<f64> {
+        let mut xs = xs;
+        xs.sort_by(f64::total_cmp);
+        (!xs.is_empty()).then(|| xs[xs.len() / 2])
+    };
+    let ratio_compile_median = median(rounds.iter().filter_map(|r| r.4).collect());
+    let (kiln, peer, compiled, ratio, _) = rounds.swap_remove(order[order.len() / 2]);
+    let share = |gflops: f64, of: Option<f64>| of.filter(|p| *p > 0.0).map(|p| 100.0 * gflops / p);
+    let peer_gflops = |p: &Option<serde_json::Value>| p.as_ref().and_then(|p| p["tokens_per_s"].as_f64()).map(|t| t * kiln.flops_per_token / 1e9);
+    let mfu = serde_json::json!({
+        "kiln_gflops": kiln.model_gflops,
+        "kiln_pct_of_measured": share(kiln.model_gflops, Some(peak.measured_gflops)),
+        "kiln_pct_of_theoretical": share(kiln.model_gflops, peak.theoretical_gflops),
+        "peer_gflops": peer_gflops(&peer),
+        "compile_gflops": peer_gflops(&compiled),
+    });
     let (machine, commit, date) = provenance(&args.out);
-    let report = serde_json::json!({ "date": date, "commit": commit, "machine": machine, "note": args.note, "kiln": kiln, "peer": peer, "ratio": ratio, "rounds": all });
+    let report = serde_json::json!({
+        "date": date, "commit": commit, "machine": machine, "note": args.note,
+        "kiln": kiln, "peer": peer, "compiled": compiled, "ratio": ratio, "ratio_compile": ratio_compile_median,
+        "peak": peak, "mfu": mfu, "rounds": all,
+    });
     println!("{}", kiln_views::bench_report::table(&report));
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
@@ -773,6 +825,10 @@ fn bench_train(recipe_path: &std::path::Path, set: &[String], args: BenchTrainAr
         std::fs::create_dir_all(dir)?;
     }
     let mut text = std::fs::read_to_string(&args.out).unwrap_or_else(|_| kiln_views::bench_report::HEADER.to_string());
+    if !text.contains(kiln_views::bench_report::TABLE_HEAD) {
+        // Rows before MFU and torch.compile keep their table; new rows start a new one.
+        text.push_str(kiln_views::bench_report::SECTION);
+    }
     text.push_str(&kiln_views::bench_report::row(&report));
     std::fs::write(&args.out, text).map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", args.out.display()))?;
     eprintln!("appended to {}", args.out.display());

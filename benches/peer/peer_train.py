@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""PyTorch reference for `kiln bench train`: the same encoder-decoder Transformer, trained on the
-same batches in the same order, with the same loss, optimizer, clipping and thread count, timed
-the same way (steady-state target tokens per second after a warm-up).
+"""PyTorch reference for `kiln bench train`: the same encoder-decoder Transformer or GPT-style
+language model, trained on the same batches in the same order, with the same loss, optimizer,
+clipping and thread count, timed the same way (steady-state target tokens per second after a
+warm-up); eager, or with `--compile` (`torch.compile` of the model, its compilation in the
+warm-up steps).
 
 kiln writes the batches and the recipe's settings to a JSON file; this script reads it, trains,
 and prints one JSON object on stdout. It is run by the bench, not by hand (but it can be:
@@ -13,7 +15,13 @@ output projection (or separate ones); embeddings scaled by sqrt(d) and initialis
 sinusoidal or learned positions; dropout on embeddings, attention probabilities, residual
 branches (not inside the feed-forward); one fused query/key/value product for self-attention; the output layer runs only on labelled positions;
 label-smoothed cross-entropy summed over tokens and divided by the step's target tokens; AdamW;
-global-norm clipping; the learning-rate schedule. Attention uses
+global-norm clipping; the learning-rate schedule.
+
+The language model (crates/kiln-model/src/lm.rs), GPT-2 / nanoGPT style: token embedding
+N(0, 0.02) tied with the output layer (or not), learned (N(0, 0.02)), sinusoidal or rotary
+positions, pre-LN blocks of causal self-attention (one fused query/key/value product) and a GELU
+(or ReLU) MLP, dropout on the embeddings, attention probabilities and residual branches, a final
+LayerNorm, the output layer on labelled positions only. Attention uses
 `F.scaled_dot_product_attention`, PyTorch's own fused path: the reference is PyTorch as a user
 would write it today, not a copy of kiln's composition.
 """
@@ -154,6 +162,78 @@ class Seq2Seq(nn.Module):
         return states @ self.embedding.weight.t() if self.tied else self.output(states)
 
 
+def rotate(x, table):
+    """Rotary positions on `[b, h, n, hd]`: pairs (2i, 2i+1) turned by position × θ_i."""
+    n = x.shape[2]
+    cos, sin = table[0][:n], table[1][:n]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+
+def rotary_table(length, hd):
+    theta = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.arange(length, dtype=torch.float32).unsqueeze(1) * theta
+    return torch.stack((angles.cos(), angles.sin()))
+
+
+class Block(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        d = m["d_model"]
+        self.heads, self.dropout = m["n_heads"], m["dropout"]
+        self.norm_attn, self.norm_mlp = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.attn_out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp_in, self.mlp_out = nn.Linear(d, m["d_ff"]), nn.Linear(m["d_ff"], d)
+        self.act = F.relu if m["activation"] == "relu" else F.gelu
+        self.drop = nn.Dropout(m["dropout"])
+
+    def forward(self, x, rope):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm_attn(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        x = x + self.drop(self.attn_out(y.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.mlp_out(self.act(self.mlp_in(self.norm_mlp(x)))))
+
+
+class Gpt(nn.Module):
+    def __init__(self, m, vocab):
+        super().__init__()
+        d = m["d_model"]
+        self.d = d
+        self.embedding = nn.Embedding(vocab, d)
+        nn.init.normal_(self.embedding.weight, 0.0, 0.02)
+        self.output = None if m["tie_embeddings"] else nn.Linear(d, vocab)
+        self.positions, self.rope = None, None
+        if m["positions"] == "learned":
+            self.positions = nn.Embedding(m["max_positions"], d)
+            nn.init.normal_(self.positions.weight, 0.0, 0.02)
+        elif m["positions"] == "rotary":
+            self.register_buffer("rope", rotary_table(m["max_positions"], d // m["n_heads"]), persistent=False)
+        else:
+            self.register_buffer("sinusoids", sinusoids(m["max_positions"], d), persistent=False)
+        self.blocks = nn.ModuleList([Block(m) for _ in range(m["decoder_layers"])])
+        self.final_norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(m["dropout"])
+        self.sinusoidal = m["positions"] == "sinusoidal"
+
+    def forward_rows(self, tokens, rows):
+        b, n = tokens.shape
+        x = self.embedding(tokens)
+        if self.positions is not None:
+            x = x + self.positions.weight[:n]
+        elif self.sinusoidal:
+            x = x + self.sinusoids[:n]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, self.rope)
+        states = self.final_norm(x).reshape(b * n, self.d).index_select(0, rows)
+        return self.output(states) if self.output is not None else states @ self.embedding.weight.t()
+
+
 def lr_at(tr, step, total):
     s, w, peak = max(step, 1), tr["warmup_steps"], tr["lr"]
     if w > 0 and step <= w:
@@ -170,6 +250,7 @@ def lr_at(tr, step, total):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("batches", help="the JSON file kiln's bench wrote")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during the warm-up steps)")
     args = ap.parse_args()
     with open(args.batches) as f:
         spec = json.load(f)
@@ -177,8 +258,12 @@ def main():
     torch.set_num_threads(threads)
     torch.manual_seed(spec["seed"])
     m, tr = spec["model"], spec["train"]
-    model = Seq2Seq(m, spec["vocab_size"], spec["pad"])
+    lm = spec.get("family") == "lm"
+    model = Gpt(m, spec["vocab_size"]) if lm else Seq2Seq(m, spec["vocab_size"], spec["pad"])
     model.train()
+    forward = model.forward_rows
+    if args.compile:
+        forward = torch.compile(model.forward_rows)
     # Biases and norms decay too: Burn's AdamW applies weight decay to every parameter.
     optim = torch.optim.AdamW(model.parameters(), lr=tr["lr"], betas=(tr["beta1"], tr["beta2"]), eps=tr["eps"], weight_decay=tr["weight_decay"])
     total = len(spec["steps"])
@@ -186,18 +271,23 @@ def main():
     def tensor(values, shape):
         return torch.tensor(values, dtype=torch.long).view(*shape)
 
+    def inputs(b):
+        if lm:
+            return (tensor(b["input"], b["input_shape"]),)
+        return (tensor(b["src"], b["src_shape"]), tensor(b["tgt_in"], b["tgt_shape"]))
+
     steps = [
-        [(tensor(b["src"], b["src_shape"]), tensor(b["tgt_in"], b["tgt_shape"]), torch.tensor(b["label_rows"], dtype=torch.long), torch.tensor(b["labels"], dtype=torch.long)) for b in step]
+        [(inputs(b), torch.tensor(b["label_rows"], dtype=torch.long), torch.tensor(b["labels"], dtype=torch.long)) for b in step]
         for step in spec["steps"]
     ]
     step_ms, tokens, losses = [], [], []
     loss_window = torch.zeros(())
     for i, batches in enumerate(steps):
         t0 = time.perf_counter()
-        step_tokens = sum(int(b[3].numel()) for b in batches)
+        step_tokens = sum(int(b[2].numel()) for b in batches)
         optim.zero_grad(set_to_none=True)
-        for src, tgt_in, rows, labels in batches:
-            logits = model.forward_rows(src, tgt_in, rows)
+        for tensors, rows, labels in batches:
+            logits = forward(*tensors, rows)
             loss = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=tr["label_smoothing"])
             (loss / step_tokens).backward()
             loss_window += loss.detach()
@@ -216,6 +306,7 @@ def main():
     ms = sorted(step_ms[i] for i in measured)
     out = {
         "torch": torch.__version__,
+        "mode": "compile" if args.compile else "eager",
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "steps": len(measured),

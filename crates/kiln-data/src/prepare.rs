@@ -24,7 +24,7 @@ use crate::corpus::{read_parallel, read_text, MappedCorpus, Pair};
 use crate::split::{held_out, Sampler};
 use crate::store::{HeldOutText, PairSet, Store, StoreMeta, StoreWriter, Tokens, Width};
 use crate::text::TextStreams;
-use crate::tokenizer::{SubwordTokenizer, EOS};
+use crate::tokenizer::{SubwordTokenizer, EOS, UNK};
 use crate::{mix_seed, DataError};
 
 /// Token ids of one pair, without specials (batching adds `<s>` / `</s>`).
@@ -58,6 +58,8 @@ pub struct Prepared {
     pub dev: Vec<DevData>,
     pub skipped_lines: usize,
     pub dropped_long: usize,
+    /// Tokens that are `<unk>`, every split (characters the tokenizer has no token for).
+    pub unknown_tokens: u64,
     pub prepare_s: f64,
     pub cache: CacheReport,
     pub store: StoreInfo,
@@ -70,6 +72,8 @@ pub struct DevData {
     pub name: String,
     pub pairs: EvalSet,
     pub text: Option<Tokens>,
+    /// Characters of a text set (`text_chars`), for the loss per character.
+    pub chars: u64,
 }
 
 /// The store's shape on disk, for reports.
@@ -154,7 +158,8 @@ fn encode_dev(recipe: &Recipe, set: &DevSet, tokenizer: &SubwordTokenizer) -> Re
             if stream.len() < 2 {
                 return Err(DataError::new(set.path.display().to_string(), "the validation text has no tokens to predict"));
             }
-            Ok(DevData { name: set.name.clone(), pairs: EvalSet::default(), text: Some(Tokens::from_ids(&stream)) })
+            let chars = lines.iter().map(|l| text_chars(l)).sum();
+            Ok(DevData { name: set.name.clone(), pairs: EvalSet::default(), text: Some(Tokens::from_ids(&stream)), chars })
         }
         CorpusFormat::Pairs => {
             let swap = set.swap.unwrap_or_else(|| d.train.files().first().is_some_and(|f| d.swap_of(f)));
@@ -166,7 +171,7 @@ fn encode_dev(recipe: &Recipe, set: &DevSet, tokenizer: &SubwordTokenizer) -> Re
                 .chunks(2)
                 .map(|ids| Example { src: ids[0][..ids[0].len().min(d.max_len)].to_vec(), tgt: ids[1][..ids[1].len().min(d.max_len)].to_vec() })
                 .collect();
-            Ok(DevData { name: set.name.clone(), pairs: EvalSet { examples, sources, references }, text: None })
+            Ok(DevData { name: set.name.clone(), pairs: EvalSet { examples, sources, references }, text: None, chars: 0 })
         }
     }
 }
@@ -331,6 +336,17 @@ fn prepare_main(recipe: &Recipe, tokenizer: TokenizerSource<'_>, cache_dir: Opti
     Ok(prepared)
 }
 
+/// Characters of a text line as the loss per character counts them: Unicode scalar values after
+/// NFC, and one for the line's break (the stream's `</s>`).
+pub fn text_chars(line: &str) -> u64 {
+    use tokenizers::{NormalizedString, Normalizer};
+    let mut normalized = NormalizedString::from(line);
+    match tokenizers::normalizers::NFC.normalize(&mut normalized) {
+        Ok(()) => normalized.get().chars().count() as u64 + 1,
+        Err(_) => line.chars().count() as u64 + 1,
+    }
+}
+
 /// The run's view of a store: its meaning checked against the recipe.
 fn from_store(store: &Store, recipe: &Recipe) -> Result<Prepared, String> {
     let tokenizer = SubwordTokenizer::from_json(&store.meta.tokenizer_json, "tokenizer").map_err(|e| e.message)?;
@@ -347,13 +363,15 @@ fn from_store(store: &Store, recipe: &Recipe) -> Result<Prepared, String> {
         dev: Vec::new(),
         skipped_lines: store.meta.skipped_lines as usize,
         dropped_long: store.meta.dropped_long as usize,
+        unknown_tokens: store.meta.unknown_tokens,
         prepare_s: 0.0,
         cache: CacheReport::default(),
         store: info,
     };
     match store.meta.kind.as_str() {
         "text" => {
-            let text = TextStreams { train: store.tokens("train")?, valid: store.tokens("valid")?, test: store.tokens("test")? };
+            let chars = |name: &str| store.meta.chars.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c);
+            let text = TextStreams { train: store.tokens("train")?, valid: store.tokens("valid")?, test: store.tokens("test")?, valid_chars: chars("valid"), test_chars: chars("test") };
             Ok(base(tokenizer, PairSet::default(), EvalSet::default(), EvalSet::default(), Some(text)))
         }
         _ => {
@@ -596,6 +614,7 @@ fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &Ca
     let total = cut + valid.len() + test.len();
     let mut done = 0usize;
     let mut lengths = [0usize; 3];
+    let (mut unknown, mut chars) = (0u64, [0u64; 3]);
     let mut write_stream = |name: &str, which: usize, lines: &mut dyn Iterator<Item = Result<&str, DataError>>, store: &mut StoreWriter| -> Result<(), DataError> {
         let section = store.flat(name).map_err(&err)?;
         let mut chunk: Vec<&str> = Vec::with_capacity(ENCODE_CHUNK);
@@ -615,6 +634,10 @@ fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &Ca
                 out.extend(ids);
                 out.push(EOS);
             }
+            unknown += out.iter().filter(|&&t| t == UNK).count() as u64;
+            if which > 0 {
+                chars[which] += chunk.iter().map(|l| text_chars(l)).sum::<u64>();
+            }
             lengths[which] += out.len();
             store.append(section, &out).map_err(&err)?;
             done += chunk.len();
@@ -631,7 +654,8 @@ fn build_text(recipe: &Recipe, source: TokenizerSource<'_>, dir: &Path, key: &Ca
     if lengths[1] < 2 {
         return Err(DataError::new("data.valid_size", "the validation text has no tokens to predict"));
     }
-    let meta = StoreMeta { kind: "text".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, ..Default::default() };
+    let chars = vec![("valid".to_string(), chars[1]), ("test".to_string(), chars[2])];
+    let meta = StoreMeta { kind: "text".into(), tokenizer_json: tokenizer.to_json(), skipped_lines: skipped as u64, unknown_tokens: unknown, chars, ..Default::default() };
     store.finish(meta, key, path).map(|(_, s)| s).map_err(err)
 }
 

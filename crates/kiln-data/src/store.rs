@@ -391,6 +391,13 @@ pub struct StoreMeta {
     pub dropped_long: u64,
     /// Held-out splits' text by split name (pairs corpora).
     pub held_out: Vec<(String, HeldOutText)>,
+    /// Tokens that are `<unk>` (characters the tokenizer has no token for), every split.
+    #[serde(default)]
+    pub unknown_tokens: u64,
+    /// Characters (after NFC, a line's break counted as one) of text streams by split name
+    /// (`valid`, `test`), for the loss per character.
+    #[serde(default)]
+    pub chars: Vec<(String, u64)>,
     pub(crate) sections: Vec<SectionMeta>,
 }
 

@@ -20,6 +20,10 @@ pub struct TextStreams {
     pub train: Tokens,
     pub valid: Tokens,
     pub test: Tokens,
+    /// Characters of the validation and test text (`prepare::text_chars`), for the loss per
+    /// character; 0 where not known.
+    pub valid_chars: u64,
+    pub test_chars: u64,
 }
 
 /// Start offsets of one epoch's training blocks (full blocks only, in stream order).

@@ -1,6 +1,13 @@
-//! Subword tokenizer: a HF `tokenizers` Unigram or BPE model with a Metaspace pre-tokenizer,
-//! trained on the training split (both sides: one shared vocabulary) or loaded from a
+//! Tokenizer: a HF `tokenizers` Unigram or BPE model with a Metaspace pre-tokenizer, trained on
+//! the training split (both sides: one shared vocabulary), characters or bytes, or loaded from a
 //! `tokenizer.json`. Special tokens have fixed ids so models and checkpoints can rely on them.
+//!
+//! Characters and bytes are `tokenizers` models too, so `tokenizer.json` stays the one format:
+//! a BPE model without merges splits its input into characters and looks each up. Characters:
+//! the vocabulary is the training text's characters after NFC, unknown ones become `<unk>`, and
+//! a `Fuse` decoder joins them back without spaces. Bytes: a vocabulary of the 256 byte tokens
+//! `<0x00>`…`<0xFF>` (ids 4…259, in byte order) and nothing else, so every character falls back
+//! to its UTF-8 bytes (`byte_fallback`), and the `ByteFallback` decoder puts the bytes together.
 
 use std::path::Path;
 
@@ -10,8 +17,11 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::unigram::{Unigram, UnigramTrainerBuilder};
 use std::collections::BTreeMap;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::models::ModelWrapper;
-use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence, NFKC};
+use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence, NFC, NFKC};
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::{
     AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer, Tokenizer,
@@ -36,6 +46,9 @@ impl SubwordTokenizer {
     /// words in a randomly seeded hash map and sums float scores in that order, so kiln counts the
     /// words itself (sorted) and calls the trainers directly, serially.
     pub fn train(settings: &TokenizerSection, texts: &[&str]) -> Result<Self, DataError> {
+        if matches!(settings.kind, TokenizerKind::Char | TokenizerKind::Byte) {
+            return Self::characters(settings, texts);
+        }
         let vocab_size = u32::try_from(settings.vocab_size).map_err(|_| DataError::new("tokenizer.vocab_size", format!("expected at most {}, got {}", u32::MAX, settings.vocab_size)))?;
         let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
         let mut norms: Vec<NormalizerWrapper> = vec![NFKC.into()];
@@ -80,6 +93,7 @@ impl SubwordTokenizer {
                 let model = Unigram::from(vocab, Some(UNK as usize), model.byte_fallback())?;
                 Ok((model.into(), added))
             }
+            TokenizerKind::Char | TokenizerKind::Byte => unreachable!("characters and bytes return above"),
             TokenizerKind::Bpe => {
                 let trainer = BpeTrainerBuilder::default()
                     .show_progress(false)
@@ -101,6 +115,62 @@ impl SubwordTokenizer {
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer));
         tokenizer.with_decoder(Some(MetaspaceDecoder::new('▁', PrependScheme::Always, true)));
         tokenizer.add_special_tokens(&added);
+        Self::checked(tokenizer, "trained tokenizer")
+    }
+
+    /// `kind = "char"` (the texts' characters) or `"byte"` (the 256 bytes; `texts` unused).
+    fn characters(settings: &TokenizerSection, texts: &[&str]) -> Result<Self, DataError> {
+        let fail = |e: tokenizers::Error| DataError::new("tokenizer", format!("building the {:?} tokenizer failed: {e}", settings.kind));
+        let mut norms: Vec<NormalizerWrapper> = Vec::new();
+        let mut vocab: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+        let byte = settings.kind == TokenizerKind::Byte;
+        if byte {
+            vocab.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        } else {
+            norms.push(NFC.into());
+        }
+        if settings.lowercase {
+            norms.push(Lowercase.into());
+        }
+        let normalizer: Option<NormalizerWrapper> = (!norms.is_empty()).then(|| Sequence::new(norms).into());
+        if !byte {
+            let mut counts: BTreeMap<char, u64> = BTreeMap::new();
+            for text in texts {
+                let mut normalized = NormalizedString::from(*text);
+                if let Some(n) = &normalizer {
+                    n.normalize(&mut normalized).map_err(fail)?;
+                }
+                for c in normalized.get().chars() {
+                    *counts.entry(c).or_default() += 1;
+                }
+            }
+            for special in SPECIALS {
+                // A character that spells a special token on its own cannot be one here.
+                counts.retain(|c, _| c.to_string() != special);
+            }
+            let room = settings.vocab_size.saturating_sub(SPECIALS.len());
+            let mut kept: Vec<(char, u64)> = counts.into_iter().collect();
+            if kept.len() > room {
+                // The most frequent characters; ties by code point, so the vocabulary is one.
+                kept.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                kept.truncate(room);
+            }
+            let mut chars: Vec<char> = kept.into_iter().map(|(c, _)| c).collect();
+            chars.sort_unstable();
+            vocab.extend(chars.into_iter().map(String::from));
+        }
+        let ids: ahash::AHashMap<String, u32> = vocab.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        // Whole lines are the model's words here: its word cache would only hold lines.
+        let model = BPE::builder().vocab_and_merges(ids, Vec::new()).cache_capacity(0).unk_token("<unk>".into()).byte_fallback(byte).build().map_err(fail)?;
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_normalizer(normalizer);
+        if byte {
+            tokenizer.with_decoder(Some(DecoderSequence::new(vec![ByteFallback::new().into(), Fuse::new().into()])));
+        } else {
+            tokenizer.with_decoder(Some(Fuse::new()));
+        }
+        let specials: Vec<AddedToken> = SPECIALS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
+        tokenizer.add_special_tokens(&specials);
         Self::checked(tokenizer, "trained tokenizer")
     }
 
@@ -234,5 +304,52 @@ mod tests {
         let e = SubwordTokenizer::load(&path).err().unwrap();
         assert!(e.origin.ends_with("tokenizer.json"));
         assert!(!e.to_string().contains('\n'));
+    }
+
+    /// Characters: the vocabulary is the training text's characters after NFC (a decomposed "é"
+    /// is one), ids by code point after the specials; text round-trips; a character not seen
+    /// in training is one `<unk>`; the most frequent characters are kept under `vocab_size`.
+    #[test]
+    fn characters_are_tokens() {
+        let settings = TokenizerSection { kind: TokenizerKind::Char, vocab_size: 100, ..Default::default() };
+        let texts = ["First Citizen:", "Before we proceed any further, hear me speak.", "Gru\u{308}ße, e\u{301}te"];
+        let tok = SubwordTokenizer::train(&settings, &texts).unwrap();
+        let expected: Vec<char> = { let mut v: Vec<char> = "First Citizen:Before we proceed any further, hear me speak.Grüße, éte".chars().collect(); v.sort_unstable(); v.dedup(); v };
+        assert_eq!(tok.vocab_size(), 4 + expected.len());
+        let ids = tok.encode_batch(&["hear me", "Grüße"]).unwrap();
+        assert_eq!(ids[0].len(), 7, "one id per character, spaces included");
+        assert_eq!(ids[1].len(), 5);
+        assert_eq!(ids[0][0], 4 + expected.iter().position(|&c| c == 'h').unwrap() as u32, "ids by code point");
+        assert_eq!(tok.decode(&ids[0]), "hear me");
+        assert_eq!(tok.decode(&ids[1]), "Grüße");
+        // Unseen characters: one <unk> each.
+        let unseen = tok.encode_batch(&["hXq!"]).unwrap().remove(0);
+        assert_eq!(unseen, vec![ids[0][0], UNK, UNK, UNK]);
+        // Reloaded from its JSON, the same ids; trained again, the same file.
+        let again = SubwordTokenizer::from_json(&tok.to_json(), "test").unwrap();
+        assert_eq!(again.encode_batch(&["hear me", "Grüße"]).unwrap(), ids);
+        assert_eq!(SubwordTokenizer::train(&settings, &texts).unwrap().to_json(), tok.to_json());
+        // A cap keeps the most frequent characters.
+        let small = SubwordTokenizer::train(&TokenizerSection { vocab_size: 6, ..settings }, &["aaab", "ab c"]).unwrap();
+        assert_eq!(small.vocab_size(), 6);
+        assert_eq!(small.encode_batch(&["abc"]).unwrap()[0], vec![4, 5, UNK]);
+    }
+
+    /// Bytes: 256 byte tokens after the specials, in byte order; every text round-trips, none is
+    /// unknown, a character of n UTF-8 bytes is n tokens.
+    #[test]
+    fn bytes_are_tokens() {
+        let settings = TokenizerSection { kind: TokenizerKind::Byte, ..Default::default() };
+        let tok = SubwordTokenizer::train(&settings, &[]).unwrap();
+        assert_eq!(tok.vocab_size(), 260);
+        let texts = ["To be, or not to be", "Grüße 世界 🙂", " \t leading and trailing  "];
+        let ids = tok.encode_batch(&texts).unwrap();
+        for (text, ids) in texts.iter().zip(&ids) {
+            assert_eq!(ids.len(), text.len(), "{text}");
+            assert_eq!(ids, &text.bytes().map(|b| 4 + b as u32).collect::<Vec<_>>());
+            assert_eq!(tok.decode(ids), *text);
+        }
+        let again = SubwordTokenizer::from_json(&tok.to_json(), "test").unwrap();
+        assert_eq!(again.encode_batch(&texts).unwrap(), ids);
     }
 }

@@ -12,7 +12,7 @@ use burn::backend::Flex;
 use kiln_data::batching::{BatchPlan, BatchSettings};
 use kiln_data::loader::Loader;
 use kiln_data::prepare::TokenizerSource;
-use kiln_data::HostBatch;
+use kiln_data::{HostBatch, HostBlocks, PairIds};
 use kiln_recipe::Recipe;
 
 use crate::family::{epoch_batches, DeviceBatch};
@@ -89,20 +89,27 @@ pub fn bench_data(recipe: &Recipe, scratch: &Path) -> Result<DataBench> {
 
     // The regulariser the recipe's tokenizer kind would use, at a usual strength.
     let mut reg_settings = recipe.tokenizer.clone();
-    let resample_what = match recipe.tokenizer.kind {
+    let resample = match recipe.tokenizer.kind {
         kiln_recipe::TokenizerKind::Unigram => {
             reg_settings.sample_alpha = 0.2;
-            "Unigram sampling, α = 0.2".to_string()
+            Some("Unigram sampling, α = 0.2")
         }
         kiln_recipe::TokenizerKind::Bpe => {
             reg_settings.bpe_dropout = 0.1;
-            "BPE-dropout 0.1".to_string()
+            Some("BPE-dropout 0.1")
         }
+        // One segmentation only: nothing to resample.
+        kiln_recipe::TokenizerKind::Char | kiln_recipe::TokenizerKind::Byte => None,
     };
-    let regulariser = kiln_data::Regulariser::new(&warm.tokenizer, &reg_settings).map_err(|e| anyhow!("{e}"))?.expect("settings turn it on");
-    let t0 = Instant::now();
-    std::hint::black_box(regulariser.epoch(&warm.train, recipe.train.seed, recipe.data.max_len));
-    let resample_s = t0.elapsed().as_secs_f64();
+    let (resample_what, resample_s) = match resample {
+        Some(what) => {
+            let regulariser = kiln_data::Regulariser::new(&warm.tokenizer, &reg_settings).map_err(|e| anyhow!("{e}"))?.expect("settings turn it on");
+            let t0 = Instant::now();
+            std::hint::black_box(regulariser.epoch(&warm.train, recipe.train.seed, recipe.data.max_len));
+            (what.to_string(), t0.elapsed().as_secs_f64())
+        }
+        None => ("none (characters and bytes have one segmentation)".to_string(), 0.0),
+    };
     Ok(DataBench {
         pairs: warm.train.len() + warm.valid.examples.len() + warm.test.examples.len(),
         cold_s,
@@ -184,6 +191,10 @@ pub struct TrainBench {
     pub wall_s: f64,
     /// Σ loss × tokens over the measured windows: equal for every sync setting of one recipe.
     pub loss_token_sum: f64,
+    /// Model FLOPs ([`crate::flops`]) per second over the measured steps, in GFLOP/s, and per
+    /// target token.
+    pub model_gflops: f64,
+    pub flops_per_token: f64,
 }
 
 /// A sink that keeps the windows and shows a progress line on stderr.
@@ -263,6 +274,7 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         }
         rss_per_epoch[w.epoch - 1] = rss_per_epoch[w.epoch - 1].max(w.rss_mb);
     }
+    let flops = run_flops(&recipe, scratch, warmup, times.len())?;
     let (real, slots): (f64, f64) = measured.iter().fold((0.0, 0.0), |(r, s), w| {
         let slots = w.tokens as f64; // weight windows by their tokens
         (r + slots * (1.0 - w.padding_pct / 100.0), s + slots)
@@ -288,6 +300,8 @@ pub fn bench_train(recipe: &Recipe, steps: usize, warmup: usize, scratch: &Path)
         sync_ms_max: measured.iter().map(|w| w.sync_ms).fold(0.0, f64::max),
         wall_s: wall,
         loss_token_sum: measured.iter().map(|w| w.loss * w.tokens as f64).sum(),
+        model_gflops: if wall > 0.0 { flops / wall / 1e9 } else { 0.0 },
+        flops_per_token: flops / (tokens as f64).max(1.0),
     })
 }
 
@@ -442,41 +456,141 @@ impl SyncBench {
     }
 }
 
-/// The PyTorch peer's input (`benches/peer/peer_train.py`): the model and training settings and
-/// the batches of the first `steps` optimizer steps, exactly as kiln's loader builds them.
-pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -> Result<serde_json::Value> {
-    if recipe.model.family != kiln_recipe::ModelFamily::Transformer {
-        return Err(anyhow!("the PyTorch peer covers model.family = \"transformer\" only"));
+/// The batches of a run's first `steps` optimizer steps (each step's `train.accumulate` batches of
+/// example indices, or block starts for text), epoch after epoch, as its loader plans them.
+fn run_plan(recipe: &Recipe, data: &kiln_data::Prepared, steps: usize) -> Vec<Vec<Vec<usize>>> {
+    let per_step = recipe.train.accumulate.max(1);
+    let mut plan: Vec<Vec<usize>> = Vec::new();
+    for epoch in 0..recipe.train.epochs {
+        if plan.len() >= steps * per_step {
+            break;
+        }
+        match &data.text {
+            Some(t) => plan.extend(crate::family::epoch_blocks(t.train.len(), recipe, epoch)),
+            None => plan.extend(epoch_batches(&data.train, recipe, epoch).to_vecs()),
+        }
     }
-    if recipe.tokenizer.sample_alpha > 0.0 || recipe.tokenizer.bpe_dropout > 0.0 {
-        return Err(anyhow!("the PyTorch peer gets the prepared segmentations; turn subword regularisation off to compare"));
-    }
+    plan.chunks(per_step).take(steps).map(<[Vec<usize>]>::to_vec).collect()
+}
+
+/// Model FLOPs ([`crate::flops`]) of steps `from .. to` of a run (its data prepared with the
+/// run's tokenizer, through the cache).
+fn run_flops(recipe: &Recipe, scratch: &Path, from: usize, to: usize) -> Result<f64> {
     let tok = scratch.join("run/tokenizer.json");
     let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
     let data = kiln_data::prepare(recipe, TokenizerSource::Load(&tok), cache_dir, &|_| {}).map_err(|e| anyhow!("{e}"))?;
-    let plan = epoch_batches(&data.train, recipe, 0);
-    let per_step = recipe.train.accumulate;
+    let vocab = data.tokenizer.vocab_size();
+    let plan = run_plan(recipe, &data, to);
+    let mut total = 0.0;
+    for batch in plan.iter().skip(from).flatten() {
+        total += match &data.text {
+            Some(t) => {
+                let b = HostBlocks::build(t.train.ids(), batch, recipe.data.block_size);
+                let rows: Vec<usize> = b.labels.chunks(b.len.max(1)).map(|row| row.iter().filter(|&&l| l != kiln_data::PAD as i32).count()).collect();
+                crate::flops::lm_step(&recipe.model, vocab, &rows, b.tokens)
+            }
+            None => {
+                let sequences: Vec<(usize, usize)> = batch
+                    .iter()
+                    .map(|&i| {
+                        let (s, t) = data.train.pair_lengths(i);
+                        (s + 1, t + 1)
+                    })
+                    .collect();
+                let labels = sequences.iter().map(|p| p.1).sum();
+                crate::flops::translation_step(&recipe.model, vocab, &sequences, labels)
+            }
+        };
+    }
+    Ok(total)
+}
+
+/// The machine's peak f32 rate for the MFU: the largest rate Flex's matrix product reaches here
+/// (a short probe of square products), and the FMA peak the CPU's description implies.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Peak {
+    pub measured_gflops: f64,
+    /// The largest product's size and its rate.
+    pub probe: String,
+    /// threads × clock × f32 FLOPs a cycle (two FMA units of 8 lanes with AVX2+FMA, 16 with
+    /// AVX-512), from `/proc/cpuinfo`; absent where it does not say.
+    pub theoretical_gflops: Option<f64>,
+    pub theoretical_from: Option<String>,
+}
+
+/// Probes [`Peak`]: products of 256 to 1024 square, three times each, the best rate.
+pub fn machine_peak() -> Peak {
+    use burn::tensor::{Distribution, Tensor};
+    let device = Default::default();
+    let mut best = (0.0f64, 0usize);
+    for n in [256usize, 512, 1024] {
+        let a = Tensor::<Flex, 2>::random([n, n], Distribution::Default, &device);
+        let b = Tensor::<Flex, 2>::random([n, n], Distribution::Default, &device);
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let c = a.clone().matmul(b.clone());
+            let _ = c.into_data();
+            let rate = 2.0 * (n * n * n) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            if rate > best.0 {
+                best = (rate, n);
+            }
+        }
+    }
+    let (theoretical_gflops, theoretical_from) = match theoretical_peak(rayon::current_num_threads()) {
+        Some((g, why)) => (Some(g), Some(why)),
+        None => (None, None),
+    };
+    Peak { measured_gflops: best.0, probe: format!("{0}×{0} · {0}×{0}", best.1), theoretical_gflops, theoretical_from }
+}
+
+/// threads × the CPU's clock × its f32 FLOPs a cycle, where `/proc/cpuinfo` says them.
+fn theoretical_peak(threads: usize) -> Option<(f64, String)> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let field = |name: &str| info.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string());
+    let mhz: f64 = field("cpu MHz")?.parse().ok()?;
+    let flags = field("flags")?;
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let (per_cycle, isa) = if has("avx512f") {
+        (64.0, "AVX-512 FMA")
+    } else if has("avx2") && has("fma") {
+        (32.0, "AVX2 FMA")
+    } else if has("avx") {
+        (16.0, "AVX")
+    } else {
+        (8.0, "SSE")
+    };
+    let gflops = threads as f64 * mhz / 1e3 * per_cycle;
+    Some((gflops, format!("{threads} threads × {:.2} GHz × {per_cycle:.0} FLOP/cycle ({isa})", mhz / 1e3)))
+}
+
+/// The PyTorch peer's input (`benches/peer/peer_train.py`): the model and training settings and
+/// the batches of the first `steps` optimizer steps, exactly as kiln's loader builds them.
+pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -> Result<serde_json::Value> {
+    if recipe.tokenizer.sample_alpha > 0.0 || recipe.tokenizer.bpe_dropout > 0.0 {
+        return Err(anyhow!("the PyTorch peer gets the prepared segmentations; turn subword regularisation off to compare"));
+    }
+    let lm = recipe.model.family == kiln_recipe::ModelFamily::Lm;
+    let tok = scratch.join("run/tokenizer.json");
+    let cache_dir = Some(recipe.loader.cache_dir.as_path()).filter(|p| !p.as_os_str().is_empty());
+    let data = kiln_data::prepare(recipe, TokenizerSource::Load(&tok), cache_dir, &|_| {}).map_err(|e| anyhow!("{e}"))?;
     let sync = recipe.train.sync_interval;
     let warmup = warmup.div_ceil(sync) * sync;
-    let total = (warmup + steps).min(plan.len() / per_step);
-    let plan = plan.to_vecs();
-    let batches: Vec<Vec<serde_json::Value>> = plan
-        .chunks(per_step)
-        .take(total)
-        .map(|group| {
-            group
-                .iter()
-                .map(|indices| {
-                    let b = HostBatch::build(&data.train, indices);
-                    serde_json::json!({
-                        "src": b.src, "src_shape": [b.size, b.src_len],
-                        "tgt_in": b.tgt_in, "tgt_shape": [b.size, b.tgt_len],
-                        "label_rows": b.label_rows, "labels": b.labels,
-                    })
-                })
-                .collect()
-        })
-        .collect();
+    let batch_json = |indices: &[usize]| -> serde_json::Value {
+        if lm {
+            let stream = data.text.as_ref().map(|t| t.train.ids()).unwrap_or(kiln_data::Ids::U32(&[]));
+            let b = HostBlocks::build(stream, indices, recipe.data.block_size);
+            let (rows, labels): (Vec<i32>, Vec<i32>) = b.labels.iter().enumerate().filter(|(_, &t)| t != kiln_data::PAD as i32).map(|(i, &t)| (i as i32, t)).unzip();
+            serde_json::json!({ "input": b.input, "input_shape": [b.size, b.len], "label_rows": rows, "labels": labels })
+        } else {
+            let b = HostBatch::build(&data.train, indices);
+            serde_json::json!({
+                "src": b.src, "src_shape": [b.size, b.src_len],
+                "tgt_in": b.tgt_in, "tgt_shape": [b.size, b.tgt_len],
+                "label_rows": b.label_rows, "labels": b.labels,
+            })
+        }
+    };
+    let batches: Vec<Vec<serde_json::Value>> = run_plan(recipe, &data, warmup + steps).iter().map(|group| group.iter().map(|indices| batch_json(indices)).collect()).collect();
     let m = &recipe.model;
     let tr = &recipe.train;
     Ok(serde_json::json!({
@@ -484,6 +598,7 @@ pub fn peer_spec(recipe: &Recipe, scratch: &Path, steps: usize, warmup: usize) -
         "seed": tr.seed,
         "warmup_steps": warmup,
         "sync_interval": sync,
+        "family": if lm { "lm" } else { "transformer" },
         "vocab_size": data.tokenizer.vocab_size(),
         "pad": kiln_data::PAD,
         "model": {

@@ -430,6 +430,14 @@ impl LmTask {
             (None, _) => Ids::U32(&[]),
         }
     }
+
+    fn chars(&self, split: Split) -> u64 {
+        match (&self.data.text, split) {
+            (Some(t), Split::Valid) => t.valid_chars,
+            (Some(t), Split::Test) => t.test_chars,
+            (None, _) => 0,
+        }
+    }
 }
 
 impl<B: AutodiffBackend> Task<B> for LmTask {
@@ -443,7 +451,7 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
 
     fn evaluate(&self, model: &DecoderLm<B::InnerBackend>, split: Split, device: &B::Device) -> Option<EvalFigures> {
         let stream = self.stream(split);
-        (stream.len() > 1).then(|| evaluate_lm(model, stream, &self.recipe, device))
+        (stream.len() > 1).then(|| evaluate_lm(model, stream, self.chars(split), &self.recipe, device))
     }
 
     fn named_sets(&self) -> Vec<String> {
@@ -451,8 +459,8 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
     }
 
     fn evaluate_named(&self, model: &DecoderLm<B::InnerBackend>, name: &str, device: &B::Device) -> Option<EvalFigures> {
-        let stream = self.data.dev.iter().find(|s| s.name == name)?.text.as_ref()?;
-        Some(evaluate_lm(model, stream.ids(), &self.recipe, device))
+        let set = self.data.dev.iter().find(|s| s.name == name)?;
+        Some(evaluate_lm(model, set.text.as_ref()?.ids(), set.chars, &self.recipe, device))
     }
 
     fn info(&self) -> TaskInfo {
@@ -467,8 +475,10 @@ impl<B: AutodiffBackend> Task<B> for LmTask {
 }
 
 /// Mean per-token NLL of a token stream, every next-token prediction counted once (consecutive
-/// blocks from position 0); one device read at the end.
-pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: Ids<'_>, recipe: &Recipe, device: &B::Device) -> EvalFigures {
+/// blocks from position 0); one device read at the end. With the text's character count
+/// (`chars` > 0), also `loss_per_char`: the loss per token times tokens per character, which
+/// compares runs whatever their tokenizer (a character tokenizer's is its loss per token).
+pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: Ids<'_>, chars: u64, recipe: &Recipe, device: &B::Device) -> EvalFigures {
     let block = recipe.data.block_size;
     let settings = batch_settings(recipe, Batches::Eval);
     let starts = eval_blocks(stream.len(), block);
@@ -486,7 +496,19 @@ pub fn evaluate_lm<B: Backend>(lm: &DecoderLm<B>, stream: Ids<'_>, recipe: &Reci
         });
     }
     let loss = nll.map(|t| t.into_data().iter::<f64>().next().unwrap_or(f64::NAN) / tokens.max(1) as f64).unwrap_or(f64::NAN);
-    kiln_train::task::figures(loss, Default::default())
+    let mut metrics = std::collections::BTreeMap::new();
+    if chars > 0 {
+        metrics.insert(LOSS_PER_CHAR.to_string(), loss_per_char(loss, stream.len(), chars));
+    }
+    kiln_train::task::figures(loss, metrics)
+}
+
+/// The validation metric of a text's loss per character (nats).
+pub const LOSS_PER_CHAR: &str = "loss_per_char";
+
+/// Loss per token × tokens per character.
+pub fn loss_per_char(loss: f64, tokens: usize, chars: u64) -> f64 {
+    loss * tokens as f64 / chars as f64
 }
 
 #[cfg(test)]

@@ -189,6 +189,9 @@ pub struct EvalReport {
     /// sacreBLEU-equal corpus BLEU and chrF of the decoded split (translation runs).
     pub bleu: Option<f64>,
     pub chrf: Option<f64>,
+    /// Language models: the loss per character of the split's text (nats).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_per_char: Option<f64>,
 }
 
 /// Evaluates a run's checkpoint on its validation or test split (prepared through the dataset
@@ -212,6 +215,7 @@ pub fn evaluate_run<B: Backend>(run: &RunModel, split: Split, beam: BeamSettings
         beam: beam.beam,
         len_penalty: beam.len_penalty,
         weights: if run.decodes_moving_average() { "ema" } else { "model" }.to_string(),
+        loss_per_char: None,
         bleu: None,
         chrf: None,
     };
@@ -244,12 +248,13 @@ impl<B: Backend> crate::registry::UseFamily for EvaluateCheckpoint<'_, B> {
 pub(crate) fn evaluate_lm_checkpoint<B: Backend>(run: &RunModel, data: &kiln_data::Prepared, split: Split, device: &B::Device, report: &mut EvalReport) -> Result<()> {
     let lm = run.language_model::<B>(device)?;
     let text = data.text.as_ref().ok_or_else(|| anyhow!("{}: no text corpus", run.run_dir.display()))?;
-    let stream = if split == Split::Valid { text.valid.ids() } else { text.test.ids() };
+    let (stream, chars) = if split == Split::Valid { (text.valid.ids(), text.valid_chars) } else { (text.test.ids(), text.test_chars) };
     if stream.len() < 2 {
         bail!("{}: the run's data has no {} split", run.run_dir.display(), report.split);
     }
-    let r = evaluate_lm(&lm, stream, &run.recipe, device);
+    let r = evaluate_lm(&lm, stream, chars, &run.recipe, device);
     (report.size, report.unit, report.loss, report.ppl) = (stream.len(), "tokens".into(), r.loss, r.ppl);
+    report.loss_per_char = r.metrics.get(crate::family::LOSS_PER_CHAR).copied();
     Ok(())
 }
 

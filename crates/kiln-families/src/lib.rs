@@ -9,6 +9,7 @@ pub mod bench;
 pub mod evaluate;
 pub mod export;
 pub mod family;
+pub mod flops;
 pub mod infer;
 pub mod registry;
 pub mod rundir;
@@ -248,6 +249,9 @@ fn prepare_data(launch: &Launch, sink: &mut (dyn EventSink + Send)) -> Result<Ar
         prepare_s: data.prepare_s,
     };
     sink.emit(&Event::Data(report)).map_err(|m| anyhow!(m))?;
+    if data.unknown_tokens > 0 {
+        note(sink, format!("{} tokens are <unk>: characters the tokenizer has no token for", data.unknown_tokens))?;
+    }
     Ok(Arc::new(data))
 }
 

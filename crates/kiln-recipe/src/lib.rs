@@ -52,6 +52,11 @@ pub enum TokenizerKind {
     #[default]
     Unigram,
     Bpe,
+    /// One token per character (Unicode scalar value after NFC): the vocabulary is the training
+    /// text's characters (the most frequent `vocab_size - 4` when there are more); others are `<unk>`.
+    Char,
+    /// One token per UTF-8 byte: a fixed vocabulary of 256 bytes after the specials; nothing is unknown.
+    Byte,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

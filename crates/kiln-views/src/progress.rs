@@ -87,7 +87,7 @@ impl<W: Write + Send> EventSink for ProgressLine<W> {
                 self.epochs = info.epochs;
                 self.total_steps = info.total_steps;
                 format!(
-                    "kiln | {} | {} | device {} | {} parameters | vocab {} | {} train / {} valid pairs | {} steps/epoch, sync every {}",
+                    "kiln | {} | {} | device {} | {} parameters | vocab {} | {} train / {} valid examples | {} steps/epoch, sync every {}",
                     info.recipe,
                     info.run_dir,
                     info.device,
