@@ -54,3 +54,41 @@ fn family_and_format_must_match() {
     assert_user_error(&kiln(&["train", &smoke_lm, "--set", "tokenizer.sample_alpha=0.2"]), &["tokenizer.sample_alpha", "sentence pairs"]);
     assert_user_error(&kiln(&["train", &smoke_lm, "--set", "model.pre_ln=false"]), &["model.pre_ln", "pre-LN"]);
 }
+
+/// A character- and a byte-level model of the smoke text: the run trains and learns; its
+/// validation rows carry the loss per character, equal to the loss per token for characters
+/// (one token each) and below it for bytes (a character is one byte or more), and a subword
+/// run's is its loss scaled by tokens per character; `eval` writes it too; `generate` continues a
+/// prompt in the run's own alphabet, and the character vocabulary is the text's characters.
+#[test]
+fn character_and_byte_models_report_the_loss_per_character() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut per_char = Vec::new();
+    for kind in ["char", "byte", "unigram"] {
+        let run = dir.path().join(kind);
+        train_lm(&run, &[&format!("tokenizer.kind={kind}"), "train.max_steps=30", "train.epochs=1"]);
+        let rows = read_jsonl(&run.join("metrics.jsonl"));
+        let valid = rows.iter().rfind(|r| r["kind"] == "valid").unwrap();
+        let (loss, lpc) = (valid["loss"].as_f64().unwrap(), valid["metrics"]["loss_per_char"].as_f64().unwrap());
+        match kind {
+            "char" => assert!((lpc - loss).abs() <= 1e-12 * loss, "characters: {lpc} vs {loss}"),
+            "byte" => assert!(lpc >= loss, "bytes: at least one per character: {lpc} vs {loss}"),
+            _ => assert!(lpc < loss, "subwords: several characters a token: {lpc} vs {loss}"),
+        }
+        per_char.push(lpc);
+        let o = kiln(&["eval", &run.display().to_string(), "--split", "valid"]);
+        assert!(o.status.success() && stdout(&o).contains("loss/char"), "{}{}", stdout(&o), stderr(&o));
+        let report = read_json(&run.join("eval-valid.json"));
+        assert!((report["loss_per_char"].as_f64().unwrap() - lpc).abs() <= 1e-9 * lpc, "{report}");
+        let o = kiln(&["generate", &run.display().to_string(), "--prompt", "KING", "--max-tokens", "12", "--seed", "1"]);
+        assert!(o.status.success() && stdout(&o).starts_with("KING"), "{kind}: {}{}", stdout(&o), stderr(&o));
+        if kind == "char" {
+            let tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(run.join("tokenizer.json")).unwrap()).unwrap();
+            let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+            let text = std::fs::read_to_string(root().join("assets/shakespeare.txt")).unwrap();
+            assert!(vocab.contains_key("K") && vocab.contains_key(" ") && vocab.len() < 100, "{}", vocab.len());
+            assert!(vocab.keys().filter(|k| !k.starts_with('<')).all(|k| text.contains(k.as_str())), "only the text's characters");
+        }
+    }
+    assert!(per_char.iter().all(|x| x.is_finite() && *x > 0.0), "{per_char:?}");
+}

@@ -119,10 +119,27 @@ fn scaled_exp_minus_body(row: &mut [f32], shift: f32, a: f32, b: f32) {
 /// In place: `row ← exp(row − max) / Σ`.
 #[inline(always)]
 fn softmax_row_body(row: &mut [f32]) {
-    // `max` skips NaN, but a NaN entry still makes its exp, the sum and so the whole row NaN.
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut s = 0.0;
-    for v in row.iter_mut() {
+    // Max, exponentials and their sum in lanes, so that each loop vectorises (a float fold
+    // does not). `max` skips NaN, but a NaN entry still makes its exp, the sum and so the whole
+    // row NaN.
+    let mut maxes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            maxes[i] = maxes[i].max(c[i]);
+        }
+    }
+    let m = chunks.remainder().iter().fold(maxes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)), |a, &b| a.max(b));
+    let mut sums = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            c[i] = exp(c[i] - m);
+            sums[i] += c[i];
+        }
+    }
+    let mut s: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
         *v = exp(*v - m);
         s += *v;
     }
@@ -135,7 +152,15 @@ fn softmax_row_body(row: &mut [f32]) {
 /// In place on `grad`: `g ← y·(g − Σ g·y)`, softmax's backward.
 #[inline(always)]
 fn softmax_backward_row_body(y: &[f32], grad: &mut [f32]) {
-    let dot: f32 = y.iter().zip(grad.iter()).map(|(a, b)| a * b).sum();
+    let mut dots = [0.0f32; LANES];
+    let (gc, yc) = (grad.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (g_rest, y_rest) = (gc.remainder(), yc.remainder());
+    for (g, p) in gc.zip(yc) {
+        for i in 0..LANES {
+            dots[i] += g[i] * p[i];
+        }
+    }
+    let dot = dots.iter().sum::<f32>() + g_rest.iter().zip(y_rest).map(|(a, b)| a * b).sum::<f32>();
     for (g, &p) in grad.iter_mut().zip(y) {
         *g = p * (*g - dot);
     }
