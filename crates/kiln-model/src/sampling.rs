@@ -1,6 +1,9 @@
 //! Text generation from the language model: a prompt through the key/value cache, then one token
 //! at a time, drawn from the next-token distribution with a temperature and an optional top-k
-//! cut, from a seeded RNG (the same seed gives the same text). Temperature 0 is greedy.
+//! cut, from a seeded RNG (the same seed gives the same text). Temperature 0 is greedy. Past the
+//! model's longest context the window slides, as nanoGPT's `generate` crops it: each further token
+//! is predicted from the last `max_positions` tokens, recomputed (positions restart with the
+//! window, as they did in every training block).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -48,9 +51,9 @@ fn row<B: Backend>(logits: Tensor<B, 2>) -> Vec<f32> {
     logits.into_data().iter::<f32>().collect()
 }
 
-/// Continues `prompt` (at least one token) by up to `s.max_tokens` tokens, stopping at the
-/// model's longest context. `cached = false` recomputes the whole sequence every step (for tests
-/// that the cache changes nothing).
+/// Continues `prompt` (at least one token) by up to `s.max_tokens` tokens; past the model's
+/// longest context, from the last `max_positions` tokens. `cached = false` recomputes the whole
+/// window every step (for tests that the cache changes nothing).
 pub fn generate<B: Backend>(lm: &DecoderLm<B>, prompt: &[u32], s: &Sampling, cached: bool, device: &B::Device) -> Vec<u32> {
     let ids = |v: &[u32]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.iter().map(|&t| t as i32).collect::<Vec<_>>(), [1, v.len()]), device);
     let mut rng = StdRng::seed_from_u64(s.seed);
@@ -58,11 +61,12 @@ pub fn generate<B: Backend>(lm: &DecoderLm<B>, prompt: &[u32], s: &Sampling, cac
     let mut out = Vec::new();
     let mut cache = lm.new_cache();
     let mut fresh: Vec<u32> = prompt.to_vec();
-    while out.len() < s.max_tokens && seq.len() < lm.max_positions() {
-        let logits = if cached {
+    let context = lm.max_positions().max(1);
+    while out.len() < s.max_tokens {
+        let logits = if cached && seq.len() <= context {
             lm.step(ids(&fresh), &mut cache)
         } else {
-            let all = lm.forward(ids(&seq));
+            let all = lm.forward(ids(&seq[seq.len().saturating_sub(context)..]));
             let [_, len, vocab] = all.dims();
             all.slice([0..1, len - 1..len]).reshape([1, vocab])
         };
@@ -98,8 +102,16 @@ mod tests {
                 assert_eq!(a, b, "{positions:?} temperature {temperature}");
             }
             // The context limit ends generation.
-            let s = Sampling { max_tokens: 100, temperature: 0.0, top_k: 0, seed: 1, stop: None };
-            assert_eq!(generate(&lm, &[4, 7, 9], &s, true, &device).len(), 24 - 3);
+            // Past the context of 24 the window slides: as many tokens as asked, cached or not,
+            // and each later token is what the last 24 tokens alone predict.
+            let s = Sampling { max_tokens: 60, temperature: 0.0, top_k: 0, seed: 1, stop: None };
+            let long = generate(&lm, &[4, 7, 9], &s, true, &device);
+            assert_eq!(long.len(), 60);
+            assert_eq!(long, generate(&lm, &[4, 7, 9], &s, false, &device));
+            let seq: Vec<u32> = [4, 7, 9].into_iter().chain(long.iter().copied()).collect();
+            let window = &seq[40 - 24..40];
+            let alone = generate(&lm, window, &Sampling { max_tokens: 1, ..s }, true, &device);
+            assert_eq!(alone[0], seq[40], "{positions:?}: token 40 from the 24 before it");
         }
     }
 
