@@ -606,9 +606,16 @@ fn generate(run_dir: &std::path::Path, prompt: &str, sampling: kiln_families::Sa
         anyhow::bail!("--temperature: expected a number >= 0, got {}", sampling.temperature);
     }
     let run = weights.open(run_dir, checkpoint)?;
-    let text = kiln_families::generate(&run, prompt, sampling)?;
-    let sep = if prompt.is_empty() || text.starts_with('\n') { "" } else { " " };
-    println!("{prompt}{sep}{text}");
+    // Ctrl-C or SIGTERM ends a long text where it is (printed, exit 0); a second signal at once.
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("kiln: stopping the text here (again to quit at once)");
+    });
+    let text = kiln_families::generate(&run, prompt, sampling, &|| !STOP.load(std::sync::atomic::Ordering::SeqCst))?;
+    println!("{prompt}{text}");
     Ok(())
 }
 

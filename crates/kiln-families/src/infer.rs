@@ -11,7 +11,7 @@ use kiln_data::batching::plan_batches;
 use kiln_data::prepare::TokenizerSource;
 use kiln_data::{Example, HostBatch, SubwordTokenizer, EOS};
 use kiln_metrics::{BleuStats, ChrfStats};
-use kiln_model::sampling::{generate, Sampling};
+use kiln_model::sampling::Sampling;
 use kiln_model::seq2seq::BeamSettings;
 use kiln_model::{DecoderLm, Seq2Seq};
 use kiln_recipe::{ModelFamily, Recipe};
@@ -157,16 +157,29 @@ pub fn translate_lines<B: Backend>(run: &RunModel, lines: &[String], beam: BeamS
 }
 
 /// Continues `prompt` with the run's language model; returns the generated text (lines broken at
-/// `</s>`, as the training text was).
-pub fn generate_text<B: Backend>(run: &RunModel, prompt: &str, sampling: Sampling, device: &B::Device) -> Result<String> {
+/// `</s>`, as the training text was), to be printed right after the prompt: the first line is
+/// decoded together with the prompt and the prompt's own decoding cut off, so that whatever the
+/// tokenizer does at a word's start (Metaspace's "▁" becomes a space; characters and bytes add
+/// nothing) comes out as it would inside a text. `keep_going` is asked before each token.
+pub fn generate_text<B: Backend>(run: &RunModel, prompt: &str, sampling: Sampling, keep_going: &(dyn Fn() -> bool + Sync), device: &B::Device) -> Result<String> {
     let lm = run.language_model::<B>(device)?;
-    let mut ids = if prompt.is_empty() { Vec::new() } else { run.tokenizer.encode_batch(&[prompt]).map_err(|e| anyhow!("{e}"))?.remove(0) };
-    if ids.is_empty() {
-        // An empty prompt starts a new line.
-        ids.push(EOS);
-    }
-    let out = generate(&lm, &ids, &sampling, true, device);
-    let lines: Vec<String> = out.split(|&t| t == EOS).map(|line| run.tokenizer.decode(line)).collect();
+    let prompt_ids = if prompt.is_empty() { Vec::new() } else { run.tokenizer.encode_batch(&[prompt]).map_err(|e| anyhow!("{e}"))?.remove(0) };
+    // An empty prompt starts a new line.
+    let ids = if prompt_ids.is_empty() { vec![EOS] } else { prompt_ids.clone() };
+    let out = kiln_model::sampling::generate_while(&lm, &ids, &sampling, true, device, keep_going);
+    let mut segments = out.split(|&t| t == EOS);
+    let first = segments.next().unwrap_or(&[]);
+    let head = if prompt_ids.is_empty() {
+        run.tokenizer.decode(first)
+    } else {
+        let before = run.tokenizer.decode(&prompt_ids);
+        let whole = run.tokenizer.decode(&[prompt_ids.as_slice(), first].concat());
+        match whole.strip_prefix(before.as_str()) {
+            Some(rest) => rest.to_string(),
+            None => format!(" {}", run.tokenizer.decode(first)),
+        }
+    };
+    let lines: Vec<String> = std::iter::once(head).chain(segments.map(|line| run.tokenizer.decode(line))).collect();
     Ok(lines.join("\n"))
 }
 

@@ -551,8 +551,8 @@ pub fn bench_upload(spec: &str, width: usize, depth: usize, uploads: usize, shap
 }
 
 /// Continues a prompt with a run's language model (`kiln generate`).
-pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampling::Sampling) -> Result<String> {
-    on_backend!(run, generate_text(run, prompt, sampling))
+pub fn generate(run: &infer::RunModel, prompt: &str, sampling: kiln_model::sampling::Sampling, keep_going: &(dyn Fn() -> bool + Sync)) -> Result<String> {
+    on_backend!(run, generate_text(run, prompt, sampling, keep_going))
 }
 
 /// Evaluates a run's checkpoint on a split and writes `eval-<split>.json` (`kiln eval`).

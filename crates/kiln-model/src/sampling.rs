@@ -55,6 +55,12 @@ fn row<B: Backend>(logits: Tensor<B, 2>) -> Vec<f32> {
 /// longest context, from the last `max_positions` tokens. `cached = false` recomputes the whole
 /// window every step (for tests that the cache changes nothing).
 pub fn generate<B: Backend>(lm: &DecoderLm<B>, prompt: &[u32], s: &Sampling, cached: bool, device: &B::Device) -> Vec<u32> {
+    generate_while(lm, prompt, s, cached, device, &|| true)
+}
+
+/// [`generate`], asking `keep_going` before each token: `false` ends it with the tokens so far
+/// (a stop signal while a long text is generated).
+pub fn generate_while<B: Backend>(lm: &DecoderLm<B>, prompt: &[u32], s: &Sampling, cached: bool, device: &B::Device, keep_going: &dyn Fn() -> bool) -> Vec<u32> {
     let ids = |v: &[u32]| Tensor::<B, 2, Int>::from_data(TensorData::new(v.iter().map(|&t| t as i32).collect::<Vec<_>>(), [1, v.len()]), device);
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut seq: Vec<u32> = prompt.to_vec();
@@ -62,7 +68,7 @@ pub fn generate<B: Backend>(lm: &DecoderLm<B>, prompt: &[u32], s: &Sampling, cac
     let mut cache = lm.new_cache();
     let mut fresh: Vec<u32> = prompt.to_vec();
     let context = lm.max_positions().max(1);
-    while out.len() < s.max_tokens {
+    while out.len() < s.max_tokens && keep_going() {
         let logits = if cached && seq.len() <= context {
             lm.step(ids(&fresh), &mut cache)
         } else {
