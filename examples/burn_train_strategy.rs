@@ -151,10 +151,12 @@ fn train(dir: PathBuf, train: Vec<Sentence>, valid: Vec<Sentence>, epochs: usize
     if kiln {
         // The one kiln line: the loss read once every 10 steps.
         training = training.with_training_strategy(TrainingStrategy::Custom(Arc::new(SyncEveryN::new(device, 10))));
-        // Optional: burn's metrics into kiln's `metrics.jsonl` (and `kiln watch`), one row a window.
+        // Optional: burn's metrics into kiln's `metrics.jsonl` (and `kiln watch`) and TensorBoard's
+        // `tb/`, one row a window.
         std::fs::create_dir_all(&dir).expect("run directory");
         let files = kiln_views::RunFiles::open(&dir).expect("metrics.jsonl");
-        training = training.renderer(EventRenderer::new("burn-train", files));
+        let sinks = kiln_events::Fanout::new().with(files).with(kiln_tensorboard::TensorBoard::new(&dir));
+        training = training.renderer(EventRenderer::new("burn-train", sinks));
     }
     let before = READS.load(Ordering::Relaxed);
     let _result = training.launch(learner);

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_nodes;
+mod bench_serve;
 mod bench_scale;
 mod experiments;
 use kiln_events::Control;
@@ -44,8 +45,41 @@ enum Command {
         /// File of source sentences, one per line (default: stdin).
         #[arg(long, value_name = "FILE")]
         input: Option<PathBuf>,
+        /// Print the M best translations of each line with their scores, in Moses' n-best format
+        /// (`index ||| translation ||| score`, index from 0; M at most --beam). The score is the
+        /// one the beam ranks by: log-probability with `</s>` over the length penalty.
+        #[arg(long, value_name = "M")]
+        n_best: Option<usize>,
         #[command(flatten)]
         decode: DecodeArgs,
+    },
+    /// Serve a run's translation model over HTTP (POST /translate, GET /health, GET /model),
+    /// loaded once; concurrent requests are decoded in shared batches. SIGTERM or Ctrl-C drains
+    /// what is in flight and exits 0.
+    Serve {
+        run_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0: any free port (the first line printed says which).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Milliseconds the decoder waits for further requests to join a batch (0: none).
+        #[arg(long, default_value_t = 5)]
+        batch_wait_ms: u64,
+        /// Source tokens one shared batch holds at most.
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+        /// Sentences one request may hold.
+        #[arg(long, default_value_t = 256)]
+        max_sentences: usize,
+        /// Characters one sentence may hold (and at most the model's data.max_len tokens).
+        #[arg(long, default_value_t = 4096)]
+        max_chars: usize,
+        /// Checkpoint name under checkpoints/ (step-NNNNNNN, `latest` or `best`; default: the latest).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        #[command(flatten)]
+        weights: WeightsArg,
     },
     /// Continue a prompt with a run's language model.
     Generate {
@@ -185,6 +219,25 @@ enum BenchWhat {
         /// The kiln binary --scale measures (another build, for a before/after; default: this one).
         #[arg(long)]
         binary: Option<PathBuf>,
+    },
+    /// `kiln serve` under load on loopback: N concurrent clients send the same requests to a
+    /// server that batches them and to one that decodes each alone; sentences/s, p50 / p99
+    /// latency, every request answered once, the same translations.
+    Serve {
+        run_dir: PathBuf,
+        /// Source sentences: each line's first tab-separated field.
+        #[arg(long, default_value = "assets/de-en.ding.tsv")]
+        input: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+        /// Sentences per request.
+        #[arg(long, default_value_t = 4)]
+        sentences: usize,
+        /// Markdown file the rows are appended to.
+        #[arg(long, default_value = "docs/bench/serve.md")]
+        out: PathBuf,
     },
     /// Training across processes: the same steps in one process with N CPU replicas and in N
     /// processes joined over loopback (`--nodes`); the all-reduces' share of training time.
@@ -450,7 +503,12 @@ fn main() -> ExitCode {
         Command::Cache { action, dir } => cache(action, &dir),
         Command::Devices => devices(),
         Command::Watch { run_dir } => watch(&run_dir),
-        Command::Translate { run_dir, input, decode } => translate(&run_dir, input.as_deref(), &decode),
+        Command::Serve { run_dir, host, port, batch_wait_ms, batch_tokens, max_sentences, max_chars, checkpoint, weights } => {
+            let limits = kiln_serve::Limits { max_sentences, max_chars, ..Default::default() };
+            let options = kiln_serve::Options { host, port, batch_wait: std::time::Duration::from_millis(batch_wait_ms), batch_tokens, limits };
+            serve(&run_dir, options, checkpoint.as_deref(), &weights)
+        }
+        Command::Translate { run_dir, input, n_best, decode } => translate(&run_dir, input.as_deref(), &decode, n_best),
         Command::Generate { run_dir, prompt, max_tokens, temperature, top_k, seed, checkpoint, weights } => {
             generate(&run_dir, &prompt, kiln_families::Sampling { max_tokens, temperature, top_k, seed, stop: None }, checkpoint.as_deref(), &weights)
         }
@@ -464,6 +522,7 @@ fn main() -> ExitCode {
             scale.iter().map(|s| bench_scale::parse_size(s)).collect::<anyhow::Result<Vec<_>>>().and_then(|sizes| bench_scale::bench_scale(&recipe, &set, &sizes, steps, scratch, binary, &out))
         }
         Command::Bench { what: BenchWhat::Data { recipe, set, out, .. } } => bench_data(&recipe, &set, &out),
+        Command::Bench { what: BenchWhat::Serve { run_dir, input, clients, requests, sentences, out } } => bench_serve::bench_serve(&run_dir, &input, &bench_serve::Load { clients, requests, sentences }, &out),
         Command::Bench { what: BenchWhat::Nodes { recipe, set, nodes, steps, out } } => bench_nodes::bench_nodes(&recipe, &set, nodes, steps, &out),
         Command::Bench { what: BenchWhat::Upload { device, width, depth, uploads, rows, len, rounds, out } } => bench_upload(&device, width, depth, uploads, [rows, len], rounds, &out),
         Command::Bench { what: BenchWhat::Sync { recipe, set, interval, steps, warmup, rounds, json, out } } => bench_sync(&recipe, &set, interval, steps, warmup, rounds, json.as_deref(), &out),
@@ -580,9 +639,13 @@ fn train_other_node(args: &TrainArgs, overrides: &[Override], group: kiln_train:
     kiln::session::run_without_files(&control, |sink| kiln_families::launch(&launch, sink)).map(|_| ())
 }
 
-fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs) -> anyhow::Result<()> {
+fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode: &DecodeArgs, n_best: Option<usize>) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let beam = decode.settings()?;
+    if let Some(n) = n_best {
+        // Refused before the model loads.
+        kiln_families::check_n_best(n, &beam)?;
+    }
     let run = decode.weights.open(run_dir, decode.checkpoint.as_deref())?;
     let text = match input {
         Some(path) => std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?,
@@ -593,11 +656,44 @@ fn translate(run_dir: &std::path::Path, input: Option<&std::path::Path>, decode:
         }
     };
     let lines: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-    let out = kiln_families::translate(&run, &lines, beam)?;
     let mut stdout = std::io::stdout().lock();
+    if let Some(n) = n_best {
+        // Moses' n-best format, as Marian and fairseq's scripts read it: `index ||| text ||| score`.
+        for (i, hyps) in kiln_families::translate_n_best(&run, &lines, beam, n)?.into_iter().enumerate() {
+            for (text, score) in hyps {
+                writeln!(stdout, "{i} ||| {text} ||| {score:.6}")?;
+            }
+        }
+        return Ok(());
+    }
+    let out = kiln_families::translate(&run, &lines, beam)?;
     for line in out {
         writeln!(stdout, "{line}")?;
     }
+    Ok(())
+}
+
+fn serve(run_dir: &std::path::Path, options: kiln_serve::Options, checkpoint: Option<&str>, weights: &WeightsArg) -> anyhow::Result<()> {
+    use std::io::Write;
+    if options.limits.max_sentences == 0 || options.limits.max_chars == 0 || options.batch_tokens == 0 {
+        anyhow::bail!("--max-sentences, --max-chars and --batch-tokens: expected integers >= 1");
+    }
+    let run = weights.open(run_dir, checkpoint)?;
+    if run.recipe.model.family != kiln_recipe::ModelFamily::Transformer {
+        anyhow::bail!("{}: this run trained a language model; `serve` serves translation models", run_dir.display());
+    }
+    let (name, step) = (run.checkpoint.display().to_string(), run.step);
+    let counters = kiln_serve::serve(run, options, |address| {
+        // The first line: scripts and tests read the address (and the port, with --port 0) here.
+        println!("kiln serve: listening on http://{address} ({name}, step {step})");
+        let _ = std::io::stdout().flush();
+    })?;
+    let count = |c: &std::sync::atomic::AtomicU64, one: &str, many: &str| {
+        let n = c.load(std::sync::atomic::Ordering::Relaxed);
+        format!("{n} {}", if n == 1 { one } else { many })
+    };
+    let (requests, sentences, batches) = (count(&counters.requests, "request", "requests"), count(&counters.sentences, "sentence", "sentences"), count(&counters.batches, "batch", "batches"));
+    println!("kiln serve: stopped after {requests} ({sentences} in {batches})");
     Ok(())
 }
 

@@ -50,7 +50,7 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
     };
     let result = match dashboard {
         Some((view, thread)) => {
-            let mut sink = Fanout::new().with(view).with(files);
+            let mut sink = Fanout::new().with(view).with(files).with(kiln_tensorboard::TensorBoard::new(run_dir));
             let result = train(&mut sink);
             // Closing the channel ends the dashboard, which restores the terminal.
             drop(sink);
@@ -60,7 +60,7 @@ pub fn run(run_dir: &Path, session: &Session, control: &Control, train: impl FnO
             result
         }
         None => {
-            let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()).live(std::io::stdout().is_terminal())).with(files);
+            let mut sink = Fanout::new().with(ProgressLine::new(std::io::stdout()).live(std::io::stdout().is_terminal())).with(files).with(kiln_tensorboard::TensorBoard::new(run_dir));
             train(&mut sink)
         }
     };

@@ -46,6 +46,28 @@ fn translate_eval_and_architecture_checks() {
     assert_eq!(stdout(&a), stdout(&b));
     assert_user_error(&kiln(&["translate", &run, "--beam", "0"]), &["--beam"]);
 
+    // --n-best: Moses' `index ||| text ||| score`, the first of each the 1-best of that beam.
+    for (beam, n) in [("1", 1usize), ("3", 3)] {
+        let plain = stdout(&with_stdin(&["translate", &run, "--beam", beam], input));
+        let o = with_stdin(&["translate", &run, "--beam", beam, "--n-best", &n.to_string()], input);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rows: Vec<(usize, String, f64)> = stdout(&o)
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(" ||| ").collect();
+                assert_eq!(f.len(), 3, "{l}");
+                (f[0].parse().unwrap(), f[1].to_string(), f[2].parse().unwrap())
+            })
+            .collect();
+        for (i, best) in plain.lines().enumerate() {
+            let hyps: Vec<&(usize, String, f64)> = rows.iter().filter(|r| r.0 == i).collect();
+            assert_eq!(hyps[0].1, best, "beam {beam}: line {i}'s first is the 1-best");
+            assert_eq!(hyps.len(), if best.is_empty() { 1 } else { n }, "beam {beam}, line {i}: {rows:?}");
+            assert!(hyps.iter().all(|h| h.2.is_finite() && h.2 <= 0.0), "log-probabilities: {rows:?}");
+        }
+    }
+    assert_user_error(&kiln(&["translate", &run, "--beam", "2", "--n-best", "3"]), &["--n-best", "at most --beam"]);
+
     let o = kiln(&["eval", &run, "--split", "test", "--beam", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report = read_json(&std::path::Path::new(&run).join("eval-test.json"));

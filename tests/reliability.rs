@@ -72,6 +72,10 @@ fn assert_same_end(whole: &Path, other: &Path) {
     // The log continues without the lost steps' rows, and every row is whole JSON.
     let steps: Vec<u64> = read_jsonl(&other.join("metrics.jsonl")).iter().filter(|r| r["kind"] == "train").map(|r| r["step"].as_u64().unwrap()).collect();
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    // TensorBoard's curves too: the lost steps' points dropped, the same loss curve as unbroken.
+    let (board_whole, board_other) = (assert_board_matches_metrics(whole), assert_board_matches_metrics(other));
+    assert_eq!(board_whole.scalars["train/loss"], board_other.scalars["train/loss"]);
+    assert_eq!(board_whole.scalars["valid/loss"], board_other.scalars["valid/loss"]);
 }
 
 fn unbroken(dir: &Path, sets: &[&str]) -> (PathBuf, Duration) {

@@ -66,3 +66,21 @@ pub fn resume_with(run_dir: &Path, sets: &[&str]) -> Output {
     }
     Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).current_dir(root()).output().expect("kiln runs")
 }
+
+/// Asserts that the run's TensorBoard files (read as TensorBoard's reader reads them, restarts
+/// dropping what they drop) hold exactly `metrics.jsonl`'s training and validation figures, step
+/// by step; returns the board.
+#[allow(dead_code)]
+pub fn assert_board_matches_metrics(run: &std::path::Path) -> kiln_tensorboard::read::Board {
+    let board = kiln_tensorboard::read::read_dir(&run.join("tb")).unwrap_or_else(|e| panic!("{e}"));
+    let rows = read_jsonl(&run.join("metrics.jsonl"));
+    let train = ["loss", "lr", "tokens_per_s", "sync_ms", "data_wait_ms", "padding_pct", "grad_norm", "grad_norm_max"].map(|f| ("train", f));
+    let valid = ["loss", "ppl", "bleu"].map(|f| ("valid", f));
+    for (kind, field) in train.into_iter().chain(valid) {
+        let tag = format!("{kind}/{field}");
+        let want: Vec<(i64, f32)> = rows.iter().filter(|r| r["kind"] == kind && r["set"].is_null()).filter_map(|r| Some((r["step"].as_i64().unwrap(), r[field].as_f64()? as f32))).collect();
+        let got = board.scalars.get(&tag).cloned().unwrap_or_default();
+        assert_eq!(got, want, "{tag} in {}", run.display());
+    }
+    board
+}

@@ -4,7 +4,7 @@
 //! - `cargo xtask train <recipe.toml> [--cuda] [--wgpu] [kiln train flags...]`: builds the CLI in
 //!   release (with the `cuda` / `wgpu` features when asked) and runs `kiln train`.
 //! - `cargo xtask watch <run-dir>`: the dashboard of a live or finished run.
-//! - `cargo xtask translate | generate | eval <run-dir> ...`: use a trained model.
+//! - `cargo xtask translate | generate | eval | serve <run-dir> ...`: use a trained model.
 //! - `cargo xtask runs [DIR]`, `compare RUN RUN…`, `sweep RECIPE --grid key=v1,v2 …`: experiments.
 //! - `cargo xtask average RUN --last K`, `export RUN --format safetensors`: checkpoint tools.
 //! - `cargo xtask bench data <recipe>`: data pipeline figures, appended to `docs/bench/data.md`.
@@ -52,10 +52,10 @@ fn status(mut c: Command) -> Result<()> {
 
 fn run(args: &[String]) -> Result<()> {
     let Some((cmd, rest)) = args.split_first() else {
-        bail!("usage: cargo xtask <train|watch|translate|generate|eval|runs|compare|sweep|average|export|cache|bench|devices|test|fuzz|check-cuda> ...");
+        bail!("usage: cargo xtask <train|watch|translate|generate|eval|serve|runs|compare|sweep|average|export|cache|bench|devices|test|fuzz|check-cuda> ...");
     };
     match cmd.as_str() {
-        "train" | "watch" | "translate" | "generate" | "eval" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" | "devices" => {
+        "train" | "watch" | "translate" | "generate" | "eval" | "serve" | "cache" | "bench" | "runs" | "compare" | "sweep" | "average" | "export" | "devices" => {
             let features: Vec<&str> = [("--cuda", "cuda"), ("--wgpu", "wgpu")].into_iter().filter(|(flag, _)| rest.iter().any(|a| a == flag)).map(|(_, f)| f).collect();
             let rest: Vec<&String> = rest.iter().filter(|a| *a != "--cuda" && *a != "--wgpu").collect();
             let mut build = cargo();
@@ -102,7 +102,7 @@ fn run(args: &[String]) -> Result<()> {
             c.args(["build", "-p", "kiln", "--bin", "kiln", "--features", "cuda"]).args(rest);
             status(c)
         }
-        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, runs, compare, sweep, average, export, cache, bench, devices, test, fuzz or check-cuda"),
+        other => bail!("unknown task `{other}`; expected train, watch, translate, generate, eval, serve, runs, compare, sweep, average, export, cache, bench, devices, test, fuzz or check-cuda"),
     }
 }
 

@@ -70,6 +70,8 @@ fn window(step: usize, tokens_per_s: f64, sync_ms: f64, sync: SyncStats) -> Wind
         reduce: None,
         overflow_skips: 0,
         loss_scale: None,
+        grad_norm: None,
+        grad_norm_max: None,
         metrics: Default::default(),
     }
 }
@@ -81,7 +83,7 @@ fn sync_and_throughput_panels_show_the_figures_fed_to_them() {
     s.apply(&Event::RunStarted(info()));
     s.apply(&Event::Window(window(410, 11_000.0, 0.5, SyncStats { count: 41, total_ms: 10.25, max_ms: 1.5 })));
     s.apply(&Event::Window(window(420, 12_345.6, 0.75, SyncStats { count: 42, total_ms: 11.0, max_ms: 1.5 })));
-    s.apply(&Event::Validation(ValidRow { epoch: 1, step: 277, loss: 4.5, ppl: 90.0, bleu: Some(1.25), metrics: Default::default(), set: None }));
+    s.apply(&Event::Validation(ValidRow { epoch: 1, step: 277, loss: 4.5, ppl: 90.0, bleu: Some(1.25), metrics: Default::default(), set: None, samples: Vec::new() }));
     let text = screen(&s, 140, 40);
     // Throughput: tokens/s, sentences/s (500 in 10 s), steps/s (10 in 10 s).
     for needle in ["12,346 tok/s", "50.0 sent/s", "1.00 steps/s"] {

@@ -103,6 +103,12 @@ pub struct WindowRow {
     pub overflow_skips: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
+    /// Mean and largest global gradient norm (before clipping) of the window's applied steps,
+    /// from the window's one read; absent in older logs and where no step was applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_norm_max: Option<f64>,
     /// The task's own training metrics over the window, by name (absent when it has none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
@@ -128,6 +134,18 @@ pub struct ValidRow {
     /// The named validation set (`eval.sets`) these figures are of; absent for the main one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set: Option<String>,
+    /// The first `eval.samples` translations of the set, for people to read (TensorBoard's text
+    /// tab); not part of `metrics.jsonl`.
+    #[serde(skip)]
+    pub samples: Vec<Sample>,
+}
+
+/// One decoded validation sentence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sample {
+    pub source: String,
+    pub reference: String,
+    pub hypothesis: String,
 }
 
 /// Final figures (`summary.json`).
@@ -203,6 +221,9 @@ pub struct EvalFigures {
     pub bleu: Option<f64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// A few decoded sentences (translation validation, `eval.samples`); not serialised.
+    #[serde(skip)]
+    pub samples: Vec<Sample>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use kiln_model::{label_smoothed_loss, Seq2Seq};
 use kiln_recipe::Recipe;
 
 pub use kiln_events::EvalFigures;
+use kiln_events::Sample;
 
 pub fn ids<B: Backend>(data: &[i32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(data.to_vec(), [rows, cols]), device)
@@ -72,17 +73,22 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
         }
         None => f64::NAN,
     };
+    let mut samples = Vec::new();
     let bleu = if recipe.eval.bleu && !set.examples.is_empty() {
         let n = if recipe.eval.bleu_sentences == 0 { set.examples.len() } else { recipe.eval.bleu_sentences.min(set.examples.len()) };
         let (mut stats, mut chrf) = (BleuStats::default(), ChrfStats::default());
         if recipe.eval.beam > 1 {
             let sources: Vec<&[u32]> = set.examples[..n].iter().map(|e| e.src.as_slice()).collect();
-            for (hyp, reference) in beam_translate(model, &sources, recipe, beam_settings(recipe), device).iter().zip(&set.references) {
+            let mut samples = Vec::new();
+            for (i, (hyp, reference)) in beam_translate(model, &sources, recipe, beam_settings(recipe), device).iter().zip(&set.references).enumerate() {
                 let text = tokenizer.decode(hyp);
                 stats.add(&text, reference);
                 chrf.add(&text, reference);
+                if i < recipe.eval.samples {
+                    samples.push(sample(set, i, text).1);
+                }
             }
-            return EvalFigures { loss, ppl: loss.exp(), bleu: Some(stats.score()), metrics: [("chrf".to_string(), chrf.score())].into() };
+            return EvalFigures { loss, ppl: loss.exp(), bleu: Some(stats.score()), metrics: [("chrf".to_string(), chrf.score())].into(), samples };
         }
         for batch in eval_batches(set, recipe, n) {
             let b = HostBatch::build(&set.examples, &batch);
@@ -96,13 +102,26 @@ pub fn evaluate<B: Backend>(model: &Seq2Seq<B>, set: &EvalSet, tokenizer: &Subwo
                 let text = tokenizer.decode(&hyp);
                 stats.add(&text, &set.references[i]);
                 chrf.add(&text, &set.references[i]);
+                if i < recipe.eval.samples {
+                    samples.push(sample(set, i, text));
+                }
             }
         }
+        // Batches are planned by length: the samples back in the set's order.
+        samples.sort_by_key(|s| s.0);
+
         Some((stats.score(), chrf.score()))
     } else {
         None
     };
     // chrF (character 6-grams, β 2) next to BLEU: kinder to short sentences and small models.
     let metrics = bleu.map(|(_, chrf)| [("chrf".to_string(), chrf)].into()).unwrap_or_default();
-    EvalFigures { loss, ppl: loss.exp(), bleu: bleu.map(|(b, _)| b), metrics }
+    let samples = samples.into_iter().map(|(_, s)| s).collect();
+    EvalFigures { loss, ppl: loss.exp(), bleu: bleu.map(|(b, _)| b), metrics, samples }
+}
+
+/// Sentence `i` of `set` and its translation.
+fn sample(set: &EvalSet, i: usize, hypothesis: String) -> (usize, Sample) {
+    let text = |v: &[String]| v.get(i).cloned().unwrap_or_default();
+    (i, Sample { source: text(&set.sources), reference: text(&set.references), hypothesis })
 }

@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use kiln_data::batching::plan_batches;
 use kiln_data::prepare::TokenizerSource;
-use kiln_data::{Example, HostBatch, SubwordTokenizer, EOS};
+use kiln_data::{Example, HostBatch, SubwordTokenizer, EOS, PAD};
 use kiln_metrics::{BleuStats, ChrfStats};
 use kiln_model::sampling::Sampling;
 use kiln_model::seq2seq::BeamSettings;
@@ -123,27 +123,69 @@ impl RunModel {
 /// Translates token-id sentences (no specials). Beam 1 decodes batches greedily; a wider beam
 /// decodes sentence by sentence, its beams as one batch. Outputs are in input order.
 pub fn translate_ids<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recipe: &Recipe, beam: BeamSettings, device: &B::Device) -> Vec<Vec<u32>> {
-    let cap = recipe.data.max_len;
-    let examples: Vec<Example> = sources.iter().map(|s| Example { src: s[..s.len().min(cap)].to_vec(), tgt: Vec::new() }).collect();
-    let mut out = vec![Vec::new(); sources.len()];
+    let examples = capped(sources, recipe);
     if beam.beam <= 1 {
-        let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
-        let settings = crate::family::batch_settings(recipe, crate::family::Batches::Eval);
-        for batch in plan_batches(&lengths, settings, None) {
-            let b = HostBatch::build(&examples, &batch);
-            let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();
-            let tokens = model.greedy_rows(ids(&b.src, b.size, b.src_len, device), &max_lens, 8);
-            let cols = tokens.dims()[1];
-            let flat: Vec<i64> = tokens.into_data().iter::<i64>().collect();
-            for (row, &i) in batch.iter().enumerate() {
-                out[i] = flat[row * cols..(row + 1) * cols].iter().map(|&t| t as u32).take_while(|&t| t != EOS).collect();
+        let mut out = vec![Vec::new(); sources.len()];
+        greedy_batches(model, &examples, recipe, device, |_, batch, hyps| {
+            for (&i, hyp) in batch.iter().zip(hyps) {
+                out[i] = hyp;
             }
-        }
+        });
+        out
     } else {
         let sources: Vec<&[u32]> = examples.iter().map(|e| e.src.as_slice()).collect();
-        out = beam_translate(model, &sources, recipe, beam, device);
+        beam_translate(model, &sources, recipe, beam, device)
     }
-    out
+}
+
+/// The `n` best translations of each sentence (`n` ≤ the beam), best first, with the score the
+/// beam ranks by ([`Seq2Seq::beam_search_n`]); at beam 1, the greedy translation (the same as
+/// [`translate_ids`]) scored by one teacher-forced pass per batch ([`Seq2Seq::score_rows`]).
+pub fn translate_n_best<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], recipe: &Recipe, beam: BeamSettings, n: usize, device: &B::Device) -> Vec<Vec<(Vec<u32>, f64)>> {
+    let examples = capped(sources, recipe);
+    if beam.beam <= 1 {
+        let mut out = vec![Vec::new(); sources.len()];
+        greedy_batches(model, &examples, recipe, device, |src, batch, hyps| {
+            let scores = model.score_rows(src, &hyps, beam.len_penalty);
+            for ((&i, hyp), score) in batch.iter().zip(hyps).zip(scores) {
+                out[i] = vec![(hyp, score)];
+            }
+        });
+        out
+    } else {
+        examples
+            .iter()
+            .map(|e| {
+                let b = HostBatch::build(std::slice::from_ref(e), &[0]);
+                let settings = BeamSettings { max_len: max_len_for(recipe, e.src.len() + 1), ..beam };
+                model.beam_search_n(ids(&b.src, 1, b.src_len, device), settings, true, n)
+            })
+            .collect()
+    }
+}
+
+/// Sources cut to `data.max_len` tokens, as training saw them.
+fn capped(sources: &[Vec<u32>], recipe: &Recipe) -> Vec<Example> {
+    let cap = recipe.data.max_len;
+    sources.iter().map(|s| Example { src: s[..s.len().min(cap)].to_vec(), tgt: Vec::new() }).collect()
+}
+
+/// Greedy decoding in length-sorted batches under the recipe's evaluation budget; `done` gets
+/// each batch's source tensor, its example indices and their hypotheses (cut at `</s>`).
+fn greedy_batches<B: Backend>(model: &Seq2Seq<B>, examples: &[Example], recipe: &Recipe, device: &B::Device, mut done: impl FnMut(burn::tensor::Tensor<B, 2, burn::tensor::Int>, &[usize], Vec<Vec<u32>>)) {
+    let lengths: Vec<(usize, usize)> = examples.iter().map(|e| (e.src.len() + 1, 1)).collect();
+    let settings = crate::family::batch_settings(recipe, crate::family::Batches::Eval);
+    for batch in plan_batches(&lengths, settings, None) {
+        let b = HostBatch::build(examples, &batch);
+        let max_lens: Vec<usize> = batch.iter().map(|&i| max_len_for(recipe, examples[i].src.len() + 1)).collect();
+        let src = ids(&b.src, b.size, b.src_len, device);
+        let tokens = model.greedy_rows(src.clone(), &max_lens, 8);
+        let cols = tokens.dims()[1];
+        let flat: Vec<i64> = tokens.into_data().iter::<i64>().collect();
+        // A row ends at its `</s>`, or where it reached its own limit and only pads follow.
+        let hyps = (0..batch.len()).map(|row| flat[row * cols..(row + 1) * cols].iter().map(|&t| t as u32).take_while(|&t| t != EOS && t != PAD).collect()).collect();
+        done(src, &batch, hyps);
+    }
 }
 
 /// Translates lines of text.
@@ -154,6 +196,52 @@ pub fn translate_lines<B: Backend>(run: &RunModel, lines: &[String], beam: BeamS
     let hyps = translate_ids(&model, &sources, &run.recipe, beam, device);
     // An empty line stays empty (the model would otherwise invent a sentence for it).
     Ok(hyps.iter().zip(lines).map(|(h, line)| if line.trim().is_empty() { String::new() } else { run.tokenizer.decode(h) }).collect())
+}
+
+/// The `n` best translations of each line with their scores (an empty line: one empty
+/// translation scored 0).
+pub fn translate_lines_n_best<B: Backend>(run: &RunModel, lines: &[String], beam: BeamSettings, n: usize, device: &B::Device) -> Result<Vec<Vec<(String, f64)>>> {
+    let model = run.translation_model::<B>(device)?;
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let sources = run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
+    let hyps = translate_n_best(&model, &sources, &run.recipe, beam, n, device);
+    Ok(hyps.into_iter().zip(lines).map(|(h, line)| if line.trim().is_empty() { vec![(String::new(), 0.0)] } else { h.into_iter().map(|(t, s)| (run.tokenizer.decode(&t), s)).collect() }).collect())
+}
+
+/// A translation model loaded once on its device, for a server's requests: `translate` answers
+/// as [`translate_lines_n_best`] does, without loading the model again.
+pub trait Translate {
+    /// The `n` best translations of each line (`n` ≤ the beam) with their scores.
+    fn translate(&self, lines: &[String], beam: BeamSettings, n: usize) -> Result<Vec<Vec<(String, f64)>>>;
+    /// The device it decodes on, as its backend names it.
+    fn device(&self) -> String;
+}
+
+struct Loaded<'a, B: Backend> {
+    run: &'a RunModel,
+    model: Seq2Seq<B>,
+    device: B::Device,
+}
+
+impl<B: Backend> Translate for Loaded<'_, B> {
+    fn translate(&self, lines: &[String], beam: BeamSettings, n: usize) -> Result<Vec<Vec<(String, f64)>>> {
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let sources = self.run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
+        let hyps = translate_n_best(&self.model, &sources, &self.run.recipe, beam, n, &self.device);
+        let decode = |h: Vec<(Vec<u32>, f64)>| h.into_iter().map(|(t, s)| (self.run.tokenizer.decode(&t), s)).collect();
+        Ok(hyps.into_iter().zip(lines).map(|(h, line)| if line.trim().is_empty() { vec![(String::new(), 0.0)] } else { decode(h) }).collect())
+    }
+
+    fn device(&self) -> String {
+        format!("{:?}", self.device)
+    }
+}
+
+/// Loads the run's translation model on `device` and hands it to `serve`, on this thread (the
+/// run's precision is in force here).
+pub fn with_translator<B: Backend>(run: &RunModel, serve: impl FnOnce(&dyn Translate) -> Result<()>, device: &B::Device) -> Result<()> {
+    let model = run.translation_model::<B>(device)?;
+    serve(&Loaded { run, model, device: device.clone() })
 }
 
 /// Continues `prompt` with the run's language model; returns the generated text (lines broken at

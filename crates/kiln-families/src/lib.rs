@@ -533,6 +533,28 @@ pub fn translate(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2
     on_backend!(run, translate_lines(run, lines, beam))
 }
 
+/// The `n` best translations of each line with their scores (`kiln translate --n-best`); `n` is
+/// at most the beam.
+pub fn translate_n_best(run: &infer::RunModel, lines: &[String], beam: kiln_model::seq2seq::BeamSettings, n: usize) -> Result<Vec<Vec<(String, f64)>>> {
+    check_beam(run, &beam)?;
+    check_n_best(n, &beam)?;
+    on_backend!(run, translate_lines_n_best(run, lines, beam, n))
+}
+
+/// Loads a run's translation model once on its device and runs `serve` with it on this thread
+/// (`kiln serve`'s decoding thread).
+pub fn with_translator(run: &infer::RunModel, serve: impl FnOnce(&dyn infer::Translate) -> Result<()>) -> Result<()> {
+    on_backend!(run, with_translator(run, serve))
+}
+
+/// `--n-best M`: from 1 to the beam (a beam of K holds at most K hypotheses).
+pub fn check_n_best(n: usize, beam: &kiln_model::seq2seq::BeamSettings) -> Result<()> {
+    if n == 0 || n > beam.beam.max(1) {
+        bail!("--n-best: expected an integer in [1, {}] (at most --beam), got {n}", beam.beam.max(1));
+    }
+    Ok(())
+}
+
 /// `kiln bench upload`: whether uploads from a loader thread overlap a step on `spec`'s device.
 pub fn bench_upload(spec: &str, width: usize, depth: usize, uploads: usize, shape: [usize; 2], rounds: usize) -> Result<bench::UploadBench> {
     let resolved = resolve_device(spec)?;

@@ -406,12 +406,56 @@ impl<B: Backend> Seq2Seq<B> {
         Tensor::cat(out, 1)
     }
 
+    /// The score beam search ranks by, of given hypotheses (token ids without `<s>` and `</s>`),
+    /// one per row of `src`, in one teacher-forced pass: the log-probability of each hypothesis
+    /// followed by `</s>`, with `<pad>` and `<s>` out of the softmax as in decoding, divided by
+    /// the GNMT length penalty `((5 + len) / 6)^α` of its length with `</s>` (α = 0: the plain
+    /// sum). One device read.
+    pub fn score_rows(&self, src: Tensor<B, 2, Int>, hyps: &[Vec<u32>], len_penalty: f64) -> Vec<f64> {
+        let device = src.device();
+        let batch = hyps.len();
+        if batch == 0 {
+            return Vec::new();
+        }
+        let len = hyps.iter().map(|h| h.len() + 1).max().unwrap_or(1);
+        let mut tgt_in = vec![self.pad as i32; batch * len];
+        let mut labels = vec![self.pad as i32; batch * len];
+        let mut real = vec![0.0f32; batch * len];
+        for (row, hyp) in hyps.iter().enumerate() {
+            let at = row * len;
+            tgt_in[at] = self.bos as i32;
+            for (i, &t) in hyp.iter().enumerate() {
+                tgt_in[at + i + 1] = t as i32;
+                labels[at + i] = t as i32;
+            }
+            labels[at + hyp.len()] = self.eos as i32;
+            real[at..at + hyp.len() + 1].fill(1.0);
+        }
+        let logits = self.forward(src, Tensor::from_data(TensorData::new(tgt_in, [batch, len]), &device));
+        let vocab = logits.dims()[2];
+        let banned: Vec<bool> = (0..vocab).map(|t| t == self.pad || t == self.bos).collect();
+        let banned = Tensor::<B, 3, Bool>::from_data(TensorData::new(banned, [1, 1, vocab]), &device).expand([batch, len, vocab]);
+        let logp = log_softmax(logits.mask_fill(banned, -1.0e9), 2);
+        let labels = Tensor::<B, 3, Int>::from_data(TensorData::new(labels, [batch, len, 1]), &device);
+        let picked = logp.gather(2, labels).reshape([batch, len]) * Tensor::from_data(TensorData::new(real, [batch, len]), &device);
+        let sums: Vec<f64> = picked.sum_dim(1).into_data().iter::<f64>().collect();
+        sums.iter().zip(hyps).map(|(sum, hyp)| if len_penalty > 0.0 { sum / ((5.0 + (hyp.len() + 1) as f64) / 6.0).powf(len_penalty) } else { *sum }).collect()
+    }
+
     /// Beam search for one sentence (`src`: `[1, src_len]`); the best hypothesis without `<s>`
     /// and `</s>`. Beams are rows of one batch; after each step the surviving beams' caches are
     /// gathered. Finished hypotheses (ended by `</s>`) are ranked with the length penalty; the
     /// search stops early once `beam` hypotheses have finished. With `cached = false` every step
     /// recomputes the whole prefix (for tests that the cache changes nothing). Beam 1 is greedy.
     pub fn beam_search(&self, src: Tensor<B, 2, Int>, s: BeamSettings, cached: bool) -> Vec<u32> {
+        self.beam_search_n(src, s, cached, 1).into_iter().next().map(|(t, _)| t).unwrap_or_default()
+    }
+
+    /// The `n` best hypotheses of the same search (`n` ≤ the beam), best first, each with its
+    /// score: the log-probability of its tokens and `</s>` divided by the length penalty (the
+    /// figure the beam ranks by). Finished hypotheses come first; where fewer than `n` finished
+    /// within `max_len`, the best unfinished ones follow, scored without `</s>`.
+    pub fn beam_search_n(&self, src: Tensor<B, 2, Int>, s: BeamSettings, cached: bool, n: usize) -> Vec<(Vec<u32>, f64)> {
         let device = src.device();
         let k = s.beam.max(1);
         let mut state = self.start_decoding(src);
@@ -465,11 +509,18 @@ impl<B: Backend> Seq2Seq<B> {
                 parents.push(b as i32);
             }
             if done.len() >= k || next.is_empty() || step + 1 == s.max_len {
-                if done.is_empty() {
-                    done.extend(next.into_iter().map(|(t, sc)| {
-                        let n = t.len();
-                        (t, norm(n, sc))
-                    }));
+                if done.len() < n {
+                    let mut unfinished: Vec<(Vec<u32>, f64)> = next
+                        .into_iter()
+                        .map(|(t, sc)| {
+                            let len = t.len();
+                            (t, norm(len, sc))
+                        })
+                        .collect();
+                    unfinished.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    done.sort_by(|a, b| b.1.total_cmp(&a.1));
+                    done.extend(unfinished.into_iter().take(n - done.len()));
+                    return done;
                 }
                 break;
             }
@@ -478,7 +529,8 @@ impl<B: Backend> Seq2Seq<B> {
             live = next;
         }
         done.sort_by(|a, b| b.1.total_cmp(&a.1));
-        done.into_iter().next().map(|(t, _)| t).unwrap_or_default()
+        done.truncate(n.max(1));
+        done
     }
 
     fn clone_state(&self, state: &DecodeState<B>) -> DecodeState<B> {
@@ -580,6 +632,33 @@ mod tests {
                         assert_eq!(cached, uncached, "beam {beam}, α {len_penalty}: the cache changes nothing");
                     }
                 }
+            }
+        }
+    }
+
+    /// The n best are distinct, best first, the first is the 1-best, and each finished one's
+    /// score is its teacher-forced log-probability over the length penalty.
+    #[test]
+    fn n_best_hypotheses_are_ranked_with_the_scores_teacher_forcing_gives() {
+        let model: Seq2Seq<Flex> = config(true, Positions::Learned, true).init(&Default::default());
+        for src in [&[5, 6, 7, 3][..], &[11, 12, 13, 14, 15, 3][..]] {
+            for len_penalty in [0.0, 1.0] {
+                let settings = BeamSettings { beam: 4, max_len: 12, len_penalty };
+                let best = model.beam_search(ids(&[src]), settings, true);
+                let n_best = model.beam_search_n(ids(&[src]), settings, true, 3);
+                assert_eq!(n_best.len(), 3);
+                assert_eq!(n_best[0].0, best);
+                assert!(n_best.windows(2).all(|w| w[0].0 != w[1].0), "{n_best:?}");
+                let hyps: Vec<Vec<u32>> = n_best.iter().map(|h| h.0.clone()).collect();
+                let srcs: Vec<&[i32]> = vec![src; hyps.len()];
+                let forced = model.score_rows(ids(&srcs), &hyps, len_penalty);
+                for ((hyp, score), forced) in n_best.iter().zip(&forced) {
+                    if hyp.len() < 12 {
+                        assert!((score - forced).abs() < 1e-4, "α {len_penalty}: {hyp:?} beam {score} forced {forced}");
+                    }
+                }
+                let finished: Vec<f64> = n_best.iter().filter(|h| h.0.len() < 12).map(|h| h.1).collect();
+                assert!(finished.windows(2).all(|w| w[0] >= w[1]), "best first: {n_best:?}");
             }
         }
     }

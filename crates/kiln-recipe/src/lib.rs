@@ -553,6 +553,9 @@ pub struct EvalSection {
     pub len_penalty: f64,
     /// Named validation sets, each validated every time after the main one (`[[eval.sets]]`).
     pub sets: Vec<DevSet>,
+    /// Translations of the first N validation sentences kept per validation for people to read
+    /// (TensorBoard's text tab); they come from the BLEU decodes, so none without `bleu`.
+    pub samples: usize,
 }
 
 /// A named validation set: a file in the corpus's format (pairs in the main corpus's
@@ -569,7 +572,7 @@ pub struct DevSet {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10, beam: 1, len_penalty: 1.0, sets: Vec::new() }
+        Self { bleu: true, bleu_sentences: 0, max_len_a: 1.5, max_len_b: 10, beam: 1, len_penalty: 1.0, sets: Vec::new(), samples: 3 }
     }
 }
 

@@ -91,6 +91,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         replayed.first_step = start.step;
         replayed.host_metrics = vec![0.0; self.metric_defs.len()];
         let mut skipped = Vec::new();
+        let mut norms = Vec::new();
         for batches in &start.batches {
             let stats: Vec<_> = batches.iter().map(TaskBatch::stats).collect();
             let tokens = stats.iter().map(|s| s.target_tokens).sum();
@@ -104,6 +105,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
                 let lr = self.last_lr;
                 self.learner.step(self.state.step, |model, mut optim| (optim.step(lr, model, sums.grads), optim, ()));
                 replayed.host_sum += values[0];
+                norms.push(values[1]);
                 for (acc, v) in replayed.host_metrics.iter_mut().zip(&values[2..]) {
                     *acc += v;
                 }
@@ -131,7 +133,9 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         }))?;
         let (host_sum, host_metrics) = (replayed.host_sum, replayed.host_metrics.clone());
         let lr = self.last_lr;
-        self.record_window(replayed, host_sum, &host_metrics, read.ms, epoch, lr, (0, None))?;
+        // The norms of the steps applied on replay.
+        let grad_norms = norms.iter().copied().reduce(f64::max).map(|max| (norms.iter().sum::<f64>() / norms.len() as f64, max));
+        self.record_window(replayed, host_sum, &host_metrics, read.ms, epoch, lr, (0, None), grad_norms)?;
         if !queued_after.is_empty() {
             self.window.open(self.state.step);
             self.window.started = Instant::now();

@@ -286,7 +286,7 @@ impl EventRenderer {
         let Some(epoch) = self.valid_epoch.take() else { return };
         let mut metrics = std::mem::take(&mut self.valid);
         let loss = metrics.remove("Loss").unwrap_or(f64::NAN);
-        self.emit(kiln_events::Event::Validation(kiln_events::ValidRow { epoch, step: self.step, loss, ppl: loss.exp(), bleu: None, metrics, set: None }));
+        self.emit(kiln_events::Event::Validation(kiln_events::ValidRow { epoch, step: self.step, loss, ppl: loss.exp(), bleu: None, metrics, set: None, samples: Vec::new() }));
     }
 }
 
@@ -357,6 +357,8 @@ impl burn_train::renderer::MetricsRendererTraining for EventRenderer {
             reduce: None,
             overflow_skips: 0,
             loss_scale: None,
+            grad_norm: None,
+            grad_norm_max: None,
             metrics,
         };
         self.emit(kiln_events::Event::Window(row));

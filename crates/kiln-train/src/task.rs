@@ -141,5 +141,5 @@ pub trait Task<B: AutodiffBackend>: Send + Sync + 'static {
 
 /// Figures from a mean loss: perplexity derived, no BLEU, the given metrics.
 pub fn figures(loss: f64, metrics: BTreeMap<String, f64>) -> EvalFigures {
-    EvalFigures { loss, ppl: loss.exp(), bleu: None, metrics }
+    EvalFigures { loss, ppl: loss.exp(), bleu: None, metrics, samples: Vec::new() }
 }

@@ -966,7 +966,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
         }
         if read.first_nonfinite().is_none() {
             let scaling = (read.overflows(), read.loss_scale);
-            self.record_window(done, read.loss_sum, &read.metric_sums, read.ms, epoch, lr, scaling)?;
+            self.record_window(done, read.loss_sum, &read.metric_sums, read.ms, epoch, lr, scaling, read.grad_norms())?;
             return Ok(false);
         }
         match self.tr.on_nan {
@@ -985,7 +985,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
 
     /// Logs a read window: its loss sum joins the epoch's, its figures go to the sinks.
     #[allow(clippy::too_many_arguments)] // a window's read figures, each from its own place
-    pub fn record_window(&mut self, window: SyncWindow<B::InnerBackend>, loss_sum: f64, metric_sums: &[f64], ms: f64, epoch: usize, lr: f64, scaling: (u64, Option<f64>)) -> Result<()> {
+    pub fn record_window(&mut self, window: SyncWindow<B::InnerBackend>, loss_sum: f64, metric_sums: &[f64], ms: f64, epoch: usize, lr: f64, scaling: (u64, Option<f64>), grad_norms: Option<(f64, f64)>) -> Result<()> {
         let node_tokens = match self.group() {
             // Global replicas are numbered node by node.
             Some(g) => window.device_tokens.chunks(window.device_tokens.len().div_ceil(g.nodes).max(1)).map(|c| c.iter().sum()).collect(),
@@ -1036,6 +1036,8 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             reduce: (state.reduce.count > 0).then_some(state.reduce),
             overflow_skips: scaling.0,
             loss_scale: scaling.1,
+            grad_norm: grad_norms.map(|g| g.0),
+            grad_norm_max: grad_norms.map(|g| g.1),
         };
         self.emit(Event::Window(row))
     }
@@ -1083,7 +1085,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             return Ok(());
         };
         let step = self.state.step;
-        let row_of = |f: EvalFigures, set: Option<String>| ValidRow { epoch: epoch + 1, step, loss: f.loss, ppl: f.ppl, bleu: f.bleu, metrics: f.metrics, set };
+        let row_of = |f: EvalFigures, set: Option<String>| ValidRow { epoch: epoch + 1, step, loss: f.loss, ppl: f.ppl, bleu: f.bleu, metrics: f.metrics, set, samples: f.samples };
         let row = row_of(valid, None);
         let named: Vec<ValidRow> = self.task.named_sets().into_iter().filter_map(|name| self.task.evaluate_named(&model, &name, &self.device).map(|f| row_of(f, Some(name)))).collect();
         self.state.last_valid = Some(row.clone());
@@ -1187,7 +1189,7 @@ impl<'a, B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<
             skipped_steps: self.state.skipped_steps,
             rollbacks: self.state.rollbacks,
             metrics: last_valid.map(|v| v.metrics).unwrap_or_default(),
-            dev: self.state.last_dev.iter().map(|r| (r.set.clone().unwrap_or_default(), EvalFigures { loss: r.loss, ppl: r.ppl, bleu: r.bleu, metrics: r.metrics.clone() })).collect(),
+            dev: self.state.last_dev.iter().map(|r| (r.set.clone().unwrap_or_default(), EvalFigures { loss: r.loss, ppl: r.ppl, bleu: r.bleu, metrics: r.metrics.clone(), samples: Vec::new() })).collect(),
             early_stopped: self.out_of_patience(),
             best: self.state.best.as_ref().map(|(name, value)| kiln_events::BestCheckpoint {
                 checkpoint: name.clone(),

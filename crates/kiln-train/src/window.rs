@@ -241,6 +241,14 @@ impl WindowRead {
         self.steps.iter().find(|(_, loss, norm)| !loss.is_finite() || !norm.is_finite()).map(|s| s.0)
     }
 
+    /// Mean and largest pre-clip gradient norm of the window's applied steps (f16 steps undone
+    /// for an overflow, which read -1, and non-finite ones left out); `None` where none is left.
+    pub fn grad_norms(&self) -> Option<(f64, f64)> {
+        let norms: Vec<f64> = self.steps.iter().map(|s| s.2).filter(|n| n.is_finite() && *n >= 0.0).collect();
+        let max = norms.iter().copied().reduce(f64::max)?;
+        Some((norms.iter().sum::<f64>() / norms.len() as f64, max))
+    }
+
     /// f16 steps undone for overflowing gradients (their norm reads -1, see `step::apply_step`).
     pub fn overflows(&self) -> u64 {
         self.steps.iter().filter(|s| s.2 == -1.0).count() as u64
@@ -276,6 +284,7 @@ mod tests {
             assert_eq!(read.first_nonfinite(), Some(43));
             assert_eq!(read.metric_sums, vec![4.0, 6.0]);
             assert_eq!(read.loss_scale, Some(1024.0));
+            assert_eq!(read.grad_norms(), Some((1.5, 3.0)), "mean and max of the steps' norms");
             let defs = [MetricDef { name: "a", per: Per::Row }, MetricDef { name: "b", per: Per::Unit }];
             let means = w.metric_means(&defs, &read.metric_sums);
             assert_eq!((means["a"], means["b"]), (0.5, 6.0 / 16.0));

@@ -230,7 +230,7 @@ mod tests {
             let mut sync = SyncStats::default();
             sync.record(1.5);
             sync.record(0.5);
-            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_mb: None, device_reserved_mb: None, device_tokens: vec![], node_tokens: vec![], reduce: None, overflow_skips: 0, loss_scale: None, metrics: Default::default() };
+            row = WindowRow { epoch: 2, step: 40, loss: 3.25, tokens: 5000, tokens_per_s: 12345.6, lr: 4.2e-4, sync, sync_ms: 0.5, steps: 10, wall_s: 3.0, padding_pct: 12.5, data_wait_ms: 0.0, sentences: 200, window_s: 0.4, prefetch_ready: 3, rss_mb: 100.0, cpu_pct: 150.0, device_mb: None, device_reserved_mb: None, device_tokens: vec![], node_tokens: vec![], reduce: None, overflow_skips: 0, loss_scale: None, grad_norm: None, grad_norm_max: None, metrics: Default::default() };
             p.emit(&Event::Window(row.clone())).unwrap();
         }
         let line = String::from_utf8(buf).unwrap();
