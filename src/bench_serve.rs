@@ -40,21 +40,26 @@ impl Measured {
 }
 
 /// Source sentences: each line's first tab-separated field (a corpus's source side, or a plain
-/// file of sentences), empty lines and `#` comments skipped.
-fn read_sentences(input: &Path) -> Result<Vec<String>> {
+/// file of sentences), empty lines and `#` comments skipped, and those longer than the run's
+/// model takes (`data.max_len` tokens, which the server refuses) left out.
+fn read_sentences(input: &Path, run_dir: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(input).map_err(|e| anyhow!("--input: {}: cannot read: {e}", input.display()))?;
     let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(|l| l.split('\t').next().unwrap_or("").trim().to_string()).filter(|s| !s.is_empty()).collect();
-    if lines.is_empty() {
-        bail!("--input: {}: no sentences", input.display());
+    let run = kiln_families::infer::open_run(run_dir, None)?;
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let ids = run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
+    let fit: Vec<String> = lines.iter().zip(&ids).filter(|(_, t)| t.len() <= run.recipe.data.max_len).map(|(l, _)| l.clone()).collect();
+    if fit.is_empty() {
+        bail!("--input: {}: no sentence of at most {} tokens (the run's data.max_len)", input.display(), run.recipe.data.max_len);
     }
-    Ok(lines)
+    Ok(fit)
 }
 
 pub fn bench_serve(run_dir: &Path, input: &Path, load: &Load, out: &Path) -> Result<()> {
     if load.clients == 0 || load.requests == 0 || load.sentences == 0 {
         bail!("--clients, --requests and --sentences: expected integers >= 1");
     }
-    let sentences = read_sentences(input)?;
+    let sentences = read_sentences(input, run_dir)?;
     // Request r asks for sentences [r·s, r·s + s) of the input, wrapping around.
     let requests: Vec<Vec<String>> = (0..load.requests).map(|r| (0..load.sentences).map(|k| sentences[(r * load.sentences + k) % sentences.len()].clone()).collect()).collect();
     let on = measure(run_dir, 5, load.clients, &requests)?;

@@ -237,6 +237,19 @@ impl<B: Backend> DecodeState<B> {
     }
 }
 
+/// Moves the tokens decoded since the batch last changed (`segment`, one `[rows, 1]` tensor a
+/// step, rows in `live`'s order) to their original rows: one read.
+fn take_segment<B: Backend>(segment: &mut Vec<Tensor<B, 2, Int>>, live: &[usize], tokens: &mut [Vec<i64>]) {
+    if segment.is_empty() {
+        return;
+    }
+    let len = segment.len();
+    let flat: Vec<i64> = Tensor::cat(std::mem::take(segment), 1).into_data().iter::<i64>().collect();
+    for (r, &row) in live.iter().enumerate() {
+        tokens[row].extend_from_slice(&flat[r * len..(r + 1) * len]);
+    }
+}
+
 /// Beam search settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BeamSettings {
@@ -376,34 +389,63 @@ impl<B: Backend> Seq2Seq<B> {
     }
 
     /// Greedy decoding with a length limit per row (`max_lens[row]` tokens), so a sentence's
-    /// output does not depend on the batch it was decoded in.
+    /// output does not depend on the batch it was decoded in. At each check the rows that have
+    /// finished leave the batch (their caches dropped, as beam search drops beams): a batch's
+    /// later steps compute only the sentences still being translated, so a batch costs about
+    /// what its sentences would cost alone instead of its longest one times its rows.
     pub fn greedy_rows(&self, src: Tensor<B, 2, Int>, max_lens: &[usize], check_every: usize) -> Tensor<B, 2, Int> {
         let [batch, _] = src.dims();
         let device = src.device();
         let longest = max_lens.iter().copied().max().unwrap_or(0);
-        let limits = Tensor::<B, 2, Int>::from_data(TensorData::new(max_lens.iter().map(|&l| l as i64).collect::<Vec<_>>(), [batch, 1]), &device);
+        let limits_of = |rows: &[usize]| Tensor::<B, 2, Int>::from_data(TensorData::new(rows.iter().map(|&r| max_lens[r] as i64).collect::<Vec<_>>(), [rows.len(), 1]), &device);
+        let unfinished = |n: usize| Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; n], [n, 1]), &device);
+        // The original row of each row still in the batch, and each original row's tokens.
+        let mut live: Vec<usize> = (0..batch).collect();
+        let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); batch];
+        let mut limits = limits_of(&live);
         let mut state = self.start_decoding(src);
         let mut next = Tensor::<B, 2, Int>::full([batch, 1], self.bos as i64, &device);
-        let mut out: Vec<Tensor<B, 2, Int>> = Vec::new();
-        let mut finished = Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch], [batch, 1]), &device);
+        let mut segment: Vec<Tensor<B, 2, Int>> = Vec::new();
+        let mut finished = unfinished(batch);
+        let mut steps = 0;
         for step in 0..longest {
+            let rows = live.len();
             // Rows past their own limit are finished.
             finished = finished.bool_or(limits.clone().lower_equal_elem(step as i64));
-            let token = self.step(next, &mut state).argmax(1).reshape([batch, 1]);
+            let token = self.step(next, &mut state).argmax(1).reshape([rows, 1]);
             // Finished rows emit padding so they stay finished.
             let token = token.mask_fill(finished.clone(), self.pad as i64);
             finished = finished.bool_or(token.clone().equal_elem(self.eos as i64));
-            out.push(token.clone());
+            segment.push(token.clone());
             next = token;
-            let len = step + 1;
-            if check_every > 0 && len % check_every == 0 && finished.clone().all().into_data().iter::<bool>().next().unwrap_or(false) {
-                break;
+            steps = step + 1;
+            if check_every > 0 && steps % check_every == 0 {
+                let flags: Vec<bool> = finished.clone().into_data().iter::<bool>().collect();
+                if flags.iter().all(|&f| f) {
+                    break;
+                }
+                if flags.iter().any(|&f| f) {
+                    take_segment(&mut segment, &live, &mut tokens);
+                    let keep: Vec<usize> = (0..rows).filter(|&r| !flags[r]).collect();
+                    let picked = Tensor::<B, 1, Int>::from_data(TensorData::new(keep.iter().map(|&r| r as i64).collect::<Vec<_>>(), [keep.len()]), &device);
+                    state.reorder(picked.clone());
+                    next = next.select(0, picked);
+                    live = keep.iter().map(|&r| live[r]).collect();
+                    limits = limits_of(&live);
+                    finished = unfinished(live.len());
+                }
             }
         }
-        if out.is_empty() {
+        if steps == 0 {
             return Tensor::<B, 2, Int>::zeros([batch, 0], &device);
         }
-        Tensor::cat(out, 1)
+        take_segment(&mut segment, &live, &mut tokens);
+        // Rows that left the batch pad to the end, as finished rows do.
+        let flat: Vec<i64> = tokens.into_iter().flat_map(|mut t| {
+            t.resize(steps, self.pad as i64);
+            t
+        }).collect();
+        Tensor::from_data(TensorData::new(flat, [batch, steps]), &device)
     }
 
     /// The score beam search ranks by, of given hypotheses (token ids without `<s>` and `</s>`),
@@ -612,6 +654,19 @@ mod tests {
         let first: Vec<i64> = batch.slice([0..1, 0..9]).into_data().iter::<i64>().collect();
         assert_eq!(&first[..4], &alone[..]);
         assert!(first[4..].iter().all(|&t| t == 0), "past its own limit a row only pads: {first:?}");
+        // Rows leaving the batch as they finish (checked every step) change no row's tokens.
+        let three = || ids(&[&[5, 6, 3, 0, 0], &[7, 8, 9, 10, 3], &[11, 3, 0, 0, 0]]);
+        // Each row up to its `</s>` or padding (a batch that ends early has fewer columns).
+        let rows = |t: Tensor<Flex, 2, Int>| -> Vec<Vec<i64>> {
+            let cols = t.dims()[1];
+            let flat: Vec<i64> = t.into_data().iter::<i64>().collect();
+            flat.chunks(cols.max(1)).map(|r| r.iter().copied().take_while(|&x| x != 3 && x != 0).collect()).collect()
+        };
+        // The first row leaves first, then the third: the rows left must keep their places.
+        let limits = [2, 9, 4];
+        let whole = rows(model.greedy_rows(three(), &limits, 0));
+        assert!(whole.iter().zip(limits).any(|(r, l)| r.len() == l), "a row ran to its limit: {whole:?}");
+        assert_eq!(rows(model.greedy_rows(three(), &limits, 1)), whole);
     }
 
     #[test]
