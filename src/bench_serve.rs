@@ -21,6 +21,9 @@ pub struct Load {
     pub sentences: usize,
 }
 
+/// A request's id, its latency in ms and its translations.
+type Answered = (u64, f64, Vec<String>);
+
 /// One server's figures under the load.
 struct Measured {
     wall_s: f64,
@@ -127,11 +130,11 @@ fn measure(run_dir: &Path, batch_wait_ms: u64, clients: usize, requests: &[Vec<S
         bail!("kiln serve did not start: {}", line.trim());
     };
     let started = Instant::now();
-    let results: Vec<Result<Vec<(u64, f64, Vec<String>)>>> = std::thread::scope(|scope| {
+    let results: Vec<Result<Vec<Answered>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|c| {
                 let address = address.as_str();
-                scope.spawn(move || -> Result<Vec<(u64, f64, Vec<String>)>> {
+                scope.spawn(move || -> Result<Vec<Answered>> {
                     let mut done = Vec::new();
                     for r in (c..requests.len()).step_by(clients) {
                         let t0 = Instant::now();

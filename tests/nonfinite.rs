@@ -178,6 +178,8 @@ fn rollback_goes_back_with_a_lower_learning_rate_and_finishes() {
     assert!(steps.windows(2).all(|w| w[0] < w[1]), "steps go forward in the log: {steps:?}");
     assert!(rows.iter().all(|r| r["lr"].as_f64().unwrap() <= 1e-2), "the lowered rate is logged");
     assert!(f64_of(&rows.last().unwrap()["loss"]) < f64_of(&rows[0]["loss"]), "it learns after the rollback");
+    // TensorBoard's curves follow the log, the rollback marked as a restart.
+    assert_eq!(assert_board_matches_metrics(&run).restarts, 1);
     let state = read_json(&run.join("checkpoints/step-0000080/state.json"));
     assert_eq!(state["rollbacks"], 1);
     assert!((state["lr_scale"].as_f64().unwrap() - 1e-33).abs() < 1e-45, "{state}");
