@@ -1,9 +1,9 @@
 //! Property test of the promise "every value the schema accepts runs or is refused in one line":
 //! recipes drawn across the schema's keys, types and ranges (boundaries, powers of two, 2^63 − 1,
 //! negative numbers, NaN and infinities, unknown variants, wrong types), and CLI values of
-//! `translate`, `generate` and `eval`. Each is run by the real binary and must either be refused
-//! with exit 2 and one `kiln: error:` line, or start and stop cleanly (finish, stop at SIGTERM,
-//! or stop for a non-finite loss with exit 3): never a panic, never a hang.
+//! `translate` (`--n-best` too), `generate` and `eval`. Each is run by the real binary and must
+//! either be refused with exit 2 and one `kiln: error:` line, or start and stop cleanly (finish,
+//! stop at SIGTERM, or stop for a non-finite loss with exit 3): never a panic, never a hang.
 //!
 //! Two tiers: thousands of recipes through parsing and validation in-process (fast), and a sample
 //! run by the binary (`KILN_FUZZ_CASES`, 40 in CI; `cargo xtask fuzz --cases N` runs more).
@@ -347,6 +347,9 @@ fn drawn_cli_values_of_translate_generate_and_eval_run_or_are_refused() {
             ],
             _ => vec!["eval".into(), d.pick(&[&mt, &lm]).display().to_string(), "--split".into(), d.pick(&["test", "valid", "train"]).into(), "--beam".into(), ints(&mut d)],
         };
+        if args[0] == "translate" && d.chance(0.5) {
+            args.extend(["--n-best".into(), ints(&mut d)]);
+        }
         if d.chance(0.2) {
             args.extend(["--checkpoint".into(), d.pick(&checkpoints).into()]);
         }
