@@ -201,11 +201,7 @@ pub fn translate_lines<B: Backend>(run: &RunModel, lines: &[String], beam: BeamS
 /// The `n` best translations of each line with their scores (an empty line: one empty
 /// translation scored 0).
 pub fn translate_lines_n_best<B: Backend>(run: &RunModel, lines: &[String], beam: BeamSettings, n: usize, device: &B::Device) -> Result<Vec<Vec<(String, f64)>>> {
-    let model = run.translation_model::<B>(device)?;
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let sources = run.tokenizer.encode_batch(&refs).map_err(|e| anyhow!("{e}"))?;
-    let hyps = translate_n_best(&model, &sources, &run.recipe, beam, n, device);
-    Ok(hyps.into_iter().zip(lines).map(|(h, line)| if line.trim().is_empty() { vec![(String::new(), 0.0)] } else { h.into_iter().map(|(t, s)| (run.tokenizer.decode(&t), s)).collect() }).collect())
+    Loaded { run, model: run.translation_model::<B>(device)?, device: device.clone() }.translate(lines, beam, n)
 }
 
 /// A translation model loaded once on its device, for a server's requests: `translate` answers
