@@ -134,7 +134,7 @@ impl<B: AutodiffBackend, T: Task<B>, D: TrainData<B, Batch = T::Batch>> Fit<'_, 
         let (host_sum, host_metrics) = (replayed.host_sum, replayed.host_metrics.clone());
         let lr = self.last_lr;
         // The norms of the steps applied on replay.
-        let grad_norms = norms.iter().copied().reduce(f64::max).map(|max| (norms.iter().sum::<f64>() / norms.len() as f64, max));
+        let grad_norms = crate::window::mean_and_max(norms.into_iter());
         self.record_window(replayed, host_sum, &host_metrics, read.ms, epoch, lr, (0, None), grad_norms)?;
         if !queued_after.is_empty() {
             self.window.open(self.state.step);

@@ -221,6 +221,12 @@ impl ClosedWindow {
     }
 }
 
+/// The mean and the largest of `values` (`None` for none).
+pub(crate) fn mean_and_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    let (n, sum, max) = values.fold((0usize, 0.0, f64::NEG_INFINITY), |(n, sum, max), v| (n + 1, sum + v, max.max(v)));
+    (n > 0).then(|| (sum / n as f64, max))
+}
+
 /// What one window read brought back.
 pub(crate) struct WindowRead {
     pub loss_sum: f64,
@@ -244,9 +250,7 @@ impl WindowRead {
     /// Mean and largest pre-clip gradient norm of the window's applied steps (f16 steps undone
     /// for an overflow, which read -1, and non-finite ones left out); `None` where none is left.
     pub fn grad_norms(&self) -> Option<(f64, f64)> {
-        let norms: Vec<f64> = self.steps.iter().map(|s| s.2).filter(|n| n.is_finite() && *n >= 0.0).collect();
-        let max = norms.iter().copied().reduce(f64::max)?;
-        Some((norms.iter().sum::<f64>() / norms.len() as f64, max))
+        mean_and_max(self.steps.iter().map(|s| s.2).filter(|n| n.is_finite() && *n >= 0.0))
     }
 
     /// f16 steps undone for overflowing gradients (their norm reads -1, see `step::apply_step`).
