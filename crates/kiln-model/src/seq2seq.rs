@@ -695,7 +695,14 @@ mod tests {
     /// score is its teacher-forced log-probability over the length penalty.
     #[test]
     fn n_best_hypotheses_are_ranked_with_the_scores_teacher_forcing_gives() {
-        let model: Seq2Seq<Flex> = config(true, Positions::Learned, true).init(&Default::default());
+        let device = Default::default();
+        let mut model: Seq2Seq<Flex> = config(false, Positions::Learned, true).init(&device);
+        // `</s>` made likely, so that hypotheses of several lengths finish within the limit (an
+        // untrained model seldom ends one).
+        let mut bias = vec![0.0f32; 50];
+        bias[3] = 1.5;
+        model.output.as_mut().unwrap().bias = Some(burn::module::Param::from_tensor(Tensor::from_floats(bias.as_slice(), &device)));
+        let mut finished_seen = 0;
         for src in [&[5, 6, 7, 3][..], &[11, 12, 13, 14, 15, 3][..]] {
             for len_penalty in [0.0, 1.0] {
                 let settings = BeamSettings { beam: 4, max_len: 12, len_penalty };
@@ -714,8 +721,10 @@ mod tests {
                 }
                 let finished: Vec<f64> = n_best.iter().filter(|h| h.0.len() < 12).map(|h| h.1).collect();
                 assert!(finished.windows(2).all(|w| w[0] >= w[1]), "best first: {n_best:?}");
+                finished_seen += finished.len();
             }
         }
+        assert!(finished_seen >= 8, "finished hypotheses were compared: {finished_seen}");
     }
 
     #[test]
