@@ -44,12 +44,17 @@ pub fn beam_settings(recipe: &Recipe) -> BeamSettings {
 /// Beam search, sentence by sentence (its beams are the batch), each with its own length limit.
 /// `sources` are token ids without specials, at most `data.max_len` long.
 pub fn beam_translate<B: Backend>(model: &Seq2Seq<B>, sources: &[&[u32]], recipe: &Recipe, beam: BeamSettings, device: &B::Device) -> Vec<Vec<u32>> {
+    beam_translate_n(model, sources, recipe, beam, 1, device).into_iter().map(|h| h.into_iter().next().map(|(t, _)| t).unwrap_or_default()).collect()
+}
+
+/// [`beam_translate`]'s `n` best of each sentence with their scores ([`Seq2Seq::beam_search_n`]).
+pub fn beam_translate_n<B: Backend>(model: &Seq2Seq<B>, sources: &[&[u32]], recipe: &Recipe, beam: BeamSettings, n: usize, device: &B::Device) -> Vec<Vec<(Vec<u32>, f64)>> {
     sources
         .iter()
         .map(|src| {
             let b = HostBatch::build(&[Example { src: src.to_vec(), tgt: Vec::new() }][..], &[0]);
             let settings = BeamSettings { max_len: max_len_for(recipe, src.len() + 1), ..beam };
-            model.beam_search(ids(&b.src, 1, b.src_len, device), settings, true)
+            model.beam_search_n(ids(&b.src, 1, b.src_len, device), settings, true, n)
         })
         .collect()
 }

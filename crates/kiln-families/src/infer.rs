@@ -18,7 +18,7 @@ use kiln_recipe::{ModelFamily, Recipe};
 use serde::Serialize;
 
 use kiln_train::checkpoint::{self, Architecture, WeightsFile};
-use crate::evaluate::{beam_translate, evaluate, ids, max_len_for};
+use crate::evaluate::{beam_translate, beam_translate_n, evaluate, ids, max_len_for};
 use crate::family::{evaluate_lm, Split};
 use crate::family::{lm_config, model_config};
 
@@ -153,14 +153,8 @@ pub fn translate_n_best<B: Backend>(model: &Seq2Seq<B>, sources: &[Vec<u32>], re
         });
         out
     } else {
-        examples
-            .iter()
-            .map(|e| {
-                let b = HostBatch::build(std::slice::from_ref(e), &[0]);
-                let settings = BeamSettings { max_len: max_len_for(recipe, e.src.len() + 1), ..beam };
-                model.beam_search_n(ids(&b.src, 1, b.src_len, device), settings, true, n)
-            })
-            .collect()
+        let sources: Vec<&[u32]> = examples.iter().map(|e| e.src.as_slice()).collect();
+        beam_translate_n(model, &sources, recipe, beam, n, device)
     }
 }
 

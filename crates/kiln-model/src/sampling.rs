@@ -107,7 +107,6 @@ mod tests {
                 assert_eq!(a.len(), 12);
                 assert_eq!(a, b, "{positions:?} temperature {temperature}");
             }
-            // The context limit ends generation.
             // Past the context of 24 the window slides: as many tokens as asked, cached or not,
             // and each later token is what the last 24 tokens alone predict.
             let s = Sampling { max_tokens: 60, temperature: 0.0, top_k: 0, seed: 1, stop: None };
